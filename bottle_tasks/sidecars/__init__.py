@@ -1,0 +1,1 @@
+"""Daemons that run inside the sidecar bundle. Only the standard library, mitmproxy and PyYAML."""

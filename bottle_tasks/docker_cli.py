@@ -1,0 +1,97 @@
+"""Thin docker CLI helpers on top of runner.run: inspect, ownership checks, label queries."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+from bottle_tasks.errors import BottleError
+from bottle_tasks.plan import LABEL, Plan
+from bottle_tasks.runner import CommandError, Result, run
+
+_DAEMON_DOWN = ("Cannot connect to the Docker daemon", "error during connect", "Is the docker daemon running")
+
+
+class DockerUnreachable(BottleError):
+    pass
+
+
+def docker(*args: str, check: bool = True, env: Mapping[str, str] | None = None,
+           input: str | None = None, timeout: float | None = None, capture: bool = True) -> Result:
+    try:
+        result = run(["docker", *args], check=check, env=env, input=input, timeout=timeout, capture=capture)
+    except CommandError as exc:
+        _raise_if_daemon_down(exc.stderr)
+        raise
+    if not result.ok:
+        _raise_if_daemon_down(result.stderr)
+    return result
+
+
+def _raise_if_daemon_down(stderr: str) -> None:
+    if any(marker in stderr for marker in _DAEMON_DOWN):
+        host = os.environ.get("DOCKER_HOST", "the default socket /var/run/docker.sock")
+        raise DockerUnreachable(
+            f"Docker is not reachable at {host}: start the Docker engine (dockerd), "
+            "or point DOCKER_HOST at a running one, then run the command again.")
+
+
+def inspect(kind: str, name: str) -> dict[str, Any] | None:
+    """`docker <kind> inspect NAME` as a dict, or None when it does not exist."""
+    result = docker(kind, "inspect", name, check=False)
+    if not result.ok:
+        return None
+    data = json.loads(result.stdout)
+    return data[0] if data else None
+
+
+def labels_of(obj: Mapping[str, Any]) -> dict[str, str]:
+    return (obj.get("Config") or {}).get("Labels") or obj.get("Labels") or {}
+
+
+def ensure_owned(kind: str, name: str, plan: Plan) -> dict[str, Any] | None:
+    """Return the existing resource if it belongs to this bottle; refuse one that does not."""
+    obj = inspect(kind, name)
+    if obj is None:
+        return None
+    labels = labels_of(obj)
+    if labels.get(f"{LABEL}.slug") != plan.slug or labels.get(f"{LABEL}.state") != str(plan.state_dir):
+        owner = labels.get(f"{LABEL}.state")
+        whose = f"by another claude-bottle checkout (state dir {owner})" if owner else "outside claude-bottle"
+        raise BottleError(
+            f"docker {kind} {name!r} already exists, created {whose}. "
+            f"Remove it (docker {kind} rm {name}) or rename agents/{plan.agent}.yaml, then start again.")
+    return obj
+
+
+def by_label(kind: str, label: str) -> list[str]:
+    """Names of containers/networks/volumes carrying label (key=value)."""
+    if kind == "container":
+        out = docker("ps", "-a", "--filter", f"label={label}", "--format", "{{.Names}}").stdout
+    else:
+        out = docker(kind, "ls", "--filter", f"label={label}", "--format", "{{.Name}}").stdout
+    return [line for line in out.splitlines() if line]
+
+
+def network_subnets() -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    ids = docker("network", "ls", "-q").stdout.split()
+    if not ids:
+        return {}
+    found: dict[str, list] = {}
+    for net in json.loads(docker("network", "inspect", *ids).stdout):
+        for cfg in (net.get("IPAM") or {}).get("Config") or []:
+            if cfg.get("Subnet"):
+                found.setdefault(net["Name"], []).append(ipaddress.ip_network(cfg["Subnet"], strict=False))
+    return found
+
+
+def image_id(ref: str) -> str | None:
+    result = docker("image", "inspect", "-f", "{{.Id}}", ref, check=False)
+    return result.stdout.strip() if result.ok else None
+
+
+def rm_containers(names: Sequence[str]) -> None:
+    if names:
+        docker("rm", "-f", *names, check=False)

@@ -1,0 +1,280 @@
+"""The plan: a frozen description of one bottle, computed from the agent spec and settings without I/O.
+
+Every backend and task reads it; nothing else decides a name, an address, a path or an env var.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from bottle_tasks.errors import BottleError
+from bottle_tasks.settings import ROOT, Settings
+from bottle_tasks.spec import AgentSpec, Route, TokenSlot
+
+LABEL = "dev.claude-bottle"
+EGRESS_PORT = 8080
+DNS_PORT = 53
+PIPELOCK_LISTEN = "127.0.0.1:8888"
+PIPELOCK_SCAN_LISTEN = "127.0.0.1:8889"
+# Paths inside the guest.
+GUEST_HOME = "/home/agent"
+GUEST_USER = "agent"
+GUEST_WORKSPACE = "/workspace"
+GUEST_CA_PATH = "/usr/local/share/ca-certificates/claude-bottle.crt"
+GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+GUEST_PROMPT_PATH = f"{GUEST_HOME}/.claude-bottle/prompt.md"
+GUEST_SKILLS_DIR = f"{GUEST_HOME}/.claude/skills"
+# Paths inside the bundle (docs/bundle-contract.md).
+BUNDLE_CONFIG_DIR = "/etc/bottle"
+# Never route these around the proxy; the guest's NO_PROXY is empty on purpose.
+RESERVED_SUBNETS = (ipaddress.ip_network("192.168.17.0/24"),)
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str      # host path or volume name
+    target: str
+    readonly: bool = True
+    volume: bool = False
+
+    def docker_arg(self) -> str:
+        kind = "volume" if self.volume else "bind"
+        return f"type={kind},source={self.source},target={self.target}" + (",readonly" if self.readonly else "")
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    internal_name: str
+    internal_subnet: str
+    internal_gateway: str
+    bundle_ip: str
+    guest_ip: str
+    egress_name: str
+    egress_subnet: str
+    egress_gateway: str
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    kind: str                 # "agent" or "bundle"
+    tag: str
+    dockerfile_dir: Path      # the checked-in Dockerfile and its files
+    context_dir: Path         # staged build context (adds extra CA, code, binaries)
+    iid_file: Path            # `docker build --iidfile`: the digest passed to later tasks
+    build_args: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class BundlePlan:
+    container: str
+    daemons: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]          # non-secret
+    secret_env_names: tuple[str, ...]          # passed by name; values come from the host env
+    mounts: tuple[Mount, ...]
+    egress_url: str
+
+
+@dataclass(frozen=True)
+class GuestPlan:
+    container: str
+    env: tuple[tuple[str, str], ...]
+    mounts: tuple[Mount, ...]
+    workspace_volume: str | None
+    command: tuple[str, ...]
+    cpus: float | None
+    memory: str | None
+    pids: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    agent: str
+    slug: str
+    spec_path: Path
+    backend: str
+    labels: tuple[tuple[str, str], ...]
+    state_dir: Path           # per bottle, kept by clean: CA, rendered config, prompt
+    cache_dir: Path           # per bottle, transient
+    ca_cert: Path
+    ca_key: Path
+    routes_file: Path
+    pipelock_file: Path
+    prompt_file: Path
+    guest_env_file: Path
+    upstream_ca: Path | None
+    pipelock_enabled: bool
+    network: NetworkPlan
+    agent_image: ImagePlan
+    bundle_image: ImagePlan
+    bundle: BundlePlan
+    guest: GuestPlan
+    routes: tuple[Route, ...]
+    token_slots: tuple[TokenSlot, ...]
+    prompt: str
+    skills: tuple[Path, ...]
+
+    def label_args(self, role: str) -> list[str]:
+        args = []
+        for key, value in (*self.labels, (f"{LABEL}.role", role)):
+            args += ["--label", f"{key}={value}"]
+        return args
+
+    @property
+    def slug_label(self) -> str:
+        return f"{LABEL}.slug={self.slug}"
+
+
+def slug_for(agent: str) -> str:
+    """DNS-safe and stable: agent names are already restricted to [a-z0-9-] (spec.AGENT_NAME)."""
+    return agent
+
+
+def bottle_subnet(slug: str, pool: str, explicit: str | None = None) -> ipaddress.IPv4Network:
+    """A /23 for the bottle: derived from the slug hash, or the agent file's network.subnet."""
+    if explicit:
+        try:
+            return ipaddress.ip_network(explicit, strict=True)
+        except ValueError:
+            fixed = ipaddress.ip_network(explicit, strict=False)
+            raise BottleError(f"network.subnet {explicit!r} has host bits set; write {fixed}") from None
+    pool_net = ipaddress.ip_network(pool)
+    if pool_net.prefixlen > 23:
+        raise BottleError(f"BOTTLE_SUBNET_POOL {pool} is smaller than a /23; use a /16 such as 10.243.0.0/16")
+    blocks = list(pool_net.subnets(new_prefix=23))
+    start = int.from_bytes(hashlib.sha256(slug.encode()).digest()[:4], "big") % len(blocks)
+    for offset in range(len(blocks)):
+        candidate = blocks[(start + offset) % len(blocks)]
+        if not any(candidate.overlaps(r) for r in RESERVED_SUBNETS):
+            return candidate
+    raise BottleError(f"BOTTLE_SUBNET_POOL {pool} has no usable /23")
+
+
+def _network(slug: str, subnet: ipaddress.IPv4Network) -> NetworkPlan:
+    internal, egress = subnet.subnets(new_prefix=24)
+    return NetworkPlan(
+        internal_name=f"bottle-{slug}-internal",
+        internal_subnet=str(internal),
+        internal_gateway=str(internal.network_address + 1),
+        bundle_ip=str(internal.network_address + 2),
+        guest_ip=str(internal.network_address + 3),
+        egress_name=f"bottle-{slug}-egress",
+        egress_subnet=str(egress),
+        egress_gateway=str(egress.network_address + 1),
+    )
+
+
+def _guest_env(spec: AgentSpec, proxy_url: str) -> tuple[tuple[str, str], ...]:
+    env: dict[str, str] = dict(spec.env)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        env[name] = proxy_url
+    env["NO_PROXY"] = env["no_proxy"] = ""
+    # node, python, curl and git read different variables; all point at the system bundle,
+    # which holds the bottle CA once provisioning has run update-ca-certificates.
+    env["NODE_EXTRA_CA_CERTS"] = GUEST_CA_PATH
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO"):
+        env[name] = GUEST_CA_BUNDLE
+    # Claude Code's telemetry and update checks would only meet 403s.
+    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    env["DISABLE_AUTOUPDATER"] = "1"
+    for slot in spec.token_slots:
+        env[slot.env] = slot.placeholder
+    return tuple(sorted(env.items()))
+
+
+def _agent_command(spec: AgentSpec) -> tuple[str, ...]:
+    if spec.command and Path(spec.command[0]).name == "claude" and spec.prompt:
+        return (*spec.command, "--append-system-prompt-file", GUEST_PROMPT_PATH)
+    return spec.command
+
+
+def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
+    slug = slug_for(spec.name)
+    backend = settings.backend or spec.backend or "docker"
+    state = settings.state_dir / slug
+    cache = settings.cache_dir / slug
+    network = _network(slug, bottle_subnet(slug, settings.subnet_pool, spec.subnet))
+    pipelock = settings.pipelock_bin is not None
+    labels = ((f"{LABEL}.slug", slug), (f"{LABEL}.agent", spec.name), (f"{LABEL}.state", str(state)))
+    images_cache = settings.cache_dir / "images"
+    common_args = (("BASE_IMAGE", settings.base_image),)
+    agent_image = ImagePlan(
+        kind="agent",
+        tag=f"{settings.image_prefix}/agent:{slug}",
+        dockerfile_dir=ROOT / "images" / "agent",
+        context_dir=cache / "agent-context",
+        iid_file=cache / "agent.iid",
+        build_args=(*common_args, ("CLAUDE_CODE_VERSION", settings.claude_code_version)),
+    )
+    bundle_image = ImagePlan(
+        kind="bundle",
+        tag=f"{settings.image_prefix}/bundle:latest",
+        dockerfile_dir=ROOT / "images" / "bundle",
+        context_dir=images_cache / "bundle-context",
+        iid_file=images_cache / "bundle.iid",
+        build_args=common_args,
+    )
+    config = state / "config"
+    upstream_ca = settings.upstream_ca_certs
+    mounts = [
+        Mount(str(config / "routes.yaml"), f"{BUNDLE_CONFIG_DIR}/routes.yaml"),
+        Mount(str(state / "ca"), f"{BUNDLE_CONFIG_DIR}/ca"),
+    ]
+    daemons = ["egress", "dns"]
+    if pipelock:
+        mounts.append(Mount(str(config / "pipelock.yaml"), f"{BUNDLE_CONFIG_DIR}/pipelock.yaml"))
+        daemons.insert(1, "pipelock")
+    if upstream_ca:
+        mounts.append(Mount(str(upstream_ca), f"{BUNDLE_CONFIG_DIR}/upstream-ca.pem"))
+    egress_url = f"http://{network.bundle_ip}:{EGRESS_PORT}"
+    bundle = BundlePlan(
+        container=f"bottle-{slug}-bundle",
+        daemons=tuple(daemons),
+        env=(("BUNDLE_DAEMONS", ",".join(daemons)), ("BOTTLE_DNS_LISTEN", f"{network.bundle_ip}:{DNS_PORT}")),
+        secret_env_names=tuple(sorted({s.env for s in spec.token_slots})),
+        mounts=tuple(mounts),
+        egress_url=egress_url,
+    )
+    workspace_volume = None if spec.workspace_host_path else f"bottle-{slug}-workspace"
+    guest_mounts = (
+        Mount(str(spec.workspace_host_path), GUEST_WORKSPACE, readonly=False) if spec.workspace_host_path
+        else Mount(workspace_volume, GUEST_WORKSPACE, readonly=False, volume=True),
+    )
+    guest = GuestPlan(
+        container=f"bottle-{slug}-guest",
+        env=_guest_env(spec, egress_url),
+        mounts=guest_mounts,
+        workspace_volume=workspace_volume,
+        command=_agent_command(spec),
+        cpus=spec.resources.cpus,
+        memory=spec.resources.memory,
+        pids=spec.resources.pids,
+    )
+    return Plan(
+        agent=spec.name,
+        slug=slug,
+        spec_path=spec.path,
+        backend=backend,
+        labels=labels,
+        state_dir=state,
+        cache_dir=cache,
+        ca_cert=state / "ca" / "ca.pem",
+        ca_key=state / "ca" / "ca-key.pem",
+        routes_file=config / "routes.yaml",
+        pipelock_file=config / "pipelock.yaml",
+        prompt_file=config / "prompt.md",
+        guest_env_file=config / "guest.env",
+        upstream_ca=upstream_ca,
+        pipelock_enabled=pipelock,
+        network=network,
+        agent_image=agent_image,
+        bundle_image=bundle_image,
+        bundle=bundle,
+        guest=guest,
+        routes=spec.routes,
+        token_slots=spec.token_slots,
+        prompt=spec.prompt,
+        skills=spec.skills,
+    )

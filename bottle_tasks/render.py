@@ -1,0 +1,39 @@
+"""Render config files from the Jinja templates in templates/. Python never builds YAML by hand."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jinja2
+
+from bottle_tasks.plan import EGRESS_PORT, PIPELOCK_LISTEN, PIPELOCK_SCAN_LISTEN, Plan
+from bottle_tasks.settings import ROOT
+
+TEMPLATES_DIR = ROOT / "templates"
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+
+
+def render(template: str, plan: Plan) -> str:
+    return _env.get_template(template).render(
+        plan=plan,
+        egress_port=EGRESS_PORT,
+        pipelock_listen=PIPELOCK_LISTEN,
+        pipelock_scan_listen=PIPELOCK_SCAN_LISTEN,
+    )
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write via a temp file and rename, so an interrupted run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)

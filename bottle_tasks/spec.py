@@ -1,0 +1,226 @@
+"""Agent files: load agents/<name>.yaml, validate it against the JSON Schema, return an AgentSpec.
+
+Errors name the file, the key and the problem, and end with what to do (the schema's x-hint).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from bottle_tasks.errors import BottleError
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / "agent.schema.json"
+AGENT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$")
+DEFAULT_COMMAND = ("claude",)
+
+
+class SpecError(BottleError):
+    def __init__(self, path: Path, key: str, problem: str, hint: str = "") -> None:
+        self.path, self.key, self.problem, self.hint = path, key, problem, hint
+        where = f"{path}: {key}" if key else str(path)
+        super().__init__(f"{where}: {problem}" + (f". {hint}" if hint else ""))
+
+
+@dataclass(frozen=True)
+class TokenSlot:
+    env: str
+    header: str
+    format: str = "{value}"
+
+    @property
+    def placeholder(self) -> str:
+        # Makes clients send the header at all; egress swaps it for the real value.
+        return f"bottle-placeholder-{self.env}"
+
+
+@dataclass(frozen=True)
+class Route:
+    host: str
+    methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    private_network: bool = False
+    token: TokenSlot | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float | None = None
+    memory: str | None = None
+    pids: int = 512
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    name: str
+    path: Path
+    description: str = ""
+    prompt: str = ""
+    skills: tuple[Path, ...] = ()
+    command: tuple[str, ...] = DEFAULT_COMMAND
+    routes: tuple[Route, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    backend: str | None = None
+    resources: Resources = field(default_factory=Resources)
+    workspace_host_path: Path | None = None
+    subnet: str | None = None
+
+    @property
+    def token_slots(self) -> tuple[TokenSlot, ...]:
+        return tuple(r.token for r in self.routes if r.token is not None)
+
+
+@cache
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def _key_path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _hint_for(error: jsonschema.ValidationError) -> str:
+    # The innermost schema that carries a hint explains what to write instead.
+    for schema in (error.schema, *[s for s in _schemas_along(error)]):
+        if isinstance(schema, dict) and "x-hint" in schema:
+            return schema["x-hint"]
+    return ""
+
+
+def _schemas_along(error: jsonschema.ValidationError):
+    root = _schema()
+    node: Any = root
+    chain = [root]
+    for part in error.absolute_schema_path:
+        if isinstance(node, dict) and "$ref" in node and part not in node:
+            node = root["$defs"][node["$ref"].rsplit("/", 1)[1]]
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            break
+        if isinstance(node, dict) and "$ref" in node:
+            node = root["$defs"][node["$ref"].rsplit("/", 1)[1]]
+        chain.append(node)
+    return reversed(chain)
+
+
+def _problem(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"unknown key {', '.join(map(repr, extra))}"
+    if error.validator == "required":
+        return error.message.replace("is a required property", "is required")
+    if error.validator == "enum":
+        return f"{error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+    if error.validator == "pattern":
+        return f"{error.instance!r} is not valid here"
+    return error.message
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(path, "", "no such agent file", "Create it, or pick one of the files in agents/") from None
+    except OSError as exc:
+        raise SpecError(path, "", f"cannot read the file ({exc.strerror})", "Check its permissions") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise SpecError(path, where, f"YAML syntax error: {problem}", "Fix the YAML at that position") from None
+
+
+def _relative(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def load_spec(path: Path | str) -> AgentSpec:
+    path = Path(path)
+    name = path.stem
+    if not AGENT_NAME.match(name):
+        raise SpecError(
+            path, "", f"agent name {name!r} (the file name) is not usable",
+            "Rename the file to lower-case letters, digits and dashes, 2 to 32 characters, starting with a letter",
+        )
+    data = _read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(path, "", f"the file holds a {type(data).__name__}, not a mapping", "Write key: value pairs at the top level")
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        raise SpecError(path, _key_path(first.absolute_path), _problem(first), _hint_for(first))
+    return _build(path, name, data)
+
+
+def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
+    base = path.parent
+    if "prompt" in data and "prompt_file" in data:
+        raise SpecError(path, "prompt_file", "both prompt and prompt_file are set", "Keep only one of them")
+    prompt = data.get("prompt", "")
+    if "prompt_file" in data:
+        prompt_path = _relative(base, data["prompt_file"])
+        try:
+            prompt = prompt_path.read_text()
+        except OSError:
+            raise SpecError(path, "prompt_file", f"cannot read {prompt_path}", "Give an existing file, relative to the agent file") from None
+    skills = []
+    for i, skill in enumerate(data.get("skills", [])):
+        skill_dir = _relative(base, skill)
+        if not skill_dir.is_dir():
+            raise SpecError(path, f"skills[{i}]", f"{skill_dir} is not a directory", "Give an existing skill directory, relative to the agent file")
+        skills.append(skill_dir.resolve())
+    routes = []
+    seen_hosts: dict[str, int] = {}
+    for i, raw in enumerate(data.get("routes", [])):
+        host = raw["host"].lower()
+        if host in seen_hosts:
+            raise SpecError(path, f"routes[{i}].host", f"{host} is already routed by routes[{seen_hosts[host]}]", "Merge the two routes into one")
+        seen_hosts[host] = i
+        token = None
+        if "token" in raw:
+            t = raw["token"]
+            token = TokenSlot(env=t["env"], header=t["header"].lower(), format=t.get("format", "{value}"))
+        routes.append(Route(
+            host=host,
+            methods=tuple(raw.get("methods", ())),
+            paths=tuple(raw.get("paths", ())),
+            private_network=bool(raw.get("private_network", False)),
+            token=token,
+        ))
+    res = data.get("resources", {})
+    workspace = data.get("workspace", {})
+    host_path = None
+    if "host_path" in workspace:
+        host_path = _relative(base, workspace["host_path"]).resolve()
+        if not host_path.is_dir():
+            raise SpecError(path, "workspace.host_path", f"{host_path} is not a directory", "Create it first, or remove workspace.host_path to use a volume")
+    return AgentSpec(
+        name=name,
+        path=path.resolve(),
+        description=data.get("description", ""),
+        prompt=prompt,
+        skills=tuple(skills),
+        command=tuple(data.get("command", DEFAULT_COMMAND)),
+        routes=tuple(routes),
+        env=tuple(sorted(data.get("env", {}).items())),
+        backend=data.get("backend"),
+        resources=Resources(cpus=res.get("cpus"), memory=res.get("memory"), pids=res.get("pids", 512)),
+        workspace_host_path=host_path,
+        subnet=data.get("network", {}).get("subnet"),
+    )

@@ -1,0 +1,163 @@
+"""The bottle's stages, per agent: preflight, render, ca, networks, bundle, guest, provision."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+from doit.tools import config_changed
+
+from bottle_tasks.backends import docker as backend
+from bottle_tasks.ca import mint_ca
+from bottle_tasks.errors import BottleError
+from bottle_tasks.plan import Plan
+from bottle_tasks.provision import provision
+from bottle_tasks.render import TEMPLATES_DIR, render, write_atomic
+from bottle_tasks.tasks.common import action, files_under, plans, probe, purge_requested, settings
+from bottle_tasks.tasks.images import pipelock_ok
+
+__all__ = ["task_preflight", "task_render", "task_ca", "task_networks", "task_bundle", "task_guest", "task_provision"]
+
+
+def token_env(plan: Plan) -> dict[str, str]:
+    """The host values of the token slots; a missing one stops start before anything is built."""
+    values: dict[str, str] = {}
+    for slot in plan.token_slots:
+        value = os.environ.get(slot.env)
+        if not value:
+            raise BottleError(
+                f"{slot.env} is not set in the host environment, but {plan.spec_path} has a route whose token "
+                f"slot reads it. Export it (export {slot.env}=...) or remove that token slot, then start again.")
+        values[slot.env] = value
+    return values
+
+
+def preflight(plan: Plan) -> None:
+    token_env(plan)
+    pipelock_ok(plan, settings())
+    for key, value in plan.guest.env:
+        if "\n" in value:
+            raise BottleError(f"{plan.spec_path}: env.{key}: the value spans several lines; use one line")
+
+
+def task_preflight():
+    """Check what start needs before anything is built: token variables, pipelock."""
+    for plan in plans():
+        yield {"name": plan.agent, "actions": [action(lambda plan=plan: preflight(plan))], "uptodate": [False]}
+
+
+def render_configs(plan: Plan) -> None:
+    write_atomic(plan.routes_file, render("routes.yaml.j2", plan))
+    if plan.pipelock_enabled:
+        write_atomic(plan.pipelock_file, render("pipelock.yaml.j2", plan))
+    write_atomic(plan.guest_env_file, render("guest.env.j2", plan), mode=0o600)
+    write_atomic(plan.prompt_file, plan.prompt, mode=0o600)
+
+
+def _remove_files(paths) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def task_render():
+    """Render routes.yaml, pipelock.yaml and the guest env from the Jinja templates."""
+    for plan in plans():
+        targets = [plan.routes_file, plan.guest_env_file, plan.prompt_file] + ([plan.pipelock_file] if plan.pipelock_enabled else [])
+        yield {
+            "name": plan.agent,
+            "file_dep": [str(plan.spec_path), *files_under(TEMPLATES_DIR)],
+            "targets": [str(t) for t in targets],
+            "actions": [action(lambda plan=plan: render_configs(plan))],
+            "uptodate": [config_changed(hashlib.sha256(repr(plan).encode()).hexdigest())],
+            "clean": [action(lambda targets=targets: _remove_files(targets))],
+        }
+
+
+def task_ca():
+    """Mint the bottle's CA (ECDSA P-256, SEC1 key 0600); kept across restarts."""
+    for plan in plans():
+        yield {
+            "name": plan.agent,
+            "targets": [str(plan.ca_cert), str(plan.ca_key)],
+            "actions": [action(lambda plan=plan: mint_ca(plan.ca_cert, plan.ca_key, f"claude-bottle {plan.slug} CA"))],
+            "uptodate": [lambda plan=plan: plan.ca_cert.exists() and plan.ca_key.exists()],
+        }
+
+
+def task_networks():
+    """Create the internal network (guest + bundle) and the egress network (bundle only)."""
+    for plan in plans():
+        yield {
+            "name": plan.agent,
+            "task_dep": [f"preflight:{plan.agent}"],
+            "actions": [action(lambda plan=plan: backend.create_networks(plan))],
+            "uptodate": [probe(lambda plan=plan: backend.networks_ready(plan))],
+            "clean": [action(lambda plan=plan: backend.remove_networks(plan))],
+        }
+
+
+def task_bundle():
+    """Start the sidecar bundle and wait until it reports healthy."""
+    for plan in plans():
+        yield {
+            "name": plan.agent,
+            "task_dep": [f"preflight:{plan.agent}", "bundle_build", f"render:{plan.agent}", f"ca:{plan.agent}", f"networks:{plan.agent}"],
+            "actions": [action(lambda plan=plan: backend.start_bundle(plan, token_env(plan)))],
+            "uptodate": [probe(lambda plan=plan: backend.bundle_ready(plan))],
+            "clean": [action(lambda plan=plan: backend.rm_containers([plan.bundle.container]))],
+        }
+
+
+def task_guest():
+    """Create and start the guest on the internal network, fenced to the bundle's front door."""
+    for plan in plans():
+        yield {
+            "name": plan.agent,
+            "task_dep": [f"image_build:{plan.agent}", f"bundle:{plan.agent}"],
+            "actions": [action(lambda plan=plan: backend.start_guest(plan))],
+            "uptodate": [probe(lambda plan=plan: backend.guest_ready(plan))],
+            "clean": [action(lambda plan=plan: backend.rm_containers([plan.guest.container]))],
+        }
+
+
+def _provision_inputs(plan: Plan) -> str:
+    h = hashlib.sha256(repr((plan.prompt, plan.skills)).encode())
+    h.update(plan.ca_cert.read_bytes() if plan.ca_cert.exists() else b"-")
+    for path in files_under(*plan.skills):
+        h.update(path.encode())
+        with open(path, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def _provisioned(task, values, plan: Plan) -> bool:
+    guest = backend.DockerGuest(plan)
+    return values.get("container") == guest.container_id() and values.get("inputs") == _provision_inputs(plan)
+
+
+def _provision(plan: Plan) -> dict:
+    guest = backend.DockerGuest(plan)
+    provision(plan, guest)
+    return {"container": guest.container_id(), "inputs": _provision_inputs(plan)}
+
+
+def task_provision():
+    """Put the CA, the prompt and the skills into the guest."""
+    for plan in plans():
+        yield {
+            "name": plan.agent,
+            "task_dep": [f"guest:{plan.agent}"],
+            "actions": [action(lambda plan=plan: _provision(plan))],
+            "uptodate": [probe(lambda task, values, plan=plan: _provisioned(task, values, plan))],
+        }
+
+
+def purge_state(plan: Plan) -> None:
+    """Only an explicit purge deletes work: the workspace volume and the state dir."""
+    if not purge_requested():
+        return
+    if plan.guest.workspace_volume:
+        backend.docker("volume", "rm", "-f", plan.guest.workspace_volume, check=False)
+    shutil.rmtree(plan.state_dir, ignore_errors=True)
+    shutil.rmtree(plan.cache_dir, ignore_errors=True)

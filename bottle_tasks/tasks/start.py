@@ -1,0 +1,47 @@
+"""start: bring the bottle up (everything above, as dependencies), then run the agent attached."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+from doit import get_var
+from doit.exceptions import TaskFailed
+
+from bottle_tasks.backends import docker as backend
+from bottle_tasks.tasks.bottle import purge_state
+from bottle_tasks.tasks.common import action, plans, selected_agent
+
+__all__ = ["task_start"]
+
+
+def run_agent(plan) -> TaskFailed | None:
+    override = get_var("command", None)
+    argv = shlex.split(override) if override else list(plan.guest.command)
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    code = subprocess.call(backend.DockerGuest(plan).attach_argv(argv, tty=tty))
+    if code != 0:
+        return TaskFailed(f"the agent command {shlex.join(argv)} exited with status {code}; the bottle stays up")
+    return None
+
+
+def task_start():
+    """Build what changed, bring the bottle up and run the agent attached (agent=<name> [command="..."])."""
+    agent = selected_agent()
+    if agent is None:
+        return {
+            "actions": [lambda: TaskFailed("say which agent: doit start agent=<name> (agents are the files in agents/)")],
+            "uptodate": [False],
+        }
+    for plan in plans():
+        return {
+            "task_dep": [f"provision:{plan.agent}"],
+            "actions": [lambda plan=plan: run_agent(plan)],
+            "uptodate": [False],
+            "verbosity": 2,
+            # Runs first among the clean actions (dependents first): sweep everything labelled with
+            # the slug, so a resource left by an interrupted run is found too.
+            "clean": [action(lambda plan=plan: backend.remove_containers(plan)),
+                      action(lambda plan=plan: purge_state(plan))],
+        }

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Pinned defaults; see README "Pinned versions".
 DEFAULT_BASE_IMAGE = "debian:bookworm-slim"
-DEFAULT_CLAUDE_CODE_VERSION = "2.1.332"
+DEFAULT_CLAUDE_CODE_VERSION = "2.1.197"  # newest 2.1.x that runs on Debian bookworm's node 18
 DEFAULT_SUBNET_POOL = "10.243.0.0/16"
 
 

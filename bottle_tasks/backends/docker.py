@@ -135,6 +135,7 @@ def start_bundle(plan: Plan, token_env: dict[str, str]) -> None:
                "--label", f"{LABEL}.fingerprint={bundle_fingerprint(plan)}",
                "--network", net.internal_name, "--ip", net.bundle_ip,
                "--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE", "--cap-add", "SETUID", "--cap-add", "SETGID",
+               "--cap-add", "DAC_OVERRIDE",  # reads the 0600 CA key owned by the host user
                "--security-opt", "no-new-privileges", "--restart", "unless-stopped",
                *env_args, *mount_args, plan.bundle_image.tag, env=token_env)
         docker("network", "connect", net.egress_name, b.container)

@@ -1,0 +1,116 @@
+"""The plan is pure: same inputs, same plan; names, labels, addresses and env derive from the slug."""
+
+import ipaddress
+from dataclasses import FrozenInstanceError, replace
+from pathlib import Path
+
+import pytest
+
+from bottle_tasks.errors import BottleError
+from bottle_tasks.plan import EGRESS_PORT, GUEST_PROMPT_PATH, LABEL, bottle_subnet, make_plan
+from bottle_tasks.settings import ROOT, Settings
+from bottle_tasks.spec import load_spec
+
+
+def settings(tmp_path: Path, **env) -> Settings:
+    base = {"HOME": str(tmp_path), "BOTTLE_STATE_DIR": str(tmp_path / "state"),
+            "BOTTLE_CACHE_DIR": str(tmp_path / "cache"), "BOTTLE_PIPELOCK_BIN": "/usr/bin/pipelock-test"}
+    return Settings.from_env({**base, **env})
+
+
+@pytest.fixture
+def plan(tmp_path):
+    return make_plan(load_spec(ROOT / "agents" / "example.yaml"), settings(tmp_path))
+
+
+def test_plan_is_frozen_and_deterministic(tmp_path, plan):
+    again = make_plan(load_spec(ROOT / "agents" / "example.yaml"), settings(tmp_path))
+    assert again == plan
+    with pytest.raises(FrozenInstanceError):
+        plan.slug = "other"
+
+
+def test_names_and_labels_derive_from_the_slug(plan, tmp_path):
+    assert plan.slug == "example"
+    assert plan.guest.container == "bottle-example-guest"
+    assert plan.bundle.container == "bottle-example-bundle"
+    assert plan.network.internal_name == "bottle-example-internal"
+    assert plan.network.egress_name == "bottle-example-egress"
+    assert plan.guest.workspace_volume == "bottle-example-workspace"
+    assert dict(plan.labels)[f"{LABEL}.slug"] == "example"
+    assert dict(plan.labels)[f"{LABEL}.state"] == str(tmp_path / "state" / "example")
+    assert plan.label_args("guest")[-1] == f"{LABEL}.role=guest"
+
+
+def test_addresses_live_in_one_slug_derived_slash_23(plan):
+    net = plan.network
+    internal = ipaddress.ip_network(net.internal_subnet)
+    egress = ipaddress.ip_network(net.egress_subnet)
+    assert internal.supernet(new_prefix=23) == egress.supernet(new_prefix=23)
+    assert internal != egress
+    assert ipaddress.ip_address(net.bundle_ip) == internal.network_address + 2
+    assert ipaddress.ip_address(net.guest_ip) == internal.network_address + 3
+    assert internal.subnet_of(ipaddress.ip_network("10.243.0.0/16"))
+
+
+def test_subnets_differ_between_agents_and_skip_the_reserved_range():
+    a, b = bottle_subnet("alpha", "10.243.0.0/16"), bottle_subnet("beta", "10.243.0.0/16")
+    assert a != b
+    # A pool that is only the reserved /23 has nothing to offer.
+    with pytest.raises(BottleError):
+        bottle_subnet("x", "192.168.16.0/23")
+    assert bottle_subnet("x", "192.168.16.0/22") == ipaddress.ip_network("192.168.18.0/23")
+
+
+def test_explicit_subnet_wins_and_host_bits_are_refused():
+    assert str(bottle_subnet("x", "10.243.0.0/16", "10.9.8.0/23")) == "10.9.8.0/23"
+    with pytest.raises(BottleError, match="write 10.9.8.0/23"):
+        bottle_subnet("x", "10.243.0.0/16", "10.9.9.0/23")
+
+
+def test_guest_env_points_every_client_at_egress_and_the_ca(plan):
+    env = dict(plan.guest.env)
+    proxy = f"http://{plan.network.bundle_ip}:{EGRESS_PORT}"
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        assert env[key] == proxy
+    assert env["NO_PROXY"] == "" and env["no_proxy"] == ""
+    for key in ("NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "GIT_SSL_CAINFO"):
+        assert env[key]
+    assert env["ANTHROPIC_API_KEY"] == "bottle-placeholder-ANTHROPIC_API_KEY"
+
+
+def test_tokens_are_passed_to_the_bundle_by_name_only(plan):
+    assert plan.bundle.secret_env_names == ("ANTHROPIC_API_KEY",)
+    assert all(key != "ANTHROPIC_API_KEY" for key, _ in plan.bundle.env)
+
+
+def test_claude_gets_the_prompt_file_appended(plan, tmp_path):
+    assert plan.guest.command == ("claude", "--append-system-prompt-file", GUEST_PROMPT_PATH)
+    spec = replace(load_spec(ROOT / "agents" / "example.yaml"), command=("bash", "-lc", "true"))
+    assert make_plan(spec, settings(tmp_path)).guest.command == ("bash", "-lc", "true")
+
+
+def test_pipelock_daemon_only_when_its_binary_is_known(tmp_path):
+    spec = load_spec(ROOT / "agents" / "example.yaml")
+    with_pl = make_plan(spec, settings(tmp_path))
+    assert with_pl.bundle.daemons == ("egress", "pipelock", "dns")
+    without = make_plan(spec, replace(settings(tmp_path), pipelock_bin=None))
+    assert without.bundle.daemons == ("egress", "dns")
+    assert not any(m.target.endswith("pipelock.yaml") for m in without.bundle.mounts)
+
+
+def test_host_path_workspace_is_an_explicit_bind_mount(tmp_path):
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "work").mkdir()
+    path = tmp_path / "agents" / "dev.yaml"
+    path.write_text("workspace: {host_path: ../work}\n")
+    plan = make_plan(load_spec(path), settings(tmp_path))
+    assert plan.guest.workspace_volume is None
+    (mount,) = plan.guest.mounts
+    assert mount.source == str((tmp_path / "work").resolve()) and not mount.readonly and not mount.volume
+
+
+def test_paths_split_state_that_is_kept_from_cache_that_is_not(plan, tmp_path):
+    assert plan.ca_key.is_relative_to(tmp_path / "state" / "example")
+    assert plan.agent_image.iid_file.is_relative_to(tmp_path / "cache")
+    assert plan.bundle_image.iid_file.is_relative_to(tmp_path / "cache")

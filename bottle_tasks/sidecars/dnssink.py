@@ -1,0 +1,219 @@
+"""A DNS sink: every name is NXDOMAIN, nothing is ever forwarded.
+
+    python -m bottle_tasks.sidecars.dnssink
+
+Listens on UDP and TCP at ``BOTTLE_DNS_LISTEN`` (``ip:port``, default ``0.0.0.0:53``; IPv6
+as ``[::]:53``). A guest pointed here (smolvm ``--dns``) resolves nothing, so a name can
+neither leak data through the lookup nor reach an address outside the bundle.
+
+A well-formed standard query (QR=0, one question, no answer/authority records) gets the
+question echoed back with RCODE NXDOMAIN and no records; other opcodes get NOTIMP. Anything
+else is dropped without a reply, so the sink cannot be used to reflect garbage. If started
+as root, it drops to nobody once its sockets are bound. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import socketserver
+import struct
+import sys
+import threading
+from typing import Any
+
+DEFAULT_LISTEN = "0.0.0.0:53"
+HEADER = struct.Struct("!HHHHHH")  # id, flags, qdcount, ancount, nscount, arcount
+FLAG_QR = 0x8000
+FLAG_RD = 0x0100
+FLAG_RA = 0x0080
+RCODE_NXDOMAIN = 3
+RCODE_NOTIMP = 4
+MAX_TCP_CONNECTIONS = 64
+TCP_IDLE_TIMEOUT_S = 10.0
+NOBODY_UID = NOBODY_GID = 65534
+
+
+def question_end(packet: bytes, offset: int = HEADER.size) -> int | None:
+    """Offset just past the first question (name, type, class), or None if malformed.
+
+    Compression pointers are refused: the first name of a message has nothing earlier to
+    point at that is not the header.
+    """
+    length_of_name = 0
+    while offset < len(packet):
+        label_length = packet[offset]
+        offset += 1
+        if label_length == 0:
+            end = offset + 4  # QTYPE, QCLASS
+            return end if end <= len(packet) else None
+        if label_length > 63:
+            return None
+        length_of_name += label_length + 1
+        if length_of_name > 255:
+            return None
+        offset += label_length
+    return None
+
+
+def answer(query: bytes) -> bytes | None:
+    """The sink's reply to one DNS message, or None to drop it."""
+    if len(query) < HEADER.size:
+        return None
+    query_id, flags, qdcount, ancount, nscount, _arcount = HEADER.unpack_from(query)
+    if flags & FLAG_QR or qdcount != 1 or ancount or nscount:
+        return None
+    end = question_end(query)
+    if end is None:
+        return None
+    opcode = (flags >> 11) & 0xF
+    rcode = RCODE_NXDOMAIN if opcode == 0 else RCODE_NOTIMP
+    reply_flags = FLAG_QR | (opcode << 11) | (flags & FLAG_RD) | FLAG_RA | rcode
+    return HEADER.pack(query_id, reply_flags, 1, 0, 0, 0) + query[HEADER.size:end]
+
+
+# --------------------------------------------------------------------------- servers
+
+
+class UdpHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        reply = answer(data)
+        if reply is not None:
+            sock.sendto(reply, self.client_address)
+
+
+def receive_exactly(sock: socket.socket, size: int) -> bytes | None:
+    chunks = b""
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            return None
+        chunks += chunk
+    return chunks
+
+
+class TcpHandler(socketserver.BaseRequestHandler):
+    """Length-prefixed messages (RFC 1035 4.2.2); several per connection; a bad one closes it."""
+
+    def handle(self) -> None:
+        self.request.settimeout(TCP_IDLE_TIMEOUT_S)
+        try:
+            while True:
+                prefix = receive_exactly(self.request, 2)
+                if prefix is None:
+                    return
+                query = receive_exactly(self.request, int.from_bytes(prefix, "big"))
+                reply = answer(query) if query is not None else None
+                if reply is None:
+                    return
+                self.request.sendall(len(reply).to_bytes(2, "big") + reply)
+        except OSError:
+            return
+
+
+def address_family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class UdpServer(socketserver.UDPServer):
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+        self.address_family = address_family(address[0])  # read by the base __init__
+        super().__init__(address, handler)
+
+
+class TcpServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+        self.address_family = address_family(address[0])  # read by the base __init__
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_TCP_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # A cap on connections so an idle flood cannot exhaust the bundle's threads.
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class DnsSink:
+    """UDP and TCP servers on one ip:port. Port 0 picks a free port for both."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.udp, self.tcp = self._bind_pair(host, port)
+        self.port: int = self.udp.server_address[1]
+        self._threads: list[threading.Thread] = []
+
+    @staticmethod
+    def _bind_pair(host: str, port: int) -> tuple[UdpServer, TcpServer]:
+        for _attempt in range(20 if port == 0 else 1):
+            udp = UdpServer((host, port), UdpHandler)
+            try:
+                return udp, TcpServer((host, udp.server_address[1]), TcpHandler)
+            except OSError:
+                udp.server_close()
+                if port != 0:
+                    raise
+        raise OSError(f"no port free for both UDP and TCP on {host}")
+
+    def start(self) -> None:
+        for server in (self.udp, self.tcp):
+            thread = threading.Thread(target=server.serve_forever, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        for server in (self.udp, self.tcp):
+            server.shutdown()
+            server.server_close()
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"BOTTLE_DNS_LISTEN must be ip:port, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def drop_root() -> None:
+    """Once :53 is bound nothing here needs root; stay root only if we may not change uid."""
+    if os.getuid() != 0:
+        return
+    try:
+        os.setgroups([])
+        os.setgid(NOBODY_GID)
+        os.setuid(NOBODY_UID)
+    except PermissionError as error:
+        print(f"dnssink: could not drop root ({error}); continuing as root", flush=True)
+
+
+def main() -> int:
+    host, port = split_host_port(os.environ.get("BOTTLE_DNS_LISTEN", DEFAULT_LISTEN))
+    sink = DnsSink(host, port)
+    drop_root()
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    sink.start()
+    print(f"dnssink: answering NXDOMAIN on {host}:{sink.port} (udp, tcp); forwarding nothing",
+          flush=True)
+    while not stopped.wait(1.0):
+        pass
+    sink.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

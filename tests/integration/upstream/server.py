@@ -1,0 +1,133 @@
+"""Fake upstream for the isolation, token, DLP and real-client tests. Standard library only.
+
+Every HTTP request is logged as one JSON line on stdout, headers included, so a test can prove
+what arrived upstream (the real token) and what did not (a blocked secret).
+"""
+
+import json
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MESSAGE_TEXT = "hello from the stand-in messages api"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # our own JSON log instead
+        pass
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _log(self, body: bytes) -> None:
+        print(json.dumps({"event": "request", "scheme": self.server.scheme, "method": self.command,
+                          "path": self.path, "headers": dict(self.headers.items()),
+                          "body": body[:4000].decode("utf-8", "replace")}), flush=True)
+
+    def _send(self, status: int, payload: bytes, ctype: str = "application/json", extra=None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(payload)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _handle(self) -> None:
+        body = self._body()
+        self._log(body)
+        if self.path.startswith("/v1/messages") and self.command == "POST":
+            return self._messages(body)
+        if self.path.startswith("/bytes/"):
+            return self._bytes(int(self.path.split("/")[2]))
+        echo = {"method": self.command, "path": self.path, "headers": dict(self.headers.items()),
+                "body": body.decode("utf-8", "replace")}
+        self._send(200, json.dumps(echo).encode())
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+    def _bytes(self, n: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        chunk = b"x" * 65536
+        while n > 0:
+            self.wfile.write(chunk[: min(n, len(chunk))])
+            n -= len(chunk)
+
+    def _messages(self, body: bytes) -> None:
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            req = {}
+        model = req.get("model", "claude-test")
+        message = {"id": "msg_test", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": MESSAGE_TEXT}], "stop_reason": "end_turn",
+                   "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 8}}
+        if not req.get("stream"):
+            return self._send(200, json.dumps(message).encode())
+        start = dict(message, content=[], stop_reason=None, usage={"input_tokens": 10, "output_tokens": 1})
+        events = [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": MESSAGE_TEXT}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 8}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        payload = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+        self._send(200, payload, "text/event-stream", {"Cache-Control": "no-cache"})
+
+
+def serve_http(port: int, scheme: str, context=None) -> None:
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server.scheme = scheme
+    server.daemon_threads = True
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()
+
+
+class TcpBanner(socketserver.BaseRequestHandler):
+    def handle(self):
+        print(json.dumps({"event": "tcp", "peer": self.client_address[0]}), flush=True)
+        self.request.sendall(b"upstream-tcp-banner\n")
+
+
+def serve_udp(port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    while True:
+        data, peer = sock.recvfrom(2048)
+        print(json.dumps({"event": "udp", "peer": peer[0]}), flush=True)
+        sock.sendto(b"upstream-udp:" + data, peer)
+
+
+def main() -> None:
+    cert, key = sys.argv[1], sys.argv[2]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    threads = [
+        threading.Thread(target=serve_http, args=(443, "https", ctx), daemon=True),
+        threading.Thread(target=serve_http, args=(80, "http"), daemon=True),
+        threading.Thread(target=serve_udp, args=(5353,), daemon=True),
+    ]
+    tcp = socketserver.ThreadingTCPServer(("0.0.0.0", 7000), TcpBanner)
+    tcp.daemon_threads = True
+    threads.append(threading.Thread(target=tcp.serve_forever, daemon=True))
+    for t in threads:
+        t.start()
+    print(json.dumps({"event": "ready"}), flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""The bundle's init supervisor, run as a real process with fake daemons on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from bottle_tasks.sidecars.init import (
+    Backoff,
+    UnknownDaemon,
+    default_daemon_table,
+    parse_daemon_names,
+    select_daemons,
+    split_host_port,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# A daemon that greets on both streams and then idles until it is signalled.
+CHATTY = "import sys, time; print('hello out'); print('hello err', file=sys.stderr); time.sleep(600)"
+
+
+def listener_script(port: int) -> str:
+    """A daemon that becomes ready by accepting TCP connections on 127.0.0.1:port."""
+    return (
+        "import socket, time\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(('127.0.0.1', {port})); s.listen(8)\n"
+        "while True:\n"
+        "    c, _ = s.accept(); c.close()\n"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class InitProcess:
+    def __init__(self, tmp_path: Path, table: dict[str, Any], daemons: str) -> None:
+        self.run_dir = tmp_path / "run"
+        table_file = tmp_path / "table.json"
+        table_file.write_text(json.dumps(table))
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT),
+            "BOTTLE_RUN_DIR": str(self.run_dir),
+            "BOTTLE_DAEMON_TABLE": str(table_file),
+            "BUNDLE_DAEMONS": daemons,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bottle_tasks.sidecars.init"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.run_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def daemon(self, name: str) -> dict[str, Any]:
+        status = self.status()
+        return status["daemons"][name] if status else {}
+
+    def health(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bottle_tasks.sidecars.health"],
+            env=self.env, capture_output=True, text=True, timeout=10,
+        )
+
+    def stop(self) -> tuple[int, str, str]:
+        self.process.send_signal(signal.SIGTERM)
+        stdout, stderr = self.process.communicate(timeout=15)
+        return self.process.returncode, stdout, stderr
+
+
+@pytest.fixture
+def start_init(tmp_path: Path) -> Iterator[Callable[[dict[str, Any], str], InitProcess]]:
+    started: list[InitProcess] = []
+
+    def start(table: dict[str, Any], daemons: str) -> InitProcess:
+        init = InitProcess(tmp_path, table, daemons)
+        started.append(init)
+        return init
+
+    yield start
+    for init in started:
+        if init.process.poll() is None:
+            init.process.kill()
+            init.process.communicate()
+
+
+def python_daemon(script: str, probe: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"command": [sys.executable, "-c", script], "probe": probe}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- as a process
+
+
+def test_starts_named_daemons_only_and_prefixes_their_output(start_init) -> None:
+    init = start_init(
+        {"chatty": python_daemon(CHATTY), "unused": python_daemon(CHATTY)}, "chatty"
+    )
+    wait_for(lambda: init.daemon("chatty").get("ready"), what="chatty ready")
+    status = init.status()
+    assert status["selected"] == ["chatty"]
+    assert set(status["daemons"]) == {"chatty"}
+    chatty_pid = status["daemons"]["chatty"]["pid"]
+
+    code, stdout, _ = init.stop()
+
+    assert code == 0
+    assert "[chatty] hello out\n" in stdout
+    assert "[chatty] hello err\n" in stdout
+    assert "[init] " in stdout
+    assert not pid_alive(chatty_pid), "SIGTERM was forwarded to the daemon"
+    final = init.status()["daemons"]["chatty"]
+    assert final["running"] is False and final["ready"] is False
+
+
+def test_restarts_a_killed_daemon_with_a_new_pid(start_init) -> None:
+    init = start_init({"chatty": python_daemon(CHATTY)}, "chatty")
+    first_pid = wait_for(lambda: init.daemon("chatty").get("pid"), what="first pid")
+    assert init.daemon("chatty")["restarts"] == 0
+
+    os.kill(first_pid, signal.SIGKILL)
+
+    restarted = wait_for(
+        lambda: (d := init.daemon("chatty")).get("running") and d["pid"] != first_pid and d,
+        what="restart",
+    )
+    assert restarted["restarts"] == 1
+    assert restarted["last_exit_code"] == -signal.SIGKILL
+    assert init.stop()[0] == 0
+
+
+def test_readiness_follows_the_probe(start_init) -> None:
+    port = free_port()
+    init = start_init(
+        {
+            "listener": python_daemon(listener_script(port), {"tcp": f"127.0.0.1:{port}"}),
+            "never": python_daemon("import time; time.sleep(600)", {"tcp": f"127.0.0.1:{free_port()}"}),
+        },
+        "listener,never",
+    )
+    wait_for(lambda: init.daemon("listener").get("ready"), what="listener ready")
+    never = init.daemon("never")
+    assert never["running"] is True and never["ready"] is False
+    init.stop()
+
+
+def test_health_verdict_tracks_the_supervisor(start_init) -> None:
+    port = free_port()
+    init = start_init(
+        {"listener": python_daemon(listener_script(port), {"tcp": f"127.0.0.1:{port}"})},
+        "listener",
+    )
+    wait_for(lambda: init.health().returncode == 0, what="healthy")
+    assert "healthy" in init.health().stdout
+
+    os.kill(init.daemon("listener")["pid"], signal.SIGKILL)
+    # Between the kill and the restart being ready, health may say no; then yes again.
+    wait_for(lambda: init.daemon("listener").get("restarts") == 1, what="restart recorded")
+    wait_for(lambda: init.health().returncode == 0, what="healthy again")
+
+    init.stop()
+    unhealthy = init.health()
+    assert unhealthy.returncode == 1
+    assert unhealthy.stdout.count("\n") == 1
+
+
+def test_crash_looping_daemon_backs_off(start_init) -> None:
+    init = start_init({"crasher": python_daemon("raise SystemExit(3)")}, "crasher")
+    wait_for(lambda: init.daemon("crasher").get("restarts", 0) >= 3, what="three restarts")
+    time.sleep(1.0)
+    # Delays 0.25, 0.5, 1, 2, 4 s: far fewer than one restart per 100 ms tick.
+    assert init.daemon("crasher")["restarts"] <= 6
+    assert init.daemon("crasher")["last_exit_code"] == 3
+    assert init.stop()[0] == 0
+
+
+def test_missing_executable_is_retried_not_fatal(start_init) -> None:
+    init = start_init({"ghost": {"command": ["/nonexistent/ghostd"], "probe": None}}, "ghost")
+    wait_for(lambda: init.daemon("ghost").get("restarts", 0) >= 1, what="retry")
+    assert init.daemon("ghost")["last_exit_code"] == 127
+    code, stdout, _ = init.stop()
+    assert code == 0
+    assert "[init] ghost: cannot start" in stdout
+
+
+def test_unknown_daemon_name_exits_nonzero_listing_the_known_ones(start_init) -> None:
+    init = start_init({"chatty": python_daemon(CHATTY)}, "chatty,bogus")
+    _, stderr = init.process.communicate(timeout=10)
+    assert init.process.returncode != 0
+    assert "bogus" in stderr and "known daemons: chatty" in stderr
+
+
+def test_empty_selection_idles_and_is_healthy(start_init) -> None:
+    init = start_init({"chatty": python_daemon(CHATTY)}, " ")
+    wait_for(lambda: init.status(), what="status.json")
+    assert init.status()["daemons"] == {}
+    assert init.health().returncode == 0
+    code, stdout, _ = init.stop()
+    assert code == 0
+    assert "BUNDLE_DAEMONS is empty" in stdout
+
+
+def test_sigint_also_stops_cleanly(start_init) -> None:
+    init = start_init({"chatty": python_daemon(CHATTY)}, "chatty")
+    pid = wait_for(lambda: init.daemon("chatty").get("pid"), what="pid")
+    init.process.send_signal(signal.SIGINT)
+    init.process.communicate(timeout=15)
+    assert init.process.returncode == 0
+    assert not pid_alive(pid)
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_parse_daemon_names() -> None:
+    assert parse_daemon_names("egress, pipelock,,dns,egress ") == ["egress", "pipelock", "dns"]
+    assert parse_daemon_names("") == []
+
+
+def test_select_daemons_rejects_unknown_names() -> None:
+    table = default_daemon_table(dns_listen="127.0.0.1:5353")
+    assert [d.name for d in select_daemons(table, ["dns", "egress"])] == ["dns", "egress"]
+    with pytest.raises(UnknownDaemon, match="known daemons: dns, egress, pipelock"):
+        select_daemons(table, ["dns", "gitgate"])
+
+
+def test_default_table_matches_the_contract(tmp_path: Path) -> None:
+    table = default_daemon_table(config_dir=tmp_path, dns_listen="0.0.0.0:53", python="python")
+    assert table["egress"].command == (
+        "python", "-m", "bottle_tasks.sidecars.egress",
+        "--routes", str(tmp_path / "routes.yaml"), "--ca-dir", str(tmp_path / "ca"),
+    )
+    assert table["pipelock"].command == (
+        "pipelock", "run", "--config", str(tmp_path / "pipelock.yaml"),
+    )
+    assert table["dns"].command == ("python", "-m", "bottle_tasks.sidecars.dnssink")
+
+
+def test_egress_probe_reads_listen_from_routes(tmp_path: Path) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        probe = default_daemon_table(config_dir=tmp_path)["egress"].probe
+        assert probe is not None
+        assert probe() is False, "no routes.yaml yet"
+        (tmp_path / "routes.yaml").write_text(f'version: 1\nlisten: "127.0.0.1:{port}"\n')
+        assert probe() is True
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    backoff = Backoff(initial_s=0.25, cap_s=4.0)
+    assert [backoff.delay(n) for n in range(0, 8)] == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_split_host_port() -> None:
+    assert split_host_port("10.243.7.2:8080") == ("10.243.7.2", 8080)
+    assert split_host_port("[::1]:53") == ("::1", 53)
+    with pytest.raises(ValueError):
+        split_host_port("localhost")

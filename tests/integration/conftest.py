@@ -1,0 +1,189 @@
+"""Integration fixtures: real engine, real bottles started with `doit start`, a fake upstream the tests own.
+
+Bottles are session-scoped (starting one costs seconds); every test uses its own probes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bottle_tasks.plan import LABEL, Plan, make_plan
+from bottle_tasks.settings import ROOT, Settings
+from bottle_tasks.spec import load_spec
+
+from tests.integration.certs import mint_upstream_certs
+
+UPSTREAM_IMAGE = "claude-bottle-test/upstream:latest"
+UPSTREAM_NAMES = ["api.anthropic.com", "upstream.test", "unrouted.test"]
+# A fake credential in the Anthropic key shape; it must arrive upstream and appear nowhere in the guest.
+FAKE_TOKEN = "sk-ant-api03-" + secrets.token_hex(24)
+
+AGENT_FILES = {
+    "probe-a": """
+        description: "isolation and token probes"
+        prompt: "You are a test agent."
+        routes:
+          - host: api.anthropic.com
+            private_network: true      # the fake upstream sits on a private test network
+            token: {env: ANTHROPIC_API_KEY, header: x-api-key}
+          - host: upstream.test
+            private_network: true
+          - host: "*.wild.test"
+            private_network: true
+            methods: [GET]
+    """,
+    "probe-b": """
+        description: "a second bottle, the neighbour the first must not reach"
+        routes: []
+    """,
+}
+
+
+def docker(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, input=input)
+
+
+@dataclass
+class Env:
+    root: Path
+    env: dict[str, str]
+    argv_log: Path
+
+    def doit(self, *args: str, check: bool = True, timeout: float = 1800, extra_env: dict | None = None,
+             ) -> subprocess.CompletedProcess:
+        env = {**self.env, **(extra_env or {})}
+        proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def settings(self) -> Settings:
+        return Settings.from_env(self.env)
+
+    def plan(self, agent: str) -> Plan:
+        return make_plan(load_spec(Path(self.env["BOTTLE_AGENTS_DIR"]) / f"{agent}.yaml"), self.settings())
+
+    def write_agent(self, name: str, text: str) -> Path:
+        path = Path(self.env["BOTTLE_AGENTS_DIR"]) / f"{name}.yaml"
+        path.write_text(textwrap.dedent(text))
+        return path
+
+
+@dataclass
+class Bottle:
+    env: Env
+    agent: str
+    plan: Plan
+    upstream: str
+    upstream_ip: str = ""
+    extras: dict = field(default_factory=dict)
+
+    def exec(self, *cmd: str, user: str = "agent", check: bool = False, input: str | None = None):
+        return docker("exec", "-i", "-u", user, self.plan.guest.container, *cmd, check=check, input=input)
+
+    def upstream_log(self) -> list[dict]:
+        out = docker("logs", self.upstream).stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def bundle_log(self) -> str:
+        proc = docker("logs", self.plan.bundle.container)
+        return proc.stdout + proc.stderr
+
+
+def _engine_or_fail() -> None:
+    if docker("info", check=False).returncode != 0:
+        pytest.fail("the Docker engine is not reachable; integration tests need it (CI starts dockerd)")
+
+
+@pytest.fixture(scope="session")
+def bottle_env(tmp_path_factory) -> Env:
+    _engine_or_fail()
+    root = tmp_path_factory.mktemp("bottle")
+    agents = root / "agents"
+    agents.mkdir()
+    certs = root / "upstream-certs"
+    ca_pem, _, _ = mint_upstream_certs(certs, UPSTREAM_NAMES + ["sub.wild.test"])
+    # A docker shim on PATH records every argv the tool runs, so tests can prove no secret is on one.
+    shim_dir = root / "shim"
+    shim_dir.mkdir()
+    argv_log = root / "docker-argv.log"
+    real_docker = shutil.which("docker")
+    (shim_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{argv_log}"\nexec "{real_docker}" "$@"\n')
+    (shim_dir / "docker").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{shim_dir}:{os.environ['PATH']}",
+        "BOTTLE_AGENTS_DIR": str(agents),
+        "BOTTLE_STATE_DIR": str(root / "state"),
+        "BOTTLE_CACHE_DIR": str(root / "cache"),
+        "BOTTLE_UPSTREAM_CA_CERTS": str(ca_pem),
+        "ANTHROPIC_API_KEY": FAKE_TOKEN,
+    }
+    if not env.get("BOTTLE_BUILD_CA_CERTS") and Path("/etc/ssl/certs/ca-certificates.crt").exists():
+        env["BOTTLE_BUILD_CA_CERTS"] = "/etc/ssl/certs/ca-certificates.crt"
+    e = Env(root=root, env=env, argv_log=argv_log)
+    for name, text in AGENT_FILES.items():
+        e.write_agent(name, text)
+    docker("build", "-q", "-t", UPSTREAM_IMAGE, "--build-arg", f"BASE_IMAGE={e.settings().base_image}",
+           str(ROOT / "tests" / "integration" / "upstream"))
+    yield e
+    # Leak check: after every bottle's clean, nothing labelled by these tests may remain.
+    leftovers = docker("ps", "-a", "--filter", f"label={LABEL}.state", "--format", "{{.Names}} {{.Label \"" + LABEL + ".state\"}}").stdout
+    ours = [line for line in leftovers.splitlines() if str(root) in line]
+    assert not ours, f"containers left behind: {ours}"
+
+
+def start_upstream(env: Env, plan: Plan, name: str) -> str:
+    certs = env.root / "upstream-certs"
+    docker("rm", "-f", name, check=False)
+    docker("run", "-d", "--name", name, "--label", f"{LABEL}.test=upstream",
+           "--network", plan.network.egress_name, *sum((["--network-alias", n] for n in UPSTREAM_NAMES + ["sub.wild.test"]), []),
+           "--cap-add", "NET_ADMIN",
+           "-v", f"{certs}:/certs:ro", UPSTREAM_IMAGE, "/certs/server.pem", "/certs/server-key.pem")
+    # The link-local metadata address, on a host the test owns, so probing it touches nothing real.
+    docker("exec", name, "ip", "addr", "add", "169.254.169.254/32", "dev", "eth0")
+    for _ in range(100):
+        if '"ready"' in docker("logs", name).stdout:
+            break
+        time.sleep(0.1)
+    return docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name).stdout.strip()
+
+
+def _bottle(env: Env, agent: str) -> Bottle:
+    env.doit("start", f"agent={agent}", "command=true")
+    plan = env.plan(agent)
+    upstream = f"bottle-test-upstream-{agent}"
+    bottle = Bottle(env=env, agent=agent, plan=plan, upstream=upstream)
+    bottle.upstream_ip = start_upstream(env, plan, upstream)
+    return bottle
+
+
+def _teardown(bottle: Bottle) -> None:
+    docker("rm", "-f", bottle.upstream, check=False)
+    bottle.env.doit("clean", f"agent={bottle.agent}", "purge=1", check=False)
+
+
+@pytest.fixture(scope="session")
+def bottle_a(bottle_env) -> Bottle:
+    bottle = _bottle(bottle_env, "probe-a")
+    yield bottle
+    _teardown(bottle)
+
+
+@pytest.fixture(scope="session")
+def bottle_b(bottle_env) -> Bottle:
+    bottle = _bottle(bottle_env, "probe-b")
+    yield bottle
+    _teardown(bottle)

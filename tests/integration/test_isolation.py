@@ -1,0 +1,131 @@
+"""Invariant 1 and 2: from inside the guest, nothing answers but the bundle's front door, and
+through it only declared routes. Every blocked probe has a positive control showing the target
+really listens, so a probe cannot pass by aiming at nothing."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+
+import pytest
+
+from bottle_tasks.plan import EGRESS_PORT
+from tests.integration.conftest import docker
+from tests.integration.probes import Probe, run_probes
+
+
+class _Banner(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(b"host-listener\n")
+
+
+@pytest.fixture(scope="module")
+def host_listener():
+    """A TCP listener on every host address: the docker gateways, the host's own IPs."""
+    server = socketserver.ThreadingTCPServer(("0.0.0.0", 0), _Banner)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def _docker0_gateway() -> str:
+    return docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "bridge").stdout.strip()
+
+
+def test_guest_reaches_only_the_front_door(bottle_a, bottle_b, host_listener):
+    plan, net = bottle_a.plan, bottle_a.plan.network
+    up = bottle_a.upstream_ip
+    proxy = plan.bundle.egress_url
+    bundle_egress_ip = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net.egress_name}").IPAddress}}}}',
+                              plan.bundle.container).stdout.strip()
+    b_net = bottle_b.plan.network
+    blocked = [
+        Probe("upstream ip tcp/443 direct", "tcp", (up, 443)),
+        Probe("upstream ip tcp/80 direct", "tcp", (up, 80)),
+        Probe("upstream ip tcp/7000 direct", "tcp", (up, 7000)),
+        Probe("upstream by name, no proxy", "http", ("http://upstream.test/", None)),
+        Probe("upstream udp/5353", "udp", (up, 5353)),
+        Probe("internal network gateway (host)", "tcp", (net.internal_gateway, host_listener)),
+        Probe("egress network gateway (host)", "tcp", (net.egress_gateway, host_listener)),
+        Probe("docker0 gateway (host)", "tcp", (_docker0_gateway(), host_listener)),
+        Probe("host gateway udp/53", "udp", (net.internal_gateway, 53)),
+        Probe("loopback tcp", "tcp", ("127.0.0.1", host_listener)),
+        Probe("bundle pipelock port", "tcp", (net.bundle_ip, 8888)),
+        Probe("bundle scan api port", "tcp", (net.bundle_ip, 8889)),
+        Probe("bundle other port", "tcp", (net.bundle_ip, EGRESS_PORT + 1)),
+        Probe("bundle egress-side address", "tcp", (bundle_egress_ip, EGRESS_PORT)),
+        Probe("other bottle's bundle", "tcp", (b_net.bundle_ip, EGRESS_PORT)),
+        Probe("other bottle's guest", "tcp", (b_net.guest_ip, 22)),
+        Probe("metadata 169.254.169.254 direct", "tcp", ("169.254.169.254", 80)),
+        Probe("metadata through the proxy", "http", ("http://169.254.169.254/latest/meta-data/", proxy)),
+        Probe("dns: outside name", "resolve", ("example.com",)),
+        Probe("dns: upstream alias", "resolve", ("upstream.test",)),
+        Probe("dns: sink answers nothing", "resolve", ("api.anthropic.com",)),
+        Probe("ipv6 link-local", "tcp6", ("fe80::1%eth0", 80)),
+        Probe("ipv6 loopback to host port", "tcp6", ("::1", host_listener)),
+        Probe("CONNECT to an unrouted host", "http", ("https://unrouted.test/", proxy)),
+        Probe("plain http to an unrouted host", "http", ("http://unrouted.test/", proxy)),
+        Probe("proxy to an IP literal", "http", (f"http://{up}/", proxy)),
+        Probe("no-SNI TLS through the proxy", "tls_via_proxy", (net.bundle_ip, EGRESS_PORT, "upstream.test:443", None)),
+        Probe("SNI differs from CONNECT host", "tls_via_proxy", (net.bundle_ip, EGRESS_PORT, "upstream.test:443", "unrouted.test")),
+        Probe("wildcard route: apex not included", "http", ("http://wild.test/", proxy)),
+        Probe("wildcard route: method not allowed", "http", ("http://sub.wild.test/", proxy, {}, "x=1")),
+    ]
+    results = run_probes(plan.guest.container, blocked)
+    reached = {name: r["detail"] for name, r in results.items() if r["reached"]}
+    assert not reached, f"the guest reached what it must not: {reached}"
+    assert len(results) >= 15
+
+    # NO_PROXY tricks: the client skips the proxy, and the network still holds.
+    tricks = run_probes(plan.guest.container, [
+        Probe("NO_PROXY=* to upstream by name", "http", ("https://upstream.test/", None)),
+        Probe("NO_PROXY=* to upstream ip", "http", (f"http://{up}/", None)),
+    ], env={"NO_PROXY": "*", "no_proxy": "*"})
+    assert not any(r["reached"] for r in tricks.values()), tricks
+
+
+def test_blocked_requests_get_a_403_that_names_the_reason(bottle_a):
+    proxy = bottle_a.plan.bundle.egress_url
+    for url, reason in (("https://unrouted.test/", "route_not_allowed"), ("http://unrouted.test/", "route_not_allowed"),
+                        ("http://wild.test/", "route_not_allowed")):
+        proc = bottle_a.exec("curl", "-sS", "-m", "10", "-x", proxy, "-o", "/dev/null", "-D", "-", url)
+        text = proc.stdout + proc.stderr
+        assert "403" in text and reason in text, (url, text)
+    proc = bottle_a.exec("curl", "-sS", "-m", "10", "-x", proxy, "-X", "POST", "-d", "x", "http://sub.wild.test/")
+    assert "method_not_allowed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_positive_controls_the_probed_targets_really_listen(bottle_a, host_listener):
+    """The same targets answer from a container on the egress network and from the host."""
+    net = bottle_a.plan.network
+    control = f"probe-control-{bottle_a.agent}"
+    docker("run", "-d", "--rm", "--name", control, "--network", net.egress_name, "--entrypoint", "sleep",
+           "claude-bottle-test/upstream:latest", "60")
+    try:
+        from tests.integration.probes import PROBE_SCRIPT  # noqa: F401  (same script, different container)
+        results = run_probes(control, [
+            Probe("upstream tcp/443", "tcp", (bottle_a.upstream_ip, 443)),
+            Probe("upstream udp/5353", "udp", (bottle_a.upstream_ip, 5353)),
+            Probe("metadata listener", "tcp", ("169.254.169.254", 80)),
+            Probe("egress gateway host listener", "tcp", (net.egress_gateway, host_listener)),
+        ], user="root")
+    finally:
+        docker("rm", "-f", control, check=False)
+    assert all(r["reached"] for r in results.values()), results
+    with socket.create_connection((net.internal_gateway, host_listener), timeout=3) as s:
+        assert s.recv(64).startswith(b"host-listener")
+
+
+def test_routed_https_works_through_the_chain(bottle_a):
+    """The positive twin of the probes: a routed host answers, and with SNI the same TLS probe succeeds."""
+    proc = bottle_a.exec("curl", "-sS", "-m", "10", "https://upstream.test/hello")
+    assert proc.returncode == 0, proc.stderr
+    assert '"path": "/hello"' in proc.stdout
+    net = bottle_a.plan.network
+    ok = run_probes(bottle_a.plan.guest.container, [
+        Probe("TLS with SNI through the proxy", "tls_via_proxy", (net.bundle_ip, EGRESS_PORT, "upstream.test:443", "upstream.test")),
+        Probe("python urllib through the proxy", "http", ("https://upstream.test/py", None)),
+    ])
+    assert all(r["reached"] for r in ok.values()), ok

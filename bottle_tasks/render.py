@@ -19,8 +19,9 @@ _env = jinja2.Environment(
 )
 
 
-def render(template: str, plan: Plan) -> str:
+def render(template: str, plan: Plan, **extra: object) -> str:
     return _env.get_template(template).render(
+        **extra,
         plan=plan,
         egress_port=EGRESS_PORT,
         pipelock_listen=PIPELOCK_LISTEN,

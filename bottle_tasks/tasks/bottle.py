@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 
 from doit.tools import config_changed
@@ -47,10 +48,18 @@ def task_preflight():
         yield {"name": plan.agent, "actions": [action(lambda plan=plan: preflight(plan))], "uptodate": [False]}
 
 
+def _scan_token(plan: Plan) -> str:
+    """The bundle-internal bearer token between egress and pipelock's scan API; stable per bottle."""
+    path = plan.state_dir / "pipelock-scan-token"
+    if not path.exists():
+        write_atomic(path, secrets.token_urlsafe(32), mode=0o600)
+    return path.read_text().strip()
+
+
 def render_configs(plan: Plan) -> None:
     write_atomic(plan.routes_file, render("routes.yaml.j2", plan))
     if plan.pipelock_enabled:
-        write_atomic(plan.pipelock_file, render("pipelock.yaml.j2", plan))
+        write_atomic(plan.pipelock_file, render("pipelock.yaml.j2", plan, scan_token=_scan_token(plan)), mode=0o600)
     write_atomic(plan.guest_env_file, render("guest.env.j2", plan), mode=0o600)
     write_atomic(plan.prompt_file, plan.prompt, mode=0o600)
 

@@ -51,9 +51,9 @@ def labels_of(obj: Mapping[str, Any]) -> dict[str, str]:
     return (obj.get("Config") or {}).get("Labels") or obj.get("Labels") or {}
 
 
-def ensure_owned(kind: str, name: str, plan: Plan) -> dict[str, Any] | None:
+def ensure_owned(kind: str, name: str, plan: Plan, obj: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Return the existing resource if it belongs to this bottle; refuse one that does not."""
-    obj = inspect(kind, name)
+    obj = obj or inspect(kind, name)
     if obj is None:
         return None
     labels = labels_of(obj)

@@ -45,6 +45,21 @@ def check_subnet_clash(plan: Plan) -> None:
                     f"or remove that network, then start again.")
 
 
+def check_names_free(plan: Plan) -> None:
+    """Refuse to start when a container or network with one of our names belongs to someone else."""
+    names = [plan.guest.container, plan.bundle.container, plan.network.internal_name, plan.network.egress_name]
+    found = docker("inspect", *names, check=False).stdout.strip()
+    for obj in json.loads(found) if found.startswith("[") else []:
+        kind = "network" if "IPAM" in obj else "container"
+        ensure_owned(kind, obj["Name"].lstrip("/"), plan, obj)
+
+
+def preflight(plan: Plan) -> None:
+    check_names_free(plan)
+    if not networks_ready(plan):
+        check_subnet_clash(plan)
+
+
 def create_networks(plan: Plan) -> None:
     net = plan.network
     check_subnet_clash(plan)

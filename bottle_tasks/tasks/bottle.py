@@ -40,10 +40,11 @@ def preflight(plan: Plan) -> None:
     for key, value in plan.guest.env:
         if "\n" in value:
             raise BottleError(f"{plan.spec_path}: env.{key}: the value spans several lines; use one line")
+    backend.preflight(plan)
 
 
 def task_preflight():
-    """Check what start needs before anything is built: token variables, pipelock."""
+    """Check what start needs before anything is built: tokens, pipelock, docker, free names and subnet."""
     for plan in plans():
         yield {"name": plan.agent, "actions": [action(lambda plan=plan: preflight(plan))], "uptodate": [False]}
 

@@ -1,0 +1,88 @@
+"""Invariant 8: bad input gets a clear error that says what to do, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from bottle_tasks.plan import LABEL
+from tests.integration.conftest import docker
+
+
+def _leftovers(slug: str) -> list[str]:
+    label = f"label={LABEL}.slug={slug}"
+    containers = docker("ps", "-a", "--filter", label, "--format", "{{.Names}}").stdout.split()
+    networks = docker("network", "ls", "--filter", label, "--format", "{{.Name}}").stdout.split()
+    return containers + networks
+
+
+def _failed_start(bottle_env, agent: str, **extra_env):
+    proc = bottle_env.doit("start", f"agent={agent}", "command=true", check=False, extra_env=extra_env)
+    assert proc.returncode != 0, proc.stdout
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out
+    return out
+
+
+def test_malformed_agent_file(bottle_env):
+    path = bottle_env.write_agent("bad-yaml", "routes:\n  - host: [unclosed\n")
+    out = _failed_start(bottle_env, "bad-yaml")
+    assert str(path) in out and "YAML syntax error" in out and "line" in out
+    path = bottle_env.write_agent("bad-key", "routes:\n  - host: api.x.com\n    tokn: {}\n")
+    out = _failed_start(bottle_env, "bad-key")
+    assert f"{path}: routes[0]: unknown key 'tokn'" in out, out
+    assert _leftovers("bad-yaml") == [] and _leftovers("bad-key") == []
+
+
+def test_unknown_agent(bottle_env):
+    out = _failed_start(bottle_env, "no-such-agent")
+    assert "no-such-agent.yaml" in out and "no such agent file" in out
+
+
+def test_missing_token_variable_names_it_and_never_a_value(bottle_env):
+    bottle_env.write_agent("needs-token", """
+        routes:
+          - host: api.example.test
+            token: {env: BOTTLE_TEST_MISSING_TOKEN, header: authorization, format: "Bearer {value}"}
+    """)
+    out = _failed_start(bottle_env, "needs-token")
+    assert "BOTTLE_TEST_MISSING_TOKEN is not set in the host environment" in out
+    assert "export BOTTLE_TEST_MISSING_TOKEN=" in out
+    assert _leftovers("needs-token") == []
+
+
+def test_docker_not_reachable(bottle_env, tmp_path):
+    bottle_env.write_agent("no-docker", "routes: []\n")
+    out = _failed_start(bottle_env, "no-docker", DOCKER_HOST=f"unix://{tmp_path}/nowhere.sock")
+    assert "Docker is not reachable" in out and "nowhere.sock" in out and "start the Docker engine" in out
+    assert _leftovers("no-docker") == []
+
+
+def test_name_already_in_use(bottle_env):
+    bottle_env.write_agent("squatted", "routes: []\n")
+    plan = bottle_env.plan("squatted")
+    docker("run", "-d", "--name", plan.bundle.container, "--label", "test.squatter=1",
+           "--entrypoint", "sleep", "claude-bottle-test/upstream:latest", "300")
+    try:
+        out = _failed_start(bottle_env, "squatted")
+        assert f"docker container '{plan.bundle.container}' already exists" in out
+        assert f"docker container rm {plan.bundle.container}" in out or f"docker rm" in out
+        assert _leftovers("squatted") == []
+        # The squatter is untouched.
+        assert docker("inspect", "-f", "{{.State.Running}}", plan.bundle.container).stdout.strip() == "true"
+    finally:
+        docker("rm", "-f", plan.bundle.container, check=False)
+
+
+def test_subnet_clash(bottle_env):
+    bottle_env.write_agent("clashing", "routes: []\n")
+    plan = bottle_env.plan("clashing")
+    squatter = "bottle-test-squatter-net"
+    overlapping = str(ipaddress.ip_network(plan.network.internal_subnet).subnets(new_prefix=25).__next__())
+    docker("network", "create", "--subnet", overlapping, squatter)
+    try:
+        out = _failed_start(bottle_env, "clashing")
+        assert f"docker network {squatter!r} already uses {overlapping}" in out, out
+        assert "network.subnet" in out and str(plan.spec_path) in out
+        assert _leftovers("clashing") == []
+    finally:
+        docker("network", "rm", squatter, check=False)

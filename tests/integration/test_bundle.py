@@ -1,0 +1,38 @@
+"""The bundle's init brings back any daemon that dies, and the bottle works again afterwards."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.integration.conftest import docker
+
+
+def _status(bottle) -> dict:
+    out = docker("exec", bottle.plan.bundle.container, "cat", "/run/bottle/status.json").stdout
+    return json.loads(out)["daemons"]
+
+
+def _wait(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def test_killed_daemons_come_back(bottle_a):
+    container = bottle_a.plan.bundle.container
+    for daemon in bottle_a.plan.bundle.daemons:
+        before = _status(bottle_a)[daemon]
+        assert before["running"] and before["ready"], before
+        # As the daemon's own user: root in the bundle holds no CAP_KILL over the DNS sink's `nobody`.
+        uid = docker("exec", container, "stat", "-c", "%u", f"/proc/{before['pid']}").stdout.strip()
+        docker("exec", "-u", uid, container, "kill", "-9", str(before["pid"]))
+        after = _wait(lambda: (s := _status(bottle_a)[daemon])["pid"] != before["pid"] and s["ready"] and s)
+        assert after["restarts"] == before["restarts"] + 1
+        _wait(lambda: docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip() == "healthy")
+    proc = bottle_a.exec("curl", "-sS", "-m", "10", "https://upstream.test/after-restarts")
+    assert proc.returncode == 0 and "/after-restarts" in proc.stdout, proc.stderr

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bottle_tasks.errors import BottleError
-from bottle_tasks.settings import ROOT, Settings
+from bottle_tasks.settings import Settings
 from bottle_tasks.spec import AgentSpec, Route, TokenSlot
 
 LABEL = "dev.claude-bottle"
@@ -184,10 +184,11 @@ def _guest_env(spec: AgentSpec, proxy_url: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(env.items()))
 
 
-def _agent_command(spec: AgentSpec) -> tuple[str, ...]:
-    if spec.command and Path(spec.command[0]).name == "claude" and spec.prompt:
-        return (*spec.command, "--append-system-prompt-file", GUEST_PROMPT_PATH)
-    return spec.command
+def agent_command(argv: tuple[str, ...], prompt: str) -> tuple[str, ...]:
+    """claude gets the agent file's prompt appended; any other command runs as written."""
+    if argv and Path(argv[0]).name == "claude" and prompt:
+        return (*argv, "--append-system-prompt-file", GUEST_PROMPT_PATH)
+    return argv
 
 
 def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
@@ -203,7 +204,7 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
     agent_image = ImagePlan(
         kind="agent",
         tag=f"{settings.image_prefix}/agent:{slug}",
-        dockerfile_dir=ROOT / "images" / "agent",
+        dockerfile_dir=settings.images_dir / "agent",
         context_dir=cache / "agent-context",
         iid_file=cache / "agent.iid",
         build_args=(*common_args, ("CLAUDE_CODE_VERSION", settings.claude_code_version)),
@@ -211,7 +212,7 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
     bundle_image = ImagePlan(
         kind="bundle",
         tag=f"{settings.image_prefix}/bundle:latest",
-        dockerfile_dir=ROOT / "images" / "bundle",
+        dockerfile_dir=settings.images_dir / "bundle",
         context_dir=images_cache / "bundle-context",
         iid_file=images_cache / "bundle.iid",
         build_args=common_args,
@@ -247,7 +248,7 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
         env=_guest_env(spec, egress_url),
         mounts=guest_mounts,
         workspace_volume=workspace_volume,
-        command=_agent_command(spec),
+        command=agent_command(spec.command, spec.prompt),
         cpus=spec.resources.cpus,
         memory=spec.resources.memory,
         pids=spec.resources.pids,

@@ -23,6 +23,7 @@ def _xdg(env: Mapping[str, str], var: str, fallback: str) -> Path:
 @dataclass(frozen=True)
 class Settings:
     agents_dir: Path
+    images_dir: Path           # holds agent/Dockerfile and bundle/Dockerfile; point it at your own copy to customise
     state_dir: Path            # holds work: workspace metadata, CA, rendered configs; kept by clean
     cache_dir: Path            # transient: digests, staged build contexts
     base_image: str
@@ -49,6 +50,7 @@ class Settings:
             pipelock = Path(found) if found else None
         return cls(
             agents_dir=Path(env.get("BOTTLE_AGENTS_DIR") or ROOT / "agents").resolve(),
+            images_dir=Path(env.get("BOTTLE_IMAGES_DIR") or ROOT / "images").resolve(),
             state_dir=(path_or_none("BOTTLE_STATE_DIR") or _xdg(env, "XDG_STATE_HOME", ".local/state") / "claude-bottle"),
             cache_dir=(path_or_none("BOTTLE_CACHE_DIR") or _xdg(env, "XDG_CACHE_HOME", ".cache") / "claude-bottle"),
             base_image=env.get("BOTTLE_BASE_IMAGE") or DEFAULT_BASE_IMAGE,

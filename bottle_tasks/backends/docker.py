@@ -110,7 +110,7 @@ def bundle_fingerprint(plan: Plan) -> str:
 
 
 def guest_fingerprint(plan: Plan) -> str:
-    return _digest(image_id(plan.agent_image.tag), plan.guest, plan.network, bundle_fingerprint(plan))
+    return _digest(image_id(plan.agent_image.tag), plan.guest, plan.network, _file_digest(plan.guest_env_file))
 
 
 def _running_with(container: str, fingerprint: str, need_healthy: bool = False) -> bool:

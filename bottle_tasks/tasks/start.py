@@ -10,6 +10,7 @@ from doit import get_var
 from doit.exceptions import TaskFailed
 
 from bottle_tasks.backends import docker as backend
+from bottle_tasks.plan import agent_command
 from bottle_tasks.tasks.bottle import purge_state
 from bottle_tasks.tasks.common import action, plans, selected_agent
 
@@ -18,7 +19,7 @@ __all__ = ["task_start"]
 
 def run_agent(plan) -> TaskFailed | None:
     override = get_var("command", None)
-    argv = shlex.split(override) if override else list(plan.guest.command)
+    argv = list(agent_command(tuple(shlex.split(override)), plan.prompt) if override else plan.guest.command)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     code = subprocess.call(backend.DockerGuest(plan).attach_argv(argv, tty=tty))
     if code != 0:

@@ -28,7 +28,7 @@ class Handler(BaseHTTPRequestHandler):
     def _log(self, body: bytes) -> None:
         print(json.dumps({"event": "request", "scheme": self.server.scheme, "method": self.command,
                           "path": self.path, "headers": dict(self.headers.items()),
-                          "body": body[:4000].decode("utf-8", "replace")}), flush=True)
+                          "body": body[:1_000_000].decode("utf-8", "replace")}), flush=True)
 
     def _send(self, status: int, payload: bytes, ctype: str = "application/json", extra=None) -> None:
         self.send_response(status)

@@ -80,7 +80,7 @@ def task_render():
             "targets": [str(t) for t in targets],
             "actions": [action(lambda plan=plan: render_configs(plan))],
             "uptodate": [config_changed(hashlib.sha256(repr(plan).encode()).hexdigest())],
-            "clean": [action(lambda targets=targets: _remove_files(targets))],
+            "clean": [action(lambda paths=targets: _remove_files(paths))],
         }
 
 

@@ -1,0 +1,141 @@
+"""Up-to-date checks, recreation, teardown and Ctrl-C, driven through `doit` like a user would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bottle_tasks.plan import GUEST_PROMPT_PATH, LABEL
+from bottle_tasks.settings import ROOT
+from tests.integration.conftest import docker
+
+
+def _count(log: Path, since: int, needle: str) -> int:
+    return sum(1 for line in log.read_text().splitlines()[since:] if line.startswith(needle))
+
+
+def _lines(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def _container_id(name: str) -> str:
+    return docker("inspect", "-f", "{{.Id}}", name, check=False).stdout.strip()
+
+
+def _labelled(slug: str, kind: str) -> list[str]:
+    label = f"label={LABEL}.slug={slug}"
+    if kind == "container":
+        return docker("ps", "-a", "--filter", label, "--format", "{{.Names}}").stdout.split()
+    return docker(kind, "ls", "--filter", label, "--format", "{{.Name}}").stdout.split()
+
+
+@pytest.fixture(scope="module")
+def lifecycle(bottle_env, tmp_path_factory):
+    """An agent of its own, with a private copy of images/ the tests may edit."""
+    images = tmp_path_factory.mktemp("images")
+    shutil.copytree(ROOT / "images", images, dirs_exist_ok=True)
+    bottle_env.write_agent("lifecycle", 'prompt: "lifecycle prompt"\nroutes: []\nenv: {STAGE: "one"}\n')
+    extra = {"BOTTLE_IMAGES_DIR": str(images)}
+    bottle_env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
+    yield bottle_env, extra, images
+    bottle_env.doit("clean", "agent=lifecycle", "purge=1", extra_env=extra, check=False)
+
+
+def test_unchanged_start_builds_and_creates_nothing(lifecycle):
+    env, extra, _ = lifecycle
+    plan = env.plan("lifecycle")
+    ids = (_container_id(plan.guest.container), _container_id(plan.bundle.container))
+    mark = _lines(env.argv_log)
+    proc = env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
+    for verb in ("build", "save", "push", "create", "network create", "rm"):
+        assert _count(env.argv_log, mark, verb) == 0, f"unchanged start ran docker {verb}:\n{proc.stdout}"
+    assert (_container_id(plan.guest.container), _container_id(plan.bundle.container)) == ids
+    assert "-- image_build:lifecycle" in proc.stdout and "-- bundle_build" in proc.stdout
+
+
+def test_container_removed_by_hand_is_recreated_and_reprovisioned(lifecycle):
+    env, extra, _ = lifecycle
+    plan = env.plan("lifecycle")
+    docker("rm", "-f", plan.guest.container)
+    env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
+    prompt = docker("exec", plan.guest.container, "cat", GUEST_PROMPT_PATH)
+    assert prompt.stdout == "lifecycle prompt"
+    docker("rm", "-f", plan.bundle.container)
+    env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
+    assert docker("inspect", "-f", "{{.State.Health.Status}}", plan.bundle.container).stdout.strip() == "healthy"
+
+
+def test_agent_file_change_recreates_the_guest_only(lifecycle):
+    env, extra, _ = lifecycle
+    plan = env.plan("lifecycle")
+    bundle_before, guest_before = _container_id(plan.bundle.container), _container_id(plan.guest.container)
+    env.write_agent("lifecycle", 'prompt: "lifecycle prompt"\nroutes: []\nenv: {STAGE: "two"}\n')
+    mark = _lines(env.argv_log)
+    env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
+    assert _count(env.argv_log, mark, "build") == 0
+    assert _container_id(plan.bundle.container) == bundle_before
+    assert _container_id(plan.guest.container) != guest_before
+    assert "STAGE=two" in docker("exec", plan.guest.container, "env").stdout
+
+
+def test_dockerfile_and_context_changes_rebuild_exactly_their_image(lifecycle):
+    env, extra, images = lifecycle
+    plan = env.plan("lifecycle")
+    with (images / "agent" / "Dockerfile").open("a") as fh:
+        fh.write('\nLABEL dev.claude-bottle.test-edit="dockerfile"\n')
+    mark = _lines(env.argv_log)
+    env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
+    builds = [l for l in env.argv_log.read_text().splitlines()[mark:] if l.startswith("build")]
+    assert len(builds) == 1 and plan.agent_image.tag in builds[0], builds
+    (images / "bundle" / "NOTES.txt").write_text("a new file in the bundle's build context\n")
+    mark = _lines(env.argv_log)
+    env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
+    builds = [l for l in env.argv_log.read_text().splitlines()[mark:] if l.startswith("build")]
+    assert len(builds) == 1 and plan.bundle_image.tag in builds[0], builds
+
+
+def test_clean_keeps_work_is_idempotent_and_purge_removes_it(bottle_env):
+    bottle_env.write_agent("teardown", "routes: []\n")
+    bottle_env.doit("start", "agent=teardown", "command=sh -c 'echo kept > /workspace/work.txt'")
+    plan = bottle_env.plan("teardown")
+    bottle_env.doit("clean", "agent=teardown")
+    assert _labelled("teardown", "container") == [] and _labelled("teardown", "network") == []
+    assert docker("volume", "inspect", plan.guest.workspace_volume, check=False).returncode == 0
+    assert plan.ca_cert.exists() and plan.state_dir.is_dir()
+    bottle_env.doit("clean", "agent=teardown")          # a second clean finds nothing and succeeds
+    # The work survives a restart of the bottle.
+    proc = bottle_env.doit("start", "agent=teardown", "command=cat /workspace/work.txt")
+    assert "kept" in proc.stdout
+    bottle_env.doit("clean", "agent=teardown", "purge=1")
+    assert docker("volume", "inspect", plan.guest.workspace_volume, check=False).returncode != 0
+    assert not plan.state_dir.exists()
+    assert _labelled("teardown", "container") == [] and _labelled("teardown", "network") == []
+
+
+def test_ctrl_c_during_start_leaves_nothing_half_built(bottle_env):
+    bottle_env.write_agent("interrupted", "routes: []\n")
+    plan = bottle_env.plan("interrupted")
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "start",
+                             "agent=interrupted", "command=true"], cwd=ROOT, env=bottle_env.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Interrupt while the bundle is being brought up: its container exists but is not yet healthy.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not _container_id(plan.bundle.container):
+        time.sleep(0.05)
+    assert _container_id(plan.bundle.container), "start never reached the bundle step"
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    for name in _labelled("interrupted", "container"):
+        state = docker("inspect", "-f", "{{.State.Running}} {{if .State.Health}}{{.State.Health.Status}}{{end}}", name).stdout.split()
+        assert state[0] == "true" and state[1:] in ([], ["healthy"]), f"{name} left half-built: {state}"
+    # What was finished stays usable: the next start completes the bottle.
+    bottle_env.doit("start", "agent=interrupted", "command=true")
+    bottle_env.doit("clean", "agent=interrupted", "purge=1")
+    assert _labelled("interrupted", "container") == [] and _labelled("interrupted", "network") == []

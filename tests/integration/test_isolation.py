@@ -126,6 +126,6 @@ def test_routed_https_works_through_the_chain(bottle_a):
     net = bottle_a.plan.network
     ok = run_probes(bottle_a.plan.guest.container, [
         Probe("TLS with SNI through the proxy", "tls_via_proxy", (net.bundle_ip, EGRESS_PORT, "upstream.test:443", "upstream.test")),
-        Probe("python urllib through the proxy", "http", ("https://upstream.test/py", None)),
+        Probe("python urllib through the proxy", "http", ("https://upstream.test/py", bottle_a.plan.bundle.egress_url)),
     ])
     assert all(r["reached"] for r in ok.values()), ok

@@ -38,8 +38,44 @@ def _raise_if_daemon_down(stderr: str) -> None:
             "or point DOCKER_HOST at a running one, then run the command again.")
 
 
+class _Snapshot:
+    """One `docker inspect` of every watched container, network and image, shared by the up-to-date
+    probes of a run: an unchanged start then costs one docker call instead of a dozen. Actions never
+    read it (they change what it describes); `stale()` drops it when an action ends."""
+
+    def __init__(self) -> None:
+        self.watched: list[str] = []
+        self.objects: dict[str, dict[str, Any]] | None = None
+        self.paused = 0
+
+    def watch(self, *names: str) -> None:
+        self.watched += [n for n in names if n not in self.watched]
+
+    def stale(self) -> None:
+        self.objects = None
+
+    def get(self, name: str) -> tuple[bool, dict[str, Any] | None]:
+        """(known, object): known is False when the snapshot cannot answer for this name."""
+        if self.paused or name not in self.watched:
+            return False, None
+        if self.objects is None:
+            out = docker("inspect", *self.watched, check=False).stdout.strip()
+            self.objects = {}
+            for obj in json.loads(out) if out.startswith("[") else []:
+                for key in obj.get("RepoTags") or [obj.get("Name", "").lstrip("/")]:
+                    self.objects[key] = obj
+        return True, self.objects.get(name)
+
+
+snapshot = _Snapshot()
+
+
 def inspect(kind: str, name: str) -> dict[str, Any] | None:
     """`docker <kind> inspect NAME` as a dict, or None when it does not exist."""
+    known, obj = snapshot.get(name)
+    if known:
+        is_kind = {"container": "State" in (obj or {}), "network": "IPAM" in (obj or {}), "image": "RepoTags" in (obj or {})}
+        return obj if obj is not None and is_kind.get(kind, True) else None
     result = docker(kind, "inspect", name, check=False)
     if not result.ok:
         return None
@@ -88,6 +124,9 @@ def network_subnets() -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Ne
 
 
 def image_id(ref: str) -> str | None:
+    known, obj = snapshot.get(ref)
+    if known:
+        return obj["Id"] if obj and "RepoTags" in obj else None
     result = docker("image", "inspect", "-f", "{{.Id}}", ref, check=False)
     return result.stdout.strip() if result.ok else None
 

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
-
-import jinja2
 
 from bottle_tasks.plan import EGRESS_PORT, PIPELOCK_LISTEN, PIPELOCK_SCAN_LISTEN, Plan
 from bottle_tasks.settings import ROOT
 
 TEMPLATES_DIR = ROOT / "templates"
-_env = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    autoescape=False,
-)
+
+
+@cache
+def _environment():
+    import jinja2  # imported on first render: an up-to-date start never renders
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
 
 
 def render(template: str, plan: Plan, **extra: object) -> str:
-    return _env.get_template(template).render(
+    return _environment().get_template(template).render(
         **extra,
         plan=plan,
         egress_port=EGRESS_PORT,

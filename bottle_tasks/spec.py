@@ -5,6 +5,7 @@ Errors name the file, the key and the problem, and end with what to do (the sche
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -12,7 +13,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from bottle_tasks.errors import BottleError
@@ -82,6 +82,14 @@ def _schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+def _validated_marker(cache_dir: Path | None, text: str) -> Path | None:
+    """A file whose existence says this exact text passed this exact schema before."""
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha256(SCHEMA_PATH.read_bytes() + b"\0" + text.encode()).hexdigest()
+    return cache_dir / "validated-specs" / digest
+
+
 def _key_path(parts: Any) -> str:
     out = ""
     for part in parts:
@@ -89,7 +97,7 @@ def _key_path(parts: Any) -> str:
     return out
 
 
-def _hint_for(error: jsonschema.ValidationError) -> str:
+def _hint_for(error) -> str:
     # The innermost schema that carries a hint explains what to write instead.
     for schema in (error.schema, *[s for s in _schemas_along(error)]):
         if isinstance(schema, dict) and "x-hint" in schema:
@@ -97,7 +105,7 @@ def _hint_for(error: jsonschema.ValidationError) -> str:
     return ""
 
 
-def _schemas_along(error: jsonschema.ValidationError):
+def _schemas_along(error):
     root = _schema()
     node: Any = root
     chain = [root]
@@ -114,7 +122,7 @@ def _schemas_along(error: jsonschema.ValidationError):
     return reversed(chain)
 
 
-def _problem(error: jsonschema.ValidationError) -> str:
+def _problem(error) -> str:
     if error.validator == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         return f"unknown key {', '.join(map(repr, extra))}"
@@ -127,13 +135,16 @@ def _problem(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise SpecError(path, "", "no such agent file", "Create it, or pick one of the files in agents/") from None
     except OSError as exc:
         raise SpecError(path, "", f"cannot read the file ({exc.strerror})", "Check its permissions") from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -148,7 +159,9 @@ def _relative(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def load_spec(path: Path | str) -> AgentSpec:
+def load_spec(path: Path | str, cache_dir: Path | None = None) -> AgentSpec:
+    """Load and validate an agent file. With cache_dir, a text that validated before skips the
+    JSON Schema pass (jsonschema is the slowest import of an up-to-date start)."""
     path = Path(path)
     name = path.stem
     if not AGENT_NAME.match(name):
@@ -156,16 +169,29 @@ def load_spec(path: Path | str) -> AgentSpec:
             path, "", f"agent name {name!r} (the file name) is not usable",
             "Rename the file to lower-case letters, digits and dashes, 2 to 32 characters, starting with a letter",
         )
-    data = _read_yaml(path)
+    text = _read_text(path)
+    data = _parse_yaml(path, text)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SpecError(path, "", f"the file holds a {type(data).__name__}, not a mapping", "Write key: value pairs at the top level")
+    marker = _validated_marker(cache_dir, text)
+    if marker is None or not marker.exists():
+        _validate(path, data)
+    spec = _build(path, name, data)
+    if marker is not None and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return spec
+
+
+def _validate(path: Path, data: dict[str, Any]) -> None:
+    import jsonschema
+
     errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         first = errors[0]
         raise SpecError(path, _key_path(first.absolute_path), _problem(first), _hint_for(first))
-    return _build(path, name, data)
 
 
 def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:

@@ -47,11 +47,9 @@ def check_subnet_clash(plan: Plan) -> None:
 
 def check_names_free(plan: Plan) -> None:
     """Refuse to start when a container or network with one of our names belongs to someone else."""
-    names = [plan.guest.container, plan.bundle.container, plan.network.internal_name, plan.network.egress_name]
-    found = docker("inspect", *names, check=False).stdout.strip()
-    for obj in json.loads(found) if found.startswith("[") else []:
-        kind = "network" if "IPAM" in obj else "container"
-        ensure_owned(kind, obj["Name"].lstrip("/"), plan, obj)
+    for kind, name in (("container", plan.guest.container), ("container", plan.bundle.container),
+                       ("network", plan.network.internal_name), ("network", plan.network.egress_name)):
+        ensure_owned(kind, name, plan)
 
 
 def preflight(plan: Plan) -> None:

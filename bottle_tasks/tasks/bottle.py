@@ -10,7 +10,6 @@ import shutil
 from doit.tools import config_changed
 
 from bottle_tasks.backends import docker as backend
-from bottle_tasks.ca import mint_ca
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import Plan
 from bottle_tasks.provision import provision
@@ -46,7 +45,7 @@ def preflight(plan: Plan) -> None:
 def task_preflight():
     """Check what start needs before anything is built: tokens, pipelock, docker, free names and subnet."""
     for plan in plans():
-        yield {"name": plan.agent, "actions": [action(lambda plan=plan: preflight(plan))], "uptodate": [False]}
+        yield {"name": plan.agent, "actions": [action(lambda plan=plan: preflight(plan), read_only=True)], "uptodate": [False]}
 
 
 def _scan_token(plan: Plan) -> str:
@@ -84,13 +83,19 @@ def task_render():
         }
 
 
+def _mint_ca(plan: Plan) -> None:
+    from bottle_tasks.ca import mint_ca  # cryptography loads only when a CA is minted
+
+    mint_ca(plan.ca_cert, plan.ca_key, f"claude-bottle {plan.slug} CA")
+
+
 def task_ca():
     """Mint the bottle's CA (ECDSA P-256, SEC1 key 0600); kept across restarts."""
     for plan in plans():
         yield {
             "name": plan.agent,
             "targets": [str(plan.ca_cert), str(plan.ca_key)],
-            "actions": [action(lambda plan=plan: mint_ca(plan.ca_cert, plan.ca_key, f"claude-bottle {plan.slug} CA"))],
+            "actions": [action(lambda plan=plan: _mint_ca(plan))],
             "uptodate": [lambda plan=plan: plan.ca_cert.exists() and plan.ca_key.exists()],
         }
 

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 from doit import get_var
 from doit.exceptions import TaskFailed
 
+from bottle_tasks.docker_cli import snapshot
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import Plan, make_plan
 from bottle_tasks.settings import Settings
@@ -36,7 +37,10 @@ def plans() -> Iterator[Plan]:
     agent = selected_agent()
     if agent:
         path = s.agents_dir / f"{agent}.yaml"
-        yield _plan_or_exit(path, s)
+        plan = _plan_or_exit(path, s)
+        snapshot.watch(plan.guest.container, plan.bundle.container, plan.network.internal_name,
+                       plan.network.egress_name, plan.agent_image.tag, plan.bundle_image.tag)
+        yield plan
         return
     for path in agent_files(s):
         try:
@@ -47,7 +51,7 @@ def plans() -> Iterator[Plan]:
 
 @functools.cache
 def _plan_cached(path: Path, s: Settings) -> Plan:
-    return make_plan(load_spec(path), s)
+    return make_plan(load_spec(path, cache_dir=s.cache_dir), s)
 
 
 def _plan_or_exit(path: Path, s: Settings) -> Plan:
@@ -58,14 +62,22 @@ def _plan_or_exit(path: Path, s: Settings) -> Plan:
         raise SystemExit(2) from None
 
 
-def action(fn: Callable[..., object]) -> Callable[..., object]:
-    """Wrap a python action: BottleError becomes TaskFailed with its message."""
+def action(fn: Callable[..., object], *, read_only: bool = False) -> Callable[..., object]:
+    """Wrap a python action: BottleError becomes TaskFailed with its message.
+
+    An action that changes docker state must not read the probes' snapshot; a read-only one may.
+    """
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        snapshot.paused += 0 if read_only else 1
         try:
             result = fn(*args, **kwargs)
         except BottleError as exc:
             return TaskFailed(str(exc))
+        finally:
+            if not read_only:
+                snapshot.paused -= 1
+                snapshot.stale()
         return result if isinstance(result, dict) else None
     return wrapped
 

@@ -88,3 +88,14 @@ def test_bad_file_name_is_rejected(tmp_path):
 def test_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(SpecError, match="no such agent file"):
         load_spec(tmp_path / "ghost.yaml")
+
+
+def test_validated_text_skips_the_schema_pass_but_a_change_does_not(tmp_path):
+    cache = tmp_path / "cache"
+    path = write(tmp_path, "routes: [{host: a.com}]\n")
+    first = load_spec(path, cache_dir=cache)
+    assert len(list((cache / "validated-specs").iterdir())) == 1
+    assert load_spec(path, cache_dir=cache) == first
+    path.write_text("routes: [{host: a.com, methods: [get]}]\n")
+    with pytest.raises(SpecError, match="methods"):
+        load_spec(path, cache_dir=cache)

@@ -1,0 +1,98 @@
+"""`doit start` to the agent command running (`true`), against the raw docker floor, in one run.
+
+Cases: images cached with the bottle down, and the bottle already up. The floor makes the same
+networks and containers with plain docker calls (no doit, no checks, no rendering).
+Also counts docker build/save/push calls on an unchanged start (goal: 0).
+
+    python bench/start_time.py [rounds]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from common import BenchEnv, machine, summary, timed
+
+from bottle_tasks.backends.docker import HEALTH_TIMEOUT  # noqa: F401  (same engine, same images)
+from bottle_tasks.plan import EGRESS_PORT
+from bottle_tasks.render import render
+
+AGENT = "bench-start"
+
+
+def sh(*argv: str, input: str | None = None) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, input=input)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} ... failed: {proc.stderr}")
+    return proc.stdout
+
+
+def floor_up(plan) -> None:
+    """The same bottle with plain docker calls: 2 networks, bundle (healthy), guest, fence, exec."""
+    net, b, g = plan.network, plan.bundle, plan.guest
+    sh("docker", "network", "create", "--internal", "--subnet", net.internal_subnet, "--gateway", net.internal_gateway, net.internal_name)
+    sh("docker", "network", "create", "--subnet", net.egress_subnet, "--gateway", net.egress_gateway, net.egress_name)
+    env = sum((["--env", f"{k}={v}"] for k, v in b.env), [])
+    mounts = sum((["--mount", m.docker_arg()] for m in b.mounts), [])
+    sh("docker", "create", "--name", b.container, "--network", net.internal_name, "--ip", net.bundle_ip,
+       "--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE", "--cap-add", "SETUID", "--cap-add", "SETGID",
+       "--cap-add", "DAC_OVERRIDE", *env, *mounts, plan.bundle_image.tag)
+    sh("docker", "network", "connect", net.egress_name, b.container)
+    sh("docker", "start", b.container)
+    while sh("docker", "inspect", "-f", "{{.State.Health.Status}}", b.container).strip() != "healthy":
+        pass
+    sh("docker", "create", "--name", g.container, "--network", net.internal_name, "--ip", net.guest_ip,
+       "--dns", net.bundle_ip, "--cap-drop", "ALL", "--env-file", str(plan.guest_env_file),
+       *sum((["--mount", m.docker_arg()] for m in g.mounts), []), plan.agent_image.tag, "sleep", "infinity")
+    sh("docker", "start", g.container)
+    for tool, tpl in (("iptables-restore", "guest-fence.rules.j2"), ("ip6tables-restore", "guest-fence6.rules.j2")):
+        sh("docker", "run", "--rm", "-i", "--network", f"container:{g.container}", "--cap-drop", "ALL",
+           "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW", "--entrypoint", tool, plan.bundle_image.tag,
+           input=render(tpl, plan))
+    sh("docker", "cp", str(plan.ca_cert), f"{g.container}:/usr/local/share/ca-certificates/claude-bottle.crt")
+    sh("docker", "exec", "-u", "root", g.container, "update-ca-certificates")
+    sh("docker", "exec", g.container, "true")
+
+
+def floor_down(plan) -> None:
+    subprocess.run(["docker", "rm", "-f", plan.guest.container, plan.bundle.container], capture_output=True)
+    subprocess.run(["docker", "network", "rm", plan.network.internal_name, plan.network.egress_name], capture_output=True)
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    bench = BenchEnv({AGENT: "routes: []\n"}, {"BOTTLE_PIPELOCK": "off"})
+    try:
+        print(f"machine: {machine()}")
+        bench.doit("start", f"agent={AGENT}", "command=true")    # warm the image cache and render configs
+        plan = bench.plan(AGENT)
+        cold, warm, floor_cold, floor_warm = [], [], [], []
+        for _ in range(rounds):
+            bench.doit("clean", f"agent={AGENT}")
+            # The floor reuses the rendered files and the CA; it does not time producing them.
+            bench.doit("render:" + AGENT, "ca:" + AGENT, f"agent={AGENT}")
+            floor_cold.append(timed(lambda: floor_up(plan)))
+            floor_warm.append(timed(lambda: sh("docker", "exec", plan.guest.container, "true")))
+            floor_down(plan)
+            cold.append(timed(lambda: bench.doit("start", f"agent={AGENT}", "command=true")))
+            mark = len(bench.docker_calls())
+            warm.append(timed(lambda: bench.doit("start", f"agent={AGENT}", "command=true")))
+            unchanged = bench.docker_calls()[mark:]
+        heavy = [c for c in unchanged if c.split(" ", 1)[0] in ("build", "save", "push")]
+        print(f"bottle down, images cached   doit start: {summary(cold)}")
+        print(f"                             raw floor:  {summary(floor_cold)}")
+        print(f"                             ratio (median): {sorted(cold)[len(cold)//2] / sorted(floor_cold)[len(floor_cold)//2]:.2f}x  (goal <= 1.3x)")
+        print(f"bottle already up            doit start: {summary(warm)}  (goal < 0.5 s)")
+        print(f"                             raw floor (docker exec true): {summary(floor_warm)}")
+        print(f"unchanged start: {len(heavy)} docker build/save/push calls (goal 0); {len(unchanged)} docker calls in all:")
+        for call in unchanged:
+            print(f"    docker {call[:110]}")
+    finally:
+        floor_down(bench.plan(AGENT))
+        bench.doit("clean", f"agent={AGENT}", "purge=1")
+        bench.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -209,12 +209,14 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
         iid_file=cache / "agent.iid",
         build_args=(*common_args, ("CLAUDE_CODE_VERSION", settings.claude_code_version)),
     )
+    bundle_tag = f"{settings.image_prefix}/bundle:latest"
+    bundle_key = bundle_tag.replace("/", "_").replace(":", "_")   # one digest file per tag
     bundle_image = ImagePlan(
         kind="bundle",
-        tag=f"{settings.image_prefix}/bundle:latest",
+        tag=bundle_tag,
         dockerfile_dir=settings.images_dir / "bundle",
-        context_dir=images_cache / "bundle-context",
-        iid_file=images_cache / "bundle.iid",
+        context_dir=images_cache / f"{bundle_key}-context",
+        iid_file=images_cache / f"{bundle_key}.iid",
         build_args=common_args,
     )
     config = state / "config"

@@ -128,6 +128,10 @@ def guest_ready(plan: Plan) -> bool:
     return _running_with(plan.guest.container, guest_fingerprint(plan))
 
 
+def _mount_args(mounts) -> list[str]:
+    return [arg for mount in mounts for arg in ("--mount", mount.docker_arg())]
+
+
 # ---- bundle ----------------------------------------------------------------------------------
 
 def start_bundle(plan: Plan, token_env: dict[str, str]) -> None:
@@ -140,9 +144,7 @@ def start_bundle(plan: Plan, token_env: dict[str, str]) -> None:
         env_args += ["--env", f"{key}={value}"]
     for name in b.secret_env_names:
         env_args += ["--env", name]          # value comes from our environment, never argv
-    mount_args: list[str] = []
-    for mount in b.mounts:
-        mount_args += ["--mount", mount.docker_arg()]
+    mount_args = _mount_args(b.mounts)
     try:
         docker("create", "--name", b.container, *plan.label_args("bundle"),
                "--label", f"{LABEL}.fingerprint={bundle_fingerprint(plan)}",
@@ -188,9 +190,7 @@ def start_guest(plan: Plan) -> None:
         limits += ["--cpus", str(g.cpus)]
     if g.memory:
         limits += ["--memory", g.memory]
-    mount_args: list[str] = []
-    for mount in g.mounts:
-        mount_args += ["--mount", mount.docker_arg()]
+    mount_args = _mount_args(g.mounts)
     try:
         docker("create", "--name", g.container, *plan.label_args("guest"),
                "--label", f"{LABEL}.fingerprint={guest_fingerprint(plan)}",

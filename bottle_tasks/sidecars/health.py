@@ -20,17 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bottle_tasks.sidecars.init import parse_daemon_names
+
 DEFAULT_RUN_DIR = "/run/bottle"
 DEFAULT_MAX_AGE_S = 5.0
-
-
-def parse_daemon_names(value: str) -> list[str]:
-    """Same rule as init: comma separated, blanks and repeats dropped, order kept."""
-    names: list[str] = []
-    for name in (part.strip() for part in value.split(",")):
-        if name and name not in names:
-            names.append(name)
-    return names
 
 
 def read_status(path: Path) -> dict[str, Any] | None:

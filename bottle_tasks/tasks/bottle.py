@@ -45,7 +45,7 @@ def preflight(plan: Plan) -> None:
 def task_preflight():
     """Check what start needs before anything is built: tokens, pipelock, docker, free names and subnet."""
     for plan in plans():
-        yield {"name": plan.agent, "actions": [action(lambda plan=plan: preflight(plan), read_only=True)], "uptodate": [False]}
+        yield {"name": plan.agent, "actions": [(action(preflight, read_only=True), [plan])], "uptodate": [False]}
 
 
 def _scan_token(plan: Plan) -> str:
@@ -77,9 +77,9 @@ def task_render():
             "name": plan.agent,
             "file_dep": [str(plan.spec_path), *files_under(TEMPLATES_DIR)],
             "targets": [str(t) for t in targets],
-            "actions": [action(lambda plan=plan: render_configs(plan))],
+            "actions": [(action(render_configs), [plan])],
             "uptodate": [config_changed(hashlib.sha256(repr(plan).encode()).hexdigest())],
-            "clean": [action(lambda paths=targets: _remove_files(paths))],
+            "clean": [(action(_remove_files), [targets])],
         }
 
 
@@ -95,7 +95,7 @@ def task_ca():
         yield {
             "name": plan.agent,
             "targets": [str(plan.ca_cert), str(plan.ca_key)],
-            "actions": [action(lambda plan=plan: _mint_ca(plan))],
+            "actions": [(action(_mint_ca), [plan])],
             "uptodate": [lambda plan=plan: plan.ca_cert.exists() and plan.ca_key.exists()],
         }
 
@@ -106,10 +106,14 @@ def task_networks():
         yield {
             "name": plan.agent,
             "task_dep": [f"preflight:{plan.agent}"],
-            "actions": [action(lambda plan=plan: backend.create_networks(plan))],
-            "uptodate": [probe(lambda plan=plan: backend.networks_ready(plan))],
-            "clean": [action(lambda plan=plan: backend.remove_networks(plan))],
+            "actions": [(action(backend.create_networks), [plan])],
+            "uptodate": [(probe(backend.networks_ready), [plan])],
+            "clean": [(action(backend.remove_networks), [plan])],
         }
+
+
+def start_bundle(plan: Plan) -> None:
+    backend.start_bundle(plan, token_env(plan))
 
 
 def task_bundle():
@@ -118,9 +122,9 @@ def task_bundle():
         yield {
             "name": plan.agent,
             "task_dep": [f"preflight:{plan.agent}", "bundle_build", f"render:{plan.agent}", f"ca:{plan.agent}", f"networks:{plan.agent}"],
-            "actions": [action(lambda plan=plan: backend.start_bundle(plan, token_env(plan)))],
-            "uptodate": [probe(lambda plan=plan: backend.bundle_ready(plan))],
-            "clean": [action(lambda plan=plan: backend.rm_containers([plan.bundle.container]))],
+            "actions": [(action(start_bundle), [plan])],
+            "uptodate": [(probe(backend.bundle_ready), [plan])],
+            "clean": [(action(backend.rm_containers), [[plan.bundle.container]])],
         }
 
 
@@ -130,9 +134,9 @@ def task_guest():
         yield {
             "name": plan.agent,
             "task_dep": [f"image_build:{plan.agent}", f"bundle:{plan.agent}"],
-            "actions": [action(lambda plan=plan: backend.start_guest(plan))],
-            "uptodate": [probe(lambda plan=plan: backend.guest_ready(plan))],
-            "clean": [action(lambda plan=plan: backend.rm_containers([plan.guest.container]))],
+            "actions": [(action(backend.start_guest), [plan])],
+            "uptodate": [(probe(backend.guest_ready), [plan])],
+            "clean": [(action(backend.rm_containers), [[plan.guest.container]])],
         }
 
 
@@ -163,8 +167,8 @@ def task_provision():
         yield {
             "name": plan.agent,
             "task_dep": [f"guest:{plan.agent}"],
-            "actions": [action(lambda plan=plan: _provision(plan))],
-            "uptodate": [probe(lambda task, values, plan=plan: _provisioned(task, values, plan))],
+            "actions": [(action(_provision), [plan])],
+            "uptodate": [(probe(_provisioned), [plan])],
         }
 
 

@@ -12,7 +12,7 @@ from bottle_tasks.docker_cli import docker, image_id
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import ImagePlan, Plan
 from bottle_tasks.settings import PACKAGE_DIR, Settings
-from bottle_tasks.tasks.common import action, files_under, plans, probe, settings
+from bottle_tasks.tasks.common import action, files_under, plans, probe, purge_requested, settings
 
 __all__ = ["task_image_build", "task_bundle_build"]
 
@@ -72,19 +72,19 @@ def _image_task(image: ImagePlan, s: Settings) -> dict:
     return {
         "file_dep": files_under(image.dockerfile_dir, *extras),
         "targets": [str(image.iid_file)],
-        "actions": [action(lambda: build_image(image, s))],
+        "actions": [(action(build_image), [image, s])],
         "uptodate": [config_changed({"tag": image.tag, "args": image.build_args,
                                      "extras": sorted(_extra_files(image, s))}),
-                     probe(lambda: image_current(image))],
-        "clean": [action(lambda: _purge_image(image))],
+                     (probe(image_current), [image])],
+        "clean": [(action(_purge_image), [image])],
         "verbosity": 2,
     }
 
 
 def _purge_image(image: ImagePlan) -> None:
-    # Images are cache, not work: `clean` keeps them so the next start is fast; `purge=1` removes them.
-    from bottle_tasks.tasks.common import purge_requested
-    if purge_requested():
+    # Images are cache, not work: `clean` keeps them so the next start is fast; `purge=1` removes the
+    # agent's own image. The bundle image is shared by every bottle, so no agent's purge removes it.
+    if purge_requested() and image.kind == "agent":
         docker("rmi", "-f", image.tag, check=False)
         image.iid_file.unlink(missing_ok=True)
 

@@ -38,11 +38,10 @@ def task_start():
     for plan in plans():
         return {
             "task_dep": [f"provision:{plan.agent}"],
-            "actions": [lambda plan=plan: run_agent(plan)],
+            "actions": [(run_agent, [plan])],
             "uptodate": [False],
             "verbosity": 2,
             # Runs first among the clean actions (dependents first): sweep everything labelled with
             # the slug, so a resource left by an interrupted run is found too.
-            "clean": [action(lambda plan=plan: backend.remove_containers(plan)),
-                      action(lambda plan=plan: purge_state(plan))],
+            "clean": [(action(backend.remove_containers), [plan]), (action(purge_state), [plan])],
         }

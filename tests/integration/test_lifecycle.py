@@ -42,10 +42,12 @@ def lifecycle(bottle_env, tmp_path_factory):
     images = tmp_path_factory.mktemp("images")
     shutil.copytree(ROOT / "images", images, dirs_exist_ok=True)
     bottle_env.write_agent("lifecycle", 'prompt: "lifecycle prompt"\nroutes: []\nenv: {STAGE: "one"}\n')
-    extra = {"BOTTLE_IMAGES_DIR": str(images)}
+    # Its own image names too: editing its bundle Dockerfile must not move the shared bundle tag.
+    extra = {"BOTTLE_IMAGES_DIR": str(images), "BOTTLE_IMAGE_PREFIX": "claude-bottle-lifecycle"}
     bottle_env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
     yield bottle_env, extra, images
     bottle_env.doit("clean", "agent=lifecycle", "purge=1", extra_env=extra, check=False)
+    docker("rmi", "-f", "claude-bottle-lifecycle/bundle:latest", check=False)  # purge keeps shared bundle images
 
 
 def test_unchanged_start_builds_and_creates_nothing(lifecycle):

@@ -36,6 +36,7 @@ from mitmproxy.test import taddons, tflow
 
 from bottle_tasks.sidecars import dlp, egress
 from bottle_tasks.sidecars.routes import parse_routes
+from tests.unit.fakes import FakePipelock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -1010,44 +1011,19 @@ class ConnectProxy:
         self.listener.close()
 
 
-class FakeScanApi:
-    """pipelock's POST /api/v1/scan on 127.0.0.1: denies text containing the fake AWS key."""
-
-    def __init__(self):
-        self.seen: list[tuple[str, str]] = []
-        seen = self.seen
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = payload["input"]["text"]
-                seen.append((self.headers.get("Authorization", ""), text))
-                deny = "EXFIL-MARKER" in text
-                reply = {"status": "completed", "decision": "deny" if deny else "allow", "kind": "dlp",
-                         "scan_id": "scan-1", "engine_version": "fake",
-                         "findings": [{"scanner": "dlp", "rule_id": "DLP-Custom Marker", "severity": "high",
-                                       "message": "m"}] if deny else []}
-                raw = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v1/scan"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def fake_scan_api() -> FakePipelock:
+    """pipelock's POST /api/v1/scan on 127.0.0.1: denies text containing the marker."""
+    def reply(payload):
+        deny = "EXFIL-MARKER" in payload["input"]["text"]
+        return 200, {"status": "completed", "decision": "deny" if deny else "allow", "kind": "dlp",
+                     "scan_id": "scan-1", "engine_version": "fake",
+                     "findings": [{"scanner": "dlp", "rule_id": "DLP-Custom Marker", "severity": "high",
+                                   "message": "m"}] if deny else []}
+    return FakePipelock(reply)
 
 
 def test_integration_upstream_mode_with_scan_api(tmp_path):
-    proxy, scan_api = ConnectProxy(), FakeScanApi()
+    proxy, scan_api = ConnectProxy(), fake_scan_api()
     try:
         with running_bottle(tmp_path, upstream_proxy=f"http://127.0.0.1:{proxy.port}", scan_url=scan_api.url,
                             env_extra={egress.PIPELOCK_TOKEN_ENV: "scan-api-bearer"}) as bottle:
@@ -1056,7 +1032,8 @@ def test_integration_upstream_mode_with_scan_api(tmp_path):
             assert status == 200, body
             assert bottle.echo.received[-1]["headers"]["x-api-key"] == INTEGRATION_TOKEN
             assert proxy.targets == [f"localhost:{bottle.echo.port}"]  # egress went through the upstream proxy
-            auth, text = scan_api.seen[-1]
+            payload, auth = scan_api.requests[-1]
+            text = payload["input"]["text"]
             assert auth == "Bearer scan-api-bearer"
             assert INTEGRATION_PLACEHOLDER in text and INTEGRATION_TOKEN not in text  # scanned before injection
 

@@ -1,0 +1,54 @@
+"""The task graph as doit sees it: names, dependencies and what each image build depends on."""
+
+from __future__ import annotations
+
+
+import pytest
+from doit.doit_cmd import reset_vars, set_var
+
+from bottle_tasks.cli import main
+from bottle_tasks.settings import ROOT
+
+
+@pytest.fixture
+def agent_var(monkeypatch, tmp_path):
+    monkeypatch.setenv("BOTTLE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
+    reset_vars()
+    set_var("agent", "example")
+    yield
+    reset_vars()
+
+
+def _one(generator, name):
+    return next(t for t in generator if t["name"] == name)
+
+
+def test_image_builds_depend_on_their_dockerfile_and_write_a_digest_file(agent_var):
+    from bottle_tasks.tasks import images
+
+    task = _one(images.task_image_build(), "example")
+    assert str(ROOT / "images" / "agent" / "Dockerfile") in task["file_dep"]
+    assert task["targets"][0].endswith("agent.iid")
+    bundle = images.task_bundle_build()
+    assert str(ROOT / "images" / "bundle" / "Dockerfile") in bundle["file_dep"]
+    assert str(ROOT / "bottle_tasks" / "sidecars" / "egress.py") in bundle["file_dep"]
+
+
+def test_stages_chain_through_real_dependencies(agent_var):
+    from bottle_tasks.tasks import bottle, start
+
+    assert _one(bottle.task_networks(), "example")["task_dep"] == ["preflight:example"]
+    bundle_deps = _one(bottle.task_bundle(), "example")["task_dep"]
+    assert {"bundle_build", "render:example", "ca:example", "networks:example"} <= set(bundle_deps)
+    assert set(_one(bottle.task_guest(), "example")["task_dep"]) == {"image_build:example", "bundle:example"}
+    assert start.task_start()["task_dep"] == ["provision:example"]
+
+
+def test_console_command_lists_the_tasks_outside_the_checkout(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BOTTLE_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["list", "agent=example"]) == 0
+    out = capsys.readouterr().out
+    for name in ("start", "image_build", "bundle_build", "provision"):
+        assert name in out

@@ -236,6 +236,11 @@ def remove_containers(plan: Plan) -> None:
     rm_containers(by_label("container", plan.slug_label))
 
 
+def guest_started_at(plan: Plan) -> str | None:
+    obj = inspect("container", plan.guest.container)
+    return obj["State"].get("StartedAt") if obj and obj["State"].get("Running") else None
+
+
 def guest_container_id(plan: Plan) -> str | None:
     obj = inspect("container", plan.guest.container)
     return obj["Id"] if obj and obj["State"].get("Running") else None

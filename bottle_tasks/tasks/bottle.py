@@ -128,14 +128,25 @@ def task_bundle():
         }
 
 
+def _start_guest(plan: Plan) -> dict:
+    backend.start_guest(plan)
+    return {"fenced_start": backend.guest_started_at(plan)}
+
+
+def _guest_current(task, values, plan: Plan) -> bool:
+    # The firewall lives in the guest's network namespace, which a restart replaces: a guest started
+    # by anything but this task (docker restart, a daemon restart) is recreated and fenced again.
+    return backend.guest_ready(plan) and values.get("fenced_start") == backend.guest_started_at(plan)
+
+
 def task_guest():
     """Create and start the guest on the internal network, fenced to the bundle's front door."""
     for plan in plans():
         yield {
             "name": plan.agent,
             "task_dep": [f"image_build:{plan.agent}", f"bundle:{plan.agent}"],
-            "actions": [(action(backend.start_guest), [plan])],
-            "uptodate": [(probe(backend.guest_ready), [plan])],
+            "actions": [(action(_start_guest), [plan])],
+            "uptodate": [(probe(_guest_current), [plan])],
             "clean": [(action(backend.rm_containers), [[plan.guest.container]])],
         }
 

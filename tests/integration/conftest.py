@@ -9,9 +9,11 @@ import json
 import os
 import secrets
 import shutil
+import socketserver
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +109,27 @@ def _engine_or_fail() -> None:
         pytest.fail("the Docker engine is not reachable; integration tests need it (CI starts dockerd)")
 
 
+def _remove_leftovers_of_earlier_runs(base: Path) -> None:
+    """A run that died (CI timeout, SIGKILL) leaves bottles whose names would clash with ours. Only
+    resources labelled with a state dir under pytest's temp root, i.e. made by these tests, go."""
+    root = str(base.parent)
+    listings = {"container": (["ps", "-a"], "{{.Names}}", ["rm", "-f"]),
+                "network": (["network", "ls"], "{{.Name}}", ["network", "rm"])}
+    for ls, name_format, remove in listings.values():      # containers first: networks need them gone
+        out = docker(*ls, "--filter", f"label={LABEL}.state", "--format",
+                     name_format + ' {{.Label "' + LABEL + '.state"}}').stdout
+        for line in out.splitlines():
+            name, _, state = line.partition(" ")
+            if state.startswith(root) and not state.startswith(str(base)):
+                docker(*remove, name, check=False)
+    for name in docker("ps", "-a", "--filter", f"label={LABEL}.test", "--format", "{{.Names}}").stdout.split():
+        docker("rm", "-f", name, check=False)
+
+
 @pytest.fixture(scope="session")
 def bottle_env(tmp_path_factory) -> Env:
     _engine_or_fail()
+    _remove_leftovers_of_earlier_runs(tmp_path_factory.getbasetemp())
     root = tmp_path_factory.mktemp("bottle")
     agents = root / "agents"
     agents.mkdir()
@@ -162,11 +182,14 @@ def start_upstream(env: Env, plan: Plan, name: str) -> str:
 
 
 def _bottle(env: Env, agent: str) -> Bottle:
-    env.doit("start", f"agent={agent}", "command=true")
     plan = env.plan(agent)
-    upstream = f"bottle-test-upstream-{agent}"
-    bottle = Bottle(env=env, agent=agent, plan=plan, upstream=upstream)
-    bottle.upstream_ip = start_upstream(env, plan, upstream)
+    bottle = Bottle(env=env, agent=agent, plan=plan, upstream=f"bottle-test-upstream-{agent}")
+    try:
+        env.doit("start", f"agent={agent}", "command=true")
+        bottle.upstream_ip = start_upstream(env, plan, bottle.upstream)
+    except BaseException:
+        _teardown(bottle)   # a fixture that fails never reaches its teardown
+        raise
     return bottle
 
 
@@ -187,3 +210,18 @@ def bottle_b(bottle_env) -> Bottle:
     bottle = _bottle(bottle_env, "probe-b")
     yield bottle
     _teardown(bottle)
+
+
+class _Banner(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(b"host-listener\n")
+
+
+@pytest.fixture(scope="session")
+def host_listener():
+    """A TCP listener on every host address: the docker gateways, the host's own IPs."""
+    server = socketserver.ThreadingTCPServer(("0.0.0.0", 0), _Banner)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()

@@ -5,29 +5,12 @@ really listens, so a probe cannot pass by aiming at nothing."""
 from __future__ import annotations
 
 import socket
-import socketserver
-import threading
 
 import pytest
 
 from bottle_tasks.plan import EGRESS_PORT
 from tests.integration.conftest import docker
 from tests.integration.probes import Probe, run_probes
-
-
-class _Banner(socketserver.BaseRequestHandler):
-    def handle(self):
-        self.request.sendall(b"host-listener\n")
-
-
-@pytest.fixture(scope="module")
-def host_listener():
-    """A TCP listener on every host address: the docker gateways, the host's own IPs."""
-    server = socketserver.ThreadingTCPServer(("0.0.0.0", 0), _Banner)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
 
 
 def _docker0_gateway() -> str:

@@ -74,6 +74,23 @@ def test_container_removed_by_hand_is_recreated_and_reprovisioned(lifecycle):
     assert docker("inspect", "-f", "{{.State.Health.Status}}", plan.bundle.container).stdout.strip() == "healthy"
 
 
+def test_a_guest_restarted_outside_doit_is_recreated_and_fenced_again(lifecycle, host_listener):
+    """A restart gives the guest a new network namespace without the firewall: start must notice."""
+    env, extra, _ = lifecycle
+    plan = env.plan("lifecycle")
+    reach_host = ["python3", "-c", f"import socket; socket.create_connection(('{plan.network.internal_gateway}', "
+                                   f"{host_listener}), timeout=3).recv(64)"]
+    assert docker("exec", plan.guest.container, *reach_host).returncode != 0
+    before = _container_id(plan.guest.container)
+    docker("restart", "-t", "0", plan.guest.container)
+    # The hole this test is about: unfenced, an --internal network still reaches the host's gateway.
+    assert docker("exec", plan.guest.container, *reach_host).returncode == 0
+    env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
+    assert _container_id(plan.guest.container) != before
+    probe = docker("exec", plan.guest.container, *reach_host)
+    assert probe.returncode != 0 and "refused" in probe.stderr, probe.stderr
+
+
 def test_agent_file_change_recreates_the_guest_only(lifecycle):
     env, extra, _ = lifecycle
     plan = env.plan("lifecycle")

@@ -137,21 +137,24 @@ def run_client(container: str, job: dict, user: str | None = None) -> dict:
 
 
 def start_upstream(plan, name: str, certs) -> None:
-    """The test upstream (tests.integration.conftest.start_upstream's container, same aliases) with
-    TCP_NODELAY on its sockets. Its handler writes headers and body as two TLS records; with Nagle on,
-    the second waits for the client's delayed ACK (~40 ms), which would swamp both sides of the
-    comparison. Real upstreams set TCP_NODELAY."""
-    run = ("import sys; sys.path.insert(0, '/srv'); import server; "
-           "server.Handler.disable_nagle_algorithm = True; "
-           "sys.argv[1:] = ['/certs/server.pem', '/certs/server-key.pem']; server.main()")
+    """The test upstream (tests/integration/upstream) on the bottle's egress network, same aliases."""
     docker("run", "-d", "--name", name, "--label", f"{LABEL}.test=bench-upstream",
            "--network", plan.network.egress_name, *sum((["--network-alias", n] for n in UPSTREAM_NAMES), []),
-           "-v", f"{certs}:/certs:ro", "--entrypoint", "python3", UPSTREAM_IMAGE, "-u", "-c", run)
+           "-v", f"{certs}:/certs:ro", UPSTREAM_IMAGE, "/certs/server.pem", "/certs/server-key.pem")
     for _ in range(100):
         if '"ready"' in docker("logs", name).stdout:
             return
         time.sleep(0.1)
     raise SystemExit(f"the upstream did not start: {docker('logs', name, check=False).stderr}")
+
+
+def cpu_seconds(container: str) -> float:
+    """CPU time the container's processes used so far (cgroup v2 cpu.stat, else v1 cpuacct)."""
+    out = docker("exec", container, "sh", "-c", "cat /sys/fs/cgroup/cpu.stat 2>/dev/null "
+                 "|| cat /sys/fs/cgroup/cpuacct/cpuacct.usage").stdout.split()
+    if "usage_usec" in out:
+        return int(out[out.index("usage_usec") + 1]) / 1e6
+    return int(out[0]) / 1e9
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -171,7 +174,7 @@ def main() -> None:
     upstream = f"bottle-bench-upstream-{os.getpid()}"
     direct = f"bottle-bench-direct-{os.getpid()}"
     try:
-        certs = bench.root / "upstream-certs"  # where start_upstream looks for them
+        certs = bench.root / "upstream-certs"  # the upstream's own test CA, trusted by egress and the direct client
         ca_pem, _, _ = mint_upstream_certs(certs, UPSTREAM_NAMES)
         bench.env["BOTTLE_UPSTREAM_CA_CERTS"] = str(ca_pem)
         print(f"machine: {machine()}", flush=True)
@@ -183,13 +186,13 @@ def main() -> None:
         docker("run", "-d", "--name", direct, "--label", f"{LABEL}.test=bench-client",
                "--network", plan.network.egress_name, "-v", f"{certs}:/certs:ro", "--env", "BENCH_CA=/certs/ca.pem",
                "--entrypoint", "sleep", UPSTREAM_IMAGE, "infinity")
-        guest = plan.guest.container
-        clients = {"chain": (guest, "agent"), "direct": (direct, None)}
+        clients = {"chain": (plan.guest.container, "agent"), "direct": (direct, None)}
+        bundle, warmup = plan.bundle.container, 20
 
         def latency(via: str, n_clients: int, per_client: int, fresh: bool = False) -> list[float]:
             container, user = clients[via]
             job = {"kind": "latency", "via": via, "host": HOST, "path": "/small", "clients": n_clients,
-                   "requests": per_client, "warmup": 20, "fresh": fresh}
+                   "requests": per_client, "warmup": warmup, "fresh": fresh}
             return run_client(container, job, user)["samples"]
 
         cases = [("1 client, keep-alive", 1, small_n, False),
@@ -197,34 +200,42 @@ def main() -> None:
                  ("1 client, new conn/request", 1, max(1, small_n // 3), True)]
         rows = []
         for label, n_clients, per_client, fresh in cases:
+            before = cpu_seconds(bundle)
             chain = latency("chain", n_clients, per_client, fresh)
+            # Bundle CPU per request through the chain, warm-up requests included (egress is all of it).
+            cpu_ms = 1000 * (cpu_seconds(bundle) - before) / (n_clients * (per_client + warmup))
             direct_s = latency("direct", n_clients, per_client, fresh)
-            rows.append((label, chain, direct_s))
+            rows.append((label, chain, direct_s, cpu_ms))
 
         def throughput(via: str) -> list[float]:
             container, user = clients[via]
             seconds = run_client(container, {"kind": "bulk", "via": via, "host": HOST, "size": BIG, "runs": 3}, user)["seconds"]
             return [BIG / 1e6 / s for s in seconds]
 
-        bulk = {via: throughput(via) for via in ("chain", "direct")}
+        before = cpu_seconds(bundle)
+        bulk = {"chain": throughput("chain")}
+        bulk_cpu = cpu_seconds(bundle) - before
+        bulk["direct"] = throughput("direct")
 
         print(f"\nsmall HTTPS GET https://{HOST}/small, latency in ms (goal: chain adds <= {GOAL_P50_MS:g} at p50, "
               f"<= {GOAL_P99_MS:g} at p99)")
         print(f"{'case':28} {'n':>5} {'chain p50':>10} {'p99':>8} {'direct p50':>11} {'p99':>8} "
-              f"{'added p50':>10} {'p99':>8}")
-        for label, chain, direct_s in rows:
+              f"{'added p50':>10} {'p99':>8} {'egress CPU/req':>15}")
+        for label, chain, direct_s, cpu_ms in rows:
             c50, c99, d50, d99 = pct(chain, 50), pct(chain, 99), pct(direct_s, 50), pct(direct_s, 99)
             a50, a99 = c50 - d50, c99 - d99
             goal = "" if "new conn" in label else \
                 f"  p50 {verdict(a50 <= GOAL_P50_MS)}, p99 {verdict(a99 <= GOAL_P99_MS)}"
-            print(f"{label:28} {len(chain):5d} {c50:10.2f} {c99:8.2f} {d50:11.2f} {d99:8.2f} {a50:10.2f} {a99:8.2f}{goal}")
+            print(f"{label:28} {len(chain):5d} {c50:10.2f} {c99:8.2f} {d50:11.2f} {d99:8.2f} {a50:10.2f} {a99:8.2f} {cpu_ms:12.2f} ms{goal}")
         print(f"\n100 MB download https://{HOST}/bytes/{BIG}, one keep-alive connection, 3 runs (goal: chain >= "
               f"{GOAL_MBPS:g} MB/s)")
         for via in ("chain", "direct"):
             runs = bulk[via]
             extra = f"  {verdict(statistics.median(runs) >= GOAL_MBPS)}" if via == "chain" else ""
             print(f"{via:8} median {statistics.median(runs):7.1f} MB/s  min {min(runs):7.1f}  max {max(runs):7.1f}{extra}")
-        print(f"chain / direct (median): {statistics.median(bulk['chain']) / statistics.median(bulk['direct']):.2f}")
+        print(f"chain / direct (median): {statistics.median(bulk['chain']) / statistics.median(bulk['direct']):.2f}; "
+              f"bundle CPU through the chain: {1000 * bulk_cpu / (3 * BIG / 1e6):.1f} ms per MB "
+              f"(one core saturates at ~{3 * BIG / 1e6 / bulk_cpu:.0f} MB/s)")
     finally:
         docker("rm", "-f", upstream, direct, check=False)
         try:

@@ -71,11 +71,11 @@ class Env:
             raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def settings(self) -> Settings:
-        return Settings.from_env(self.env)
+    def settings(self, extra_env: dict | None = None) -> Settings:
+        return Settings.from_env({**self.env, **(extra_env or {})})
 
-    def plan(self, agent: str) -> Plan:
-        return make_plan(load_spec(Path(self.env["BOTTLE_AGENTS_DIR"]) / f"{agent}.yaml"), self.settings())
+    def plan(self, agent: str, extra_env: dict | None = None) -> Plan:
+        return make_plan(load_spec(Path(self.env["BOTTLE_AGENTS_DIR"]) / f"{agent}.yaml"), self.settings(extra_env))
 
     def write_agent(self, name: str, text: str) -> Path:
         path = Path(self.env["BOTTLE_AGENTS_DIR"]) / f"{name}.yaml"

@@ -52,7 +52,7 @@ def lifecycle(bottle_env, tmp_path_factory):
 
 def test_unchanged_start_builds_and_creates_nothing(lifecycle):
     env, extra, _ = lifecycle
-    plan = env.plan("lifecycle")
+    plan = env.plan("lifecycle", extra)
     ids = (_container_id(plan.guest.container), _container_id(plan.bundle.container))
     mark = _lines(env.argv_log)
     proc = env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
@@ -64,7 +64,7 @@ def test_unchanged_start_builds_and_creates_nothing(lifecycle):
 
 def test_container_removed_by_hand_is_recreated_and_reprovisioned(lifecycle):
     env, extra, _ = lifecycle
-    plan = env.plan("lifecycle")
+    plan = env.plan("lifecycle", extra)
     docker("rm", "-f", plan.guest.container)
     env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
     prompt = docker("exec", plan.guest.container, "cat", GUEST_PROMPT_PATH)
@@ -77,23 +77,23 @@ def test_container_removed_by_hand_is_recreated_and_reprovisioned(lifecycle):
 def test_a_guest_restarted_outside_doit_is_recreated_and_fenced_again(lifecycle, host_listener):
     """A restart gives the guest a new network namespace without the firewall: start must notice."""
     env, extra, _ = lifecycle
-    plan = env.plan("lifecycle")
+    plan = env.plan("lifecycle", extra)
     reach_host = ["python3", "-c", f"import socket; socket.create_connection(('{plan.network.internal_gateway}', "
                                    f"{host_listener}), timeout=3).recv(64)"]
-    assert docker("exec", plan.guest.container, *reach_host).returncode != 0
+    assert docker("exec", plan.guest.container, *reach_host, check=False).returncode != 0
     before = _container_id(plan.guest.container)
     docker("restart", "-t", "0", plan.guest.container)
     # The hole this test is about: unfenced, an --internal network still reaches the host's gateway.
-    assert docker("exec", plan.guest.container, *reach_host).returncode == 0
+    assert docker("exec", plan.guest.container, *reach_host, check=False).returncode == 0
     env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
     assert _container_id(plan.guest.container) != before
-    probe = docker("exec", plan.guest.container, *reach_host)
+    probe = docker("exec", plan.guest.container, *reach_host, check=False)
     assert probe.returncode != 0 and "refused" in probe.stderr, probe.stderr
 
 
 def test_agent_file_change_recreates_the_guest_only(lifecycle):
     env, extra, _ = lifecycle
-    plan = env.plan("lifecycle")
+    plan = env.plan("lifecycle", extra)
     bundle_before, guest_before = _container_id(plan.bundle.container), _container_id(plan.guest.container)
     env.write_agent("lifecycle", 'prompt: "lifecycle prompt"\nroutes: []\nenv: {STAGE: "two"}\n')
     mark = _lines(env.argv_log)
@@ -106,7 +106,7 @@ def test_agent_file_change_recreates_the_guest_only(lifecycle):
 
 def test_dockerfile_and_context_changes_rebuild_exactly_their_image(lifecycle):
     env, extra, images = lifecycle
-    plan = env.plan("lifecycle")
+    plan = env.plan("lifecycle", extra)
     with (images / "agent" / "Dockerfile").open("a") as fh:
         fh.write('\nLABEL dev.claude-bottle.test-edit="dockerfile"\n')
     mark = _lines(env.argv_log)

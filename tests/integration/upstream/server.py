@@ -17,6 +17,8 @@ MESSAGE_TEXT = "hello from the stand-in messages api"
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate writes; with Nagle each response would wait for a delayed ACK.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):  # our own JSON log instead
         pass

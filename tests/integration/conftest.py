@@ -35,6 +35,7 @@ AGENT_FILES = {
     "probe-a": """
         description: "isolation and token probes"
         prompt: "You are a test agent."
+        skills: [skills/probe-skill]
         routes:
           - host: api.anthropic.com
             private_network: true      # the fake upstream sits on a private test network
@@ -156,6 +157,9 @@ def bottle_env(tmp_path_factory) -> Env:
     e = Env(root=root, env=env, argv_log=argv_log)
     for name, text in AGENT_FILES.items():
         e.write_agent(name, text)
+    skill = agents / "skills" / "probe-skill"
+    skill.mkdir(parents=True)
+    (skill / "SKILL.md").write_text("---\nname: probe-skill\ndescription: a probe skill\n---\nA probe skill.\n")
     docker("build", "-q", "-t", UPSTREAM_IMAGE, "--build-arg", f"BASE_IMAGE={e.settings().base_image}",
            str(ROOT / "tests" / "integration" / "upstream"))
     yield e

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bottle_tasks.errors import BottleError
 from bottle_tasks.settings import Settings
-from bottle_tasks.spec import AgentSpec, Route, TokenSlot
+from bottle_tasks.spec import AgentSpec, GitRepo, GitUser, Route, TokenSlot
 
 LABEL = "dev.claude-bottle"
 EGRESS_PORT = 8080
+GIT_GATE_PORT = 8081
+SUPERVISE_PORT = 8082
 DNS_PORT = 53
 PIPELOCK_LISTEN = "127.0.0.1:8888"
 PIPELOCK_SCAN_LISTEN = "127.0.0.1:8889"
@@ -27,8 +29,13 @@ GUEST_CA_PATH = "/usr/local/share/ca-certificates/claude-bottle.crt"
 GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 GUEST_PROMPT_PATH = f"{GUEST_HOME}/.claude-bottle/prompt.md"
 GUEST_SKILLS_DIR = f"{GUEST_HOME}/.claude/skills"
+GUEST_SUPERVISE_CONFIG = f"{GUEST_HOME}/.claude-bottle/supervise.json"
+GUEST_SUPERVISE_HOOK = f"{GUEST_HOME}/.claude-bottle/supervise_hook.py"
+GUEST_CLAUDE_SETTINGS = f"{GUEST_HOME}/.claude/settings.json"
 # Paths inside the bundle (docs/bundle-contract.md).
 BUNDLE_CONFIG_DIR = "/etc/bottle"
+BUNDLE_GIT_DIR = "/var/lib/bottle/git"
+BUNDLE_SUPERVISE_DIR = "/var/lib/bottle/supervise"
 # Never route these around the proxy; the guest's NO_PROXY is empty on purpose.
 RESERVED_SUBNETS = (ipaddress.ip_network("192.168.17.0/24"),)
 
@@ -90,6 +97,31 @@ class GuestPlan:
 
 
 @dataclass(frozen=True)
+class SecretEnv:
+    name: str          # host environment variable, passed to the bundle by name
+    key: str           # where the agent file asks for it, for error messages
+
+
+@dataclass(frozen=True)
+class GitPlan:
+    user: GitUser
+    repos: tuple[GitRepo, ...]          # branches filled with the default when the file gives none
+    config_file: Path                    # rendered git-gate.yaml
+    mirrors_dir: Path                    # host state dir: mirrors, audit log; kept by clean
+    url: str                             # http://<bundle-ip>:8081 as the guest sees it
+
+
+@dataclass(frozen=True)
+class SupervisePlan:
+    tools: tuple[str, ...]
+    timeout: int
+    config_file: Path                    # rendered supervise.yaml (bundle)
+    guest_config_file: Path              # rendered supervise.json (guest hook)
+    state_dir: Path                      # host: requests, decisions, history; kept by clean
+    url: str
+
+
+@dataclass(frozen=True)
 class Plan:
     agent: str
     slug: str
@@ -113,8 +145,16 @@ class Plan:
     guest: GuestPlan
     routes: tuple[Route, ...]
     token_slots: tuple[TokenSlot, ...]
+    secret_envs: tuple[SecretEnv, ...]
     prompt: str
     skills: tuple[Path, ...]
+    git: GitPlan | None
+    supervise: SupervisePlan | None
+
+    @property
+    def guest_ports(self) -> tuple[int, ...]:
+        """TCP ports of the bundle the guest may reach (the firewall admits these and DNS)."""
+        return (EGRESS_PORT, *((GIT_GATE_PORT,) if self.git else ()), *((SUPERVISE_PORT,) if self.supervise else ()))
 
     def label_args(self, role: str) -> list[str]:
         args = []
@@ -231,12 +271,30 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
         daemons.insert(1, "pipelock")
     if upstream_ca:
         mounts.append(Mount(str(upstream_ca), f"{BUNDLE_CONFIG_DIR}/upstream-ca.pem"))
+    git = _git_plan(spec, state, config, network) if spec.git_repos else None
+    if git:
+        daemons.append("git-gate")
+        mounts.append(Mount(str(git.config_file), f"{BUNDLE_CONFIG_DIR}/git-gate.yaml"))
+        mounts.append(Mount(str(git.mirrors_dir), BUNDLE_GIT_DIR, readonly=False))
+        mounts += [Mount(str(r.ssh_key), f"{BUNDLE_CONFIG_DIR}/git/{r.name}/ssh_key") for r in git.repos if r.ssh_key]
+    supervise = None
+    if spec.supervise:
+        supervise = SupervisePlan(
+            tools=spec.supervise.tools, timeout=spec.supervise.timeout,
+            config_file=config / "supervise.yaml", guest_config_file=config / "supervise.json",
+            state_dir=state / "supervise", url=f"http://{network.bundle_ip}:{SUPERVISE_PORT}")
+        daemons.append("supervise")
+        mounts.append(Mount(str(supervise.config_file), f"{BUNDLE_CONFIG_DIR}/supervise.yaml"))
+        mounts.append(Mount(str(supervise.state_dir), BUNDLE_SUPERVISE_DIR, readonly=False))
+    secret_envs = tuple(
+        [SecretEnv(r.token.env, f"routes[{i}].token.env") for i, r in enumerate(spec.routes) if r.token]
+        + [SecretEnv(r.token_env, f"git.repos[{i}].identity.token_env") for i, r in enumerate(spec.git_repos) if r.token_env])
     egress_url = f"http://{network.bundle_ip}:{EGRESS_PORT}"
     bundle = BundlePlan(
         container=f"bottle-{slug}-bundle",
         daemons=tuple(daemons),
         env=(("BUNDLE_DAEMONS", ",".join(daemons)), ("BOTTLE_DNS_LISTEN", f"{network.bundle_ip}:{DNS_PORT}")),
-        secret_env_names=tuple(sorted({s.env for s in spec.token_slots})),
+        secret_env_names=tuple(sorted({s.name for s in secret_envs})),
         mounts=tuple(mounts),
         egress_url=egress_url,
     )
@@ -278,6 +336,16 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
         guest=guest,
         routes=spec.routes,
         token_slots=spec.token_slots,
+        secret_envs=secret_envs,
         prompt=spec.prompt,
         skills=spec.skills,
+        git=git,
+        supervise=supervise,
     )
+
+
+def _git_plan(spec: AgentSpec, state: Path, config: Path, network: NetworkPlan) -> GitPlan:
+    default_branches = (f"bottle/{spec.name}/*",)
+    repos = tuple(replace(r, branches=r.branches or default_branches) for r in spec.git_repos)
+    return GitPlan(user=spec.git_user, repos=repos, config_file=config / "git-gate.yaml",
+                   mirrors_dir=state / "git", url=f"http://{network.bundle_ip}:{GIT_GATE_PORT}")

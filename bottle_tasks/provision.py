@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Protocol
 
-from bottle_tasks.plan import GUEST_CA_PATH, GUEST_PROMPT_PATH, GUEST_SKILLS_DIR, Plan
+from bottle_tasks.plan import GUEST_CA_BUNDLE, GUEST_CA_PATH, GUEST_PROMPT_PATH, GUEST_SKILLS_DIR, GUEST_WORKSPACE, Plan
 
 
 class Guest(Protocol):
@@ -42,3 +42,26 @@ def provision(plan: Plan, guest: Guest) -> None:
     provision_ca(plan, guest)
     provision_prompt(plan, guest)
     provision_skills(plan, guest)
+    provision_git(plan, guest)
+    provision_supervise(plan, guest)
+
+
+def provision_git(plan: Plan, guest: Guest) -> None:
+    """Clone each repo from git-gate into the workspace (once: the workspace keeps work) and point it there."""
+    if not plan.git:
+        return
+    git = plan.git
+    settings = [
+        ("user.name", git.user.name), ("user.email", git.user.email),
+        # git-gate is plain HTTP on the internal network: straight to the bundle, not through egress.
+        (f"http.{git.url}/.proxy", ""),
+        ("http.sslCAInfo", GUEST_CA_BUNDLE),
+    ]
+    for key, value in settings:
+        guest.exec(["git", "config", "--global", key, value])
+    for repo in git.repos:
+        url = f"{git.url}/{repo.name}.git"
+        path = f"{GUEST_WORKSPACE}/{repo.name}"
+        script = (f'if [ -d {shlex.quote(path)}/.git ]; then git -C {shlex.quote(path)} remote set-url origin {shlex.quote(url)}; '
+                  f'else git clone --quiet {shlex.quote(url)} {shlex.quote(path)}; fi')
+        guest.exec(["sh", "-c", script])

@@ -6,7 +6,10 @@ import os
 from functools import cache
 from pathlib import Path
 
-from bottle_tasks.plan import EGRESS_PORT, PIPELOCK_LISTEN, PIPELOCK_SCAN_LISTEN, Plan
+from bottle_tasks.plan import (
+    BUNDLE_GIT_DIR, BUNDLE_SUPERVISE_DIR, EGRESS_PORT, GIT_GATE_PORT, PIPELOCK_LISTEN, PIPELOCK_SCAN_LISTEN,
+    SUPERVISE_PORT, Plan,
+)
 from bottle_tasks.settings import ROOT
 
 TEMPLATES_DIR = ROOT / "templates"
@@ -29,6 +32,10 @@ def render(template: str, plan: Plan, **extra: object) -> str:
         **extra,
         plan=plan,
         egress_port=EGRESS_PORT,
+        git_gate_port=GIT_GATE_PORT,
+        supervise_port=SUPERVISE_PORT,
+        bundle_git_dir=BUNDLE_GIT_DIR,
+        bundle_supervise_dir=BUNDLE_SUPERVISE_DIR,
         pipelock_listen=PIPELOCK_LISTEN,
         pipelock_scan_listen=PIPELOCK_SCAN_LISTEN,
     )

@@ -51,6 +51,35 @@ class Route:
 
 
 @dataclass(frozen=True)
+class GitRepo:
+    name: str
+    url: str
+    ssh_key: Path | None = None          # host file; mounted into the bundle only
+    token_env: str | None = None         # host env var; passed to the bundle by name
+    username: str = "x-access-token"
+    branches: tuple[str, ...] = ()       # empty: the default bottle/<agent>/*
+    force: bool = False
+    delete: bool = False
+    tags: bool = False
+
+    @property
+    def identity_kind(self) -> str:
+        return "ssh" if self.ssh_key else "token" if self.token_env else "none"
+
+
+@dataclass(frozen=True)
+class GitUser:
+    name: str = "claude-bottle agent"
+    email: str = "agent@claude-bottle.invalid"
+
+
+@dataclass(frozen=True)
+class Supervise:
+    tools: tuple[str, ...]
+    timeout: int = 300
+
+
+@dataclass(frozen=True)
 class Resources:
     cpus: float | None = None
     memory: str | None = None
@@ -71,6 +100,9 @@ class AgentSpec:
     resources: Resources = field(default_factory=Resources)
     workspace_host_path: Path | None = None
     subnet: str | None = None
+    git_user: GitUser = field(default_factory=GitUser)
+    git_repos: tuple[GitRepo, ...] = ()
+    supervise: Supervise | None = None
 
     @property
     def token_slots(self) -> tuple[TokenSlot, ...]:
@@ -229,6 +261,10 @@ def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
             private_network=bool(raw.get("private_network", False)),
             token=token,
         ))
+    git_user, git_repos = _git(path, data.get("git", {}))
+    supervise = None
+    if "supervise" in data and data["supervise"].get("tools"):
+        supervise = Supervise(tools=tuple(data["supervise"]["tools"]), timeout=data["supervise"].get("timeout", 300))
     res = data.get("resources", {})
     workspace = data.get("workspace", {})
     host_path = None
@@ -249,4 +285,34 @@ def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
         resources=Resources(cpus=res.get("cpus"), memory=res.get("memory"), pids=res.get("pids", 512)),
         workspace_host_path=host_path,
         subnet=data.get("network", {}).get("subnet"),
+        git_user=git_user,
+        git_repos=git_repos,
+        supervise=supervise,
     )
+
+
+def _git(path: Path, raw: dict[str, Any]) -> tuple[GitUser, tuple[GitRepo, ...]]:
+    user = GitUser(**raw["user"]) if "user" in raw else GitUser()
+    repos, seen = [], {}
+    for i, repo in enumerate(raw.get("repos", [])):
+        key = f"git.repos[{i}]"
+        if repo["name"] in seen:
+            raise SpecError(path, f"{key}.name", f"{repo['name']!r} is already used by git.repos[{seen[repo['name']]}]", "Give each repo its own name")
+        seen[repo["name"]] = i
+        identity = repo.get("identity", {})
+        if "ssh_key" in identity and "token_env" in identity:
+            raise SpecError(path, f"{key}.identity", "both ssh_key and token_env are set", "Keep only one of them")
+        ssh_key = None
+        if "ssh_key" in identity:
+            ssh_key = _relative(path.parent, identity["ssh_key"]).resolve()
+            if not ssh_key.is_file():
+                raise SpecError(path, f"{key}.identity.ssh_key", f"{ssh_key} is not a file", "Give the path of an existing private key")
+            if not repo["url"].startswith("ssh://") and "@" not in repo["url"].split("/")[0]:
+                raise SpecError(path, f"{key}.identity.ssh_key", "an SSH key needs an ssh:// or user@host:path url", "Use token_env for https:// urls")
+        push = repo.get("push", {})
+        repos.append(GitRepo(
+            name=repo["name"], url=repo["url"], ssh_key=ssh_key, token_env=identity.get("token_env"),
+            username=identity.get("username", "x-access-token"), branches=tuple(push.get("branches", ())),
+            force=push.get("force", False), delete=push.get("delete", False), tags=push.get("tags", False),
+        ))
+    return user, tuple(repos)

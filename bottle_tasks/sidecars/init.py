@@ -115,20 +115,21 @@ def dns_answers(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
     return len(reply) >= 12 and int.from_bytes(reply[:2], "big") == query_id
 
 
-def routes_listen_address(routes_path: Path) -> tuple[str, int] | None:
-    """The egress front door from routes.yaml, or None while it is missing or invalid."""
+def config_listen_address(config_path: Path) -> tuple[str, int] | None:
+    """The `listen` address of a daemon's YAML config, or None while it is missing or invalid."""
     import yaml  # only egress needs it; keeps `init` importable without PyYAML for tests
 
     try:
-        document = yaml.safe_load(routes_path.read_text())
+        document = yaml.safe_load(config_path.read_text())
         return split_host_port(str(document["listen"]))
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         return None
 
 
-def egress_probe(routes_path: Path) -> Probe:
+def listen_probe(config_path: Path) -> Probe:
+    """Ready when the daemon accepts TCP on the address its config names."""
     def probe() -> bool:
-        address = routes_listen_address(routes_path)
+        address = config_listen_address(config_path)
         return address is not None and tcp_accepts(*address)
 
     return probe
@@ -165,14 +166,14 @@ def default_daemon_table(
     dns_listen: str = DEFAULT_DNS_LISTEN,
     python: str = sys.executable,
 ) -> dict[str, Daemon]:
-    """The bundle's daemons (docs/bundle-contract.md). git-gate and supervise go here too."""
+    """The bundle's daemons (docs/bundle-contract.md)."""
     dns_host, dns_port = split_host_port(dns_listen)
     daemons = [
         Daemon(
             "egress",
             (python, "-m", "bottle_tasks.sidecars.egress",
              "--routes", str(config_dir / "routes.yaml"), "--ca-dir", str(config_dir / "ca")),
-            egress_probe(config_dir / "routes.yaml"),
+            listen_probe(config_dir / "routes.yaml"),
         ),
         Daemon(
             "pipelock",
@@ -183,6 +184,16 @@ def default_daemon_table(
             "dns",
             (python, "-m", "bottle_tasks.sidecars.dnssink"),
             lambda: dns_answers(dns_host, dns_port),
+        ),
+        Daemon(
+            "git-gate",
+            (python, "-m", "bottle_tasks.sidecars.gitgate", "--config", str(config_dir / "git-gate.yaml")),
+            listen_probe(config_dir / "git-gate.yaml"),
+        ),
+        Daemon(
+            "supervise",
+            (python, "-m", "bottle_tasks.sidecars.supervise", "--config", str(config_dir / "supervise.yaml")),
+            listen_probe(config_dir / "supervise.yaml"),
         ),
     ]
     return {daemon.name: daemon for daemon in daemons}

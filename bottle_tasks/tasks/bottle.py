@@ -21,15 +21,15 @@ __all__ = ["task_preflight", "task_render", "task_ca", "task_networks", "task_bu
 
 
 def token_env(plan: Plan) -> dict[str, str]:
-    """The host values of the token slots; a missing one stops start before anything is built."""
+    """The host values of the secrets the bundle needs; a missing one stops start before anything is built."""
     values: dict[str, str] = {}
-    for slot in plan.token_slots:
-        value = os.environ.get(slot.env)
+    for secret in plan.secret_envs:
+        value = os.environ.get(secret.name)
         if not value:
             raise BottleError(
-                f"{slot.env} is not set in the host environment, but {plan.spec_path} has a route whose token "
-                f"slot reads it. Export it (export {slot.env}=...) or remove that token slot, then start again.")
-        values[slot.env] = value
+                f"{secret.name} is not set in the host environment, but {plan.spec_path} needs it ({secret.key}). "
+                f"Export it (export {secret.name}=...) or remove that key, then start again.")
+        values[secret.name] = value
     return values
 
 
@@ -62,6 +62,13 @@ def render_configs(plan: Plan) -> None:
         write_atomic(plan.pipelock_file, render("pipelock.yaml.j2", plan, scan_token=_scan_token(plan)), mode=0o600)
     write_atomic(plan.guest_env_file, render("guest.env.j2", plan), mode=0o600)
     write_atomic(plan.prompt_file, plan.prompt, mode=0o600)
+    if plan.git:
+        write_atomic(plan.git.config_file, render("git-gate.yaml.j2", plan))
+        plan.git.mirrors_dir.mkdir(parents=True, exist_ok=True)
+    if plan.supervise:
+        write_atomic(plan.supervise.config_file, render("supervise.yaml.j2", plan))
+        write_atomic(plan.supervise.guest_config_file, render("supervise.json.j2", plan))
+        plan.supervise.state_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _remove_files(paths) -> None:
@@ -72,7 +79,10 @@ def _remove_files(paths) -> None:
 def task_render():
     """Render routes.yaml, pipelock.yaml and the guest env from the Jinja templates."""
     for plan in plans():
-        targets = [plan.routes_file, plan.guest_env_file, plan.prompt_file] + ([plan.pipelock_file] if plan.pipelock_enabled else [])
+        targets = [plan.routes_file, plan.guest_env_file, plan.prompt_file]
+        targets += [plan.pipelock_file] if plan.pipelock_enabled else []
+        targets += [plan.git.config_file] if plan.git else []
+        targets += [plan.supervise.config_file, plan.supervise.guest_config_file] if plan.supervise else []
         yield {
             "name": plan.agent,
             "file_dep": [str(plan.spec_path), *files_under(TEMPLATES_DIR)],

@@ -257,7 +257,7 @@ def test_parse_daemon_names() -> None:
 def test_select_daemons_rejects_unknown_names() -> None:
     table = default_daemon_table(dns_listen="127.0.0.1:5353")
     assert [d.name for d in select_daemons(table, ["dns", "egress"])] == ["dns", "egress"]
-    with pytest.raises(UnknownDaemon, match="known daemons: dns, egress, pipelock"):
+    with pytest.raises(UnknownDaemon, match="known daemons: dns, egress, git-gate, pipelock, supervise"):
         select_daemons(table, ["dns", "gitgate"])
 
 
@@ -273,15 +273,17 @@ def test_default_table_matches_the_contract(tmp_path: Path) -> None:
     assert table["dns"].command == ("python", "-m", "bottle_tasks.sidecars.dnssink")
 
 
-def test_egress_probe_reads_listen_from_routes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("daemon,config", [("egress", "routes.yaml"), ("git-gate", "git-gate.yaml"),
+                                            ("supervise", "supervise.yaml")])
+def test_listen_probe_reads_listen_from_the_daemons_config(tmp_path: Path, daemon: str, config: str) -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         port = server.getsockname()[1]
-        probe = default_daemon_table(config_dir=tmp_path)["egress"].probe
+        probe = default_daemon_table(config_dir=tmp_path)[daemon].probe
         assert probe is not None
-        assert probe() is False, "no routes.yaml yet"
-        (tmp_path / "routes.yaml").write_text(f'version: 1\nlisten: "127.0.0.1:{port}"\n')
+        assert probe() is False, f"no {config} yet"
+        (tmp_path / config).write_text(f'version: 1\nlisten: "127.0.0.1:{port}"\n')
         assert probe() is True
 
 

@@ -99,3 +99,47 @@ def test_validated_text_skips_the_schema_pass_but_a_change_does_not(tmp_path):
     path.write_text("routes: [{host: a.com, methods: [get]}]\n")
     with pytest.raises(SpecError, match="methods"):
         load_spec(path, cache_dir=cache)
+
+
+def test_git_and_supervise_sections(tmp_path):
+    key = tmp_path / "deploy_key"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    spec = load_spec(write(tmp_path, """
+git:
+  user: {name: Agent, email: agent@example.com}
+  repos:
+    - name: app
+      url: https://git.example.com/org/app.git
+      identity: {token_env: GIT_TOKEN}
+    - name: lib
+      url: git@git.example.com:org/lib.git
+      identity: {ssh_key: deploy_key}
+      push: {branches: ["feature/*"], tags: true}
+supervise:
+  tools: ["Bash(git push:*)", WebFetch]
+  timeout: 60
+"""))
+    app, lib = spec.git_repos
+    assert app.identity_kind == "token" and app.token_env == "GIT_TOKEN" and app.branches == ()
+    assert lib.identity_kind == "ssh" and lib.ssh_key == key.resolve() and lib.tags and not lib.force
+    assert spec.git_user.email == "agent@example.com"
+    assert spec.supervise.tools == ("Bash(git push:*)", "WebFetch") and spec.supervise.timeout == 60
+
+
+GIT_MALFORMED = [
+    ("git: {repos: [{name: App, url: https://x/y.git}]}\n", "git.repos[0].name", "Lower-case"),
+    ("git: {repos: [{name: a, url: ftp://x/y}]}\n", "git.repos[0].url", "https://"),
+    ("git: {repos: [{name: a, url: https://x/a.git}, {name: a, url: https://x/b.git}]}\n", "git.repos[1].name", "already used"),
+    ("git: {repos: [{name: a, url: https://x/a.git, identity: {token_env: T, ssh_key: k}}]}\n", "git.repos[0].identity", "Keep only one"),
+    ("git: {repos: [{name: a, url: https://x/a.git, push: {force: maybe}}]}\n", "git.repos[0].push.force", "true or false"),
+    ("git: {user: {name: A, email: nope}}\n", "git.user.email", "agent@example.com"),
+    ("supervise: {tools: []}\n", "supervise.tools", "Rules like"),
+    ("supervise: {tools: [Bash], timeout: 0}\n", "supervise.timeout", "1 to 3600"),
+]
+
+
+@pytest.mark.parametrize("text,key,words", GIT_MALFORMED, ids=[m[1] for m in GIT_MALFORMED])
+def test_malformed_git_and_supervise(tmp_path, text, key, words):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert key in str(info.value) and words in str(info.value), str(info.value)

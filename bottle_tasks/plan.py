@@ -29,9 +29,12 @@ GUEST_CA_PATH = "/usr/local/share/ca-certificates/claude-bottle.crt"
 GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 GUEST_PROMPT_PATH = f"{GUEST_HOME}/.claude-bottle/prompt.md"
 GUEST_SKILLS_DIR = f"{GUEST_HOME}/.claude/skills"
-GUEST_SUPERVISE_CONFIG = f"{GUEST_HOME}/.claude-bottle/supervise.json"
-GUEST_SUPERVISE_HOOK = f"{GUEST_HOME}/.claude-bottle/supervise_hook.py"
-GUEST_CLAUDE_SETTINGS = f"{GUEST_HOME}/.claude/settings.json"
+# supervise lives where the agent cannot edit it: root-owned files, and Claude Code's managed
+# (policy) settings, which user and project settings cannot override.
+GUEST_SUPERVISE_DIR = "/etc/claude-bottle"
+GUEST_SUPERVISE_CONFIG = f"{GUEST_SUPERVISE_DIR}/supervise.json"
+GUEST_SUPERVISE_HOOK = f"{GUEST_SUPERVISE_DIR}/supervise_hook.py"
+GUEST_CLAUDE_MANAGED_SETTINGS = "/etc/claude-code/managed-settings.json"
 # Paths inside the bundle (docs/bundle-contract.md).
 BUNDLE_CONFIG_DIR = "/etc/bottle"
 BUNDLE_GIT_DIR = "/var/lib/bottle/git"
@@ -117,6 +120,7 @@ class SupervisePlan:
     timeout: int
     config_file: Path                    # rendered supervise.yaml (bundle)
     guest_config_file: Path              # rendered supervise.json (guest hook)
+    claude_settings_file: Path           # rendered managed-settings.json (registers the hook)
     state_dir: Path                      # host: requests, decisions, history; kept by clean
     url: str
 
@@ -282,6 +286,7 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
         supervise = SupervisePlan(
             tools=spec.supervise.tools, timeout=spec.supervise.timeout,
             config_file=config / "supervise.yaml", guest_config_file=config / "supervise.json",
+            claude_settings_file=config / "claude-managed-settings.json",
             state_dir=state / "supervise", url=f"http://{network.bundle_ip}:{SUPERVISE_PORT}")
         daemons.append("supervise")
         mounts.append(Mount(str(supervise.config_file), f"{BUNDLE_CONFIG_DIR}/supervise.yaml"))

@@ -7,7 +7,13 @@ import shlex
 from pathlib import Path
 from typing import Protocol
 
-from bottle_tasks.plan import GUEST_CA_BUNDLE, GUEST_CA_PATH, GUEST_PROMPT_PATH, GUEST_SKILLS_DIR, GUEST_WORKSPACE, Plan
+from bottle_tasks.plan import (
+    GUEST_CA_BUNDLE, GUEST_CA_PATH, GUEST_CLAUDE_MANAGED_SETTINGS, GUEST_PROMPT_PATH, GUEST_SKILLS_DIR,
+    GUEST_SUPERVISE_CONFIG, GUEST_SUPERVISE_DIR, GUEST_SUPERVISE_HOOK, GUEST_WORKSPACE, Plan,
+)
+
+
+SUPERVISE_HOOK_SOURCE = Path(__file__).parent / "guest" / "supervise_hook.py"
 
 
 class Guest(Protocol):
@@ -65,3 +71,14 @@ def provision_git(plan: Plan, guest: Guest) -> None:
         script = (f'if [ -d {shlex.quote(path)}/.git ]; then git -C {shlex.quote(path)} remote set-url origin {shlex.quote(url)}; '
                   f'else git clone --quiet {shlex.quote(url)} {shlex.quote(path)}; fi')
         guest.exec(["sh", "-c", script])
+
+
+def provision_supervise(plan: Plan, guest: Guest) -> None:
+    """Install the PreToolUse hook as root-owned policy the agent cannot edit or switch off."""
+    if not plan.supervise:
+        return
+    guest.exec(["mkdir", "-p", GUEST_SUPERVISE_DIR, str(Path(GUEST_CLAUDE_MANAGED_SETTINGS).parent)], user="root")
+    guest.copy(SUPERVISE_HOOK_SOURCE, GUEST_SUPERVISE_HOOK)
+    guest.copy(plan.supervise.guest_config_file, GUEST_SUPERVISE_CONFIG)
+    guest.copy(plan.supervise.claude_settings_file, GUEST_CLAUDE_MANAGED_SETTINGS)
+    guest.exec(["chmod", "0644", GUEST_SUPERVISE_HOOK, GUEST_SUPERVISE_CONFIG, GUEST_CLAUDE_MANAGED_SETTINGS], user="root")

@@ -11,8 +11,10 @@ from doit.tools import config_changed
 
 from bottle_tasks.backends import docker as backend
 from bottle_tasks.errors import BottleError
-from bottle_tasks.plan import Plan
-from bottle_tasks.provision import provision
+from bottle_tasks.plan import GUEST_SUPERVISE_CONFIG, GUEST_SUPERVISE_HOOK, Plan
+from bottle_tasks.sidecars.supervise_store import Store
+from bottle_tasks.supervise_cli import hook_matcher
+from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
 from bottle_tasks.render import TEMPLATES_DIR, render, write_atomic
 from bottle_tasks.tasks.common import action, files_under, plans, probe, purge_requested, settings
 from bottle_tasks.tasks.images import pipelock_ok
@@ -68,7 +70,11 @@ def render_configs(plan: Plan) -> None:
     if plan.supervise:
         write_atomic(plan.supervise.config_file, render("supervise.yaml.j2", plan))
         write_atomic(plan.supervise.guest_config_file, render("supervise.json.j2", plan))
-        plan.supervise.state_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(plan.supervise.claude_settings_file, render(
+            "claude-managed-settings.json.j2", plan, hook_matcher=hook_matcher(plan.supervise.tools),
+            guest_supervise_hook=GUEST_SUPERVISE_HOOK, guest_supervise_config=GUEST_SUPERVISE_CONFIG))
+        # Created by the host user, so decisions written from the host never meet root-owned dirs.
+        Store(plan.supervise.state_dir).ensure_layout()
 
 
 def _remove_files(paths) -> None:
@@ -82,7 +88,8 @@ def task_render():
         targets = [plan.routes_file, plan.guest_env_file, plan.prompt_file]
         targets += [plan.pipelock_file] if plan.pipelock_enabled else []
         targets += [plan.git.config_file] if plan.git else []
-        targets += [plan.supervise.config_file, plan.supervise.guest_config_file] if plan.supervise else []
+        targets += ([plan.supervise.config_file, plan.supervise.guest_config_file, plan.supervise.claude_settings_file]
+                    if plan.supervise else [])
         yield {
             "name": plan.agent,
             "file_dep": [str(plan.spec_path), *files_under(TEMPLATES_DIR)],
@@ -162,9 +169,10 @@ def task_guest():
 
 
 def _provision_inputs(plan: Plan) -> str:
-    h = hashlib.sha256(repr((plan.prompt, plan.skills)).encode())
+    h = hashlib.sha256(repr((plan.prompt, plan.skills, plan.git, plan.supervise)).encode())
     h.update(plan.ca_cert.read_bytes() if plan.ca_cert.exists() else b"-")
-    for path in files_under(*plan.skills):
+    extra = [SUPERVISE_HOOK_SOURCE, plan.supervise.guest_config_file, plan.supervise.claude_settings_file] if plan.supervise else []
+    for path in files_under(*plan.skills, *extra):
         h.update(path.encode())
         with open(path, "rb") as fh:
             h.update(fh.read())

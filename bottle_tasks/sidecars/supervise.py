@@ -1,0 +1,371 @@
+"""supervise: the bundle daemon through which a human on the host approves agent actions.
+
+    python -m bottle_tasks.sidecars.supervise --config /etc/bottle/supervise.yaml
+
+supervise.yaml (docs/bundle-contract.md, "supervise")::
+
+    listen: "10.243.7.2:8082"               # plain HTTP on the internal network
+    state_dir: "/var/lib/bottle/supervise"   # the host state dir, mounted read-write
+    default_timeout_seconds: 300             # when a request gives none (1..3600)
+
+API (JSON in, JSON out):
+
+- ``POST /v1/requests`` ``{"tool", "input", "summary", "timeout_seconds"}`` -> ``201 {"id",
+  "status": "pending"}``. ``tool``: non-empty string, at most 200 characters; ``input``: an
+  object; ``summary``: string, at most 2000; ``timeout_seconds``: integer 1..3600 (optional);
+  no other keys; body at most 64 KiB with a Content-Length. Anything else -> ``400 {"error"}``.
+- ``GET /v1/requests/<id>?wait=<seconds>`` -> ``200 {"id", "status", "reason", "by",
+  "decided_at", "expires_at"}``, waiting up to ``wait`` (at most 60) while the status is
+  ``pending``. Unknown id -> ``404``. ``expired`` means deny.
+- ``GET /healthz`` -> ``200 {"ok": true}`` (the init readiness probe).
+
+The daemon keeps nothing in memory: requests and decisions are files in the state dir
+(``supervise_store``), and the host decides by writing ``decisions/<id>.json`` while the daemon
+polls for it every 0.2 s. Each HTTP request is one JSON line on stdout, with the tool input
+truncated. Standard library and PyYAML only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from bottle_tasks.sidecars.supervise_store import (
+    MAX_TIMEOUT_S, MIN_TIMEOUT_S, InvalidArgument, Request, Store, SuperviseError, UnknownRequest,
+    validate_request_fields,
+)
+
+DEFAULT_CONFIG = "/etc/bottle/supervise.yaml"
+DEFAULT_STATE_DIR = "/var/lib/bottle/supervise"
+DEFAULT_TIMEOUT_S = 300
+MAX_BODY_BYTES = 64 * 1024
+MAX_DRAIN_BYTES = 1024 * 1024  # an oversized body is read and dropped up to this, then the connection closes
+MAX_WAIT_S = 60.0
+POLL_INTERVAL_S = 0.2
+MAX_CONNECTIONS = 128          # long polls hold a thread each
+SOCKET_TIMEOUT_S = 15.0        # for reading a request, not for the long poll itself
+LOG_INPUT_CHARS = 300
+REQUEST_KEYS = frozenset({"tool", "input", "summary", "timeout_seconds"})
+REQUEST_PATH = "/v1/requests"
+
+
+class ConfigError(Exception):
+    pass
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    state_dir: Path
+    default_timeout_seconds: int = DEFAULT_TIMEOUT_S
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = str(address).strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"listen must be ip:port, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_config(data: Any, source: str = "supervise.yaml") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with listen, state_dir, default_timeout_seconds")
+    unknown = set(data) - {"version", "listen", "state_dir", "default_timeout_seconds"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    if "listen" not in data:
+        raise ConfigError(f"{source}: listen is required (ip:port)")
+    host, port = split_host_port(data["listen"])
+    state_dir = data.get("state_dir", DEFAULT_STATE_DIR)
+    if not isinstance(state_dir, str) or not state_dir:
+        raise ConfigError(f"{source}: state_dir must be a path")
+    timeout = data.get("default_timeout_seconds", DEFAULT_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not MIN_TIMEOUT_S <= timeout <= MAX_TIMEOUT_S:
+        raise ConfigError(f"{source}: default_timeout_seconds must be an integer from {MIN_TIMEOUT_S} to {MAX_TIMEOUT_S}")
+    return Config(host, port, Path(state_dir), timeout)
+
+
+def load_config(path: Path) -> Config:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    return parse_config(data, str(path))
+
+
+def truncate(value: Any, limit: int = LOG_INPUT_CHARS) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=True, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + f"...(+{len(text) - limit} chars)"
+
+
+_print_lock = threading.Lock()
+
+
+def log(record: Mapping[str, Any]) -> None:
+    line = json.dumps({"ts": round(time.time(), 3), "daemon": "supervise", **record}, ensure_ascii=True)
+    with _print_lock:
+        print(line, flush=True)
+
+
+def parse_request_body(body: bytes, default_timeout: int) -> tuple[str, dict[str, Any], str, int]:
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest("body must be a JSON object")
+    unknown = set(document) - REQUEST_KEYS
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
+    if "tool" not in document:
+        raise BadRequest("tool is required")
+    tool = document["tool"]
+    payload = document.get("input", {})
+    summary = document.get("summary", "")
+    timeout = document.get("timeout_seconds", default_timeout)
+    try:
+        validate_request_fields(tool, payload, summary, timeout)
+    except InvalidArgument as error:
+        raise BadRequest(str(error)) from None
+    return tool, payload, summary, timeout
+
+
+def parse_wait(query: str) -> float:
+    values = urllib.parse.parse_qs(query, keep_blank_values=True).get("wait")
+    if not values:
+        return 0.0
+    try:
+        wait = float(values[-1])
+    except ValueError:
+        raise BadRequest("wait must be a number of seconds") from None
+    if not 0 <= wait < float("inf"):
+        raise BadRequest("wait must be a number of seconds from 0 to 60")
+    return min(wait, MAX_WAIT_S)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: "SuperviseServer"
+    server_version = "bottle-supervise/1"
+    sys_version = ""
+    timeout = SOCKET_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass  # one JSON line per request instead, from the handlers below
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # Malformed request lines etc.: JSON like everything else, never an HTML page.
+        self.close_connection = True
+        try:
+            self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+        except OSError:
+            pass
+
+    def send_json(self, status: int, document: Mapping[str, Any]) -> None:
+        body = (json.dumps(document, ensure_ascii=True) + "\n").encode("ascii")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def dispatch(self, route: Any) -> None:
+        try:
+            route()
+        except BadRequest as error:
+            log({"event": "bad_request", "method": self.command, "path": self.path[:200],
+                 "status": error.status, "error": str(error), "client": self.client_address[0]})
+            self.send_json(error.status, {"error": str(error)})
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        except Exception as error:  # never a traceback to the client; one line in the log
+            log({"event": "error", "method": self.command, "path": self.path[:200],
+                 "error": f"{type(error).__name__}: {error}"[:500]})
+            try:
+                self.send_json(500, {"error": "internal error"})
+            except OSError:
+                pass
+
+    def do_POST(self) -> None:
+        self.dispatch(self.post)
+
+    def do_GET(self) -> None:
+        self.dispatch(self.get)
+
+    def do_PUT(self) -> None:
+        self.dispatch(self.not_allowed)
+
+    do_DELETE = do_PATCH = do_HEAD = do_PUT
+
+    def not_allowed(self) -> None:
+        raise BadRequest(f"method {self.command} not allowed", status=405)
+
+    def read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise BadRequest("chunked bodies are not accepted; send a Content-Length")
+        length_header = self.headers.get("Content-Length")
+        if length_header is None or not length_header.strip().isdigit():
+            self.close_connection = True
+            raise BadRequest("a Content-Length is required")
+        length = int(length_header)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self.drain(length)
+            raise BadRequest(f"body is larger than {MAX_BODY_BYTES} bytes")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            raise BadRequest("body shorter than its Content-Length")
+        return body
+
+    def drain(self, length: int) -> None:
+        """Read (and drop) an oversized body, so the client gets its 400 instead of a reset."""
+        remaining = min(length, MAX_DRAIN_BYTES)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 65536))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+
+    def post(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        if path != REQUEST_PATH:
+            raise BadRequest(f"no such endpoint {path[:100]}", status=404)
+        tool, payload, summary, timeout = parse_request_body(self.read_body(), self.server.config.default_timeout_seconds)
+        request = self.server.store.create_request(tool, payload, summary, timeout)
+        log({"event": "request", "id": request.id, "tool": tool, "summary": truncate(summary),
+             "input": truncate(payload), "timeout_seconds": timeout, "expires_at": request.expires_at,
+             "client": self.client_address[0]})
+        self.send_json(201, {"id": request.id, "status": request.status, "expires_at": request.expires_at})
+
+    def get(self) -> None:
+        parts = urllib.parse.urlsplit(self.path)
+        if parts.path == "/healthz":
+            self.send_json(200, {"ok": True})
+            return
+        prefix = REQUEST_PATH + "/"
+        if not parts.path.startswith(prefix) or "/" in parts.path[len(prefix):]:
+            raise BadRequest(f"no such endpoint {parts.path[:100]}", status=404)
+        request_id = parts.path[len(prefix):]
+        wait = parse_wait(parts.query)
+        started = time.monotonic()
+        request = self.lookup(request_id)
+        while request.pending and time.monotonic() - started < wait and not self.server.stopping.is_set():
+            self.server.stopping.wait(min(POLL_INTERVAL_S, max(0.0, wait - (time.monotonic() - started))))
+            request = self.lookup(request_id)
+        record: dict[str, Any] = {"event": "poll" if request.pending else "decision", "id": request.id,
+                                  "tool": request.tool, "status": request.status,
+                                  "waited_s": round(time.monotonic() - started, 2)}
+        if not request.pending:
+            record.update(by=request.by, reason=truncate(request.reason), decided_at=request.decided_at)
+        log(record)
+        self.send_json(200, request.api())
+
+    def lookup(self, request_id: str) -> Request:
+        try:
+            return self.server.store.get(request_id)
+        except UnknownRequest:
+            raise BadRequest(f"unknown request id {request_id[:80]!r}", status=404) from None
+        except SuperviseError as error:
+            raise BadRequest(str(error), status=500) from None
+
+
+class SuperviseServer(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        self.store = store or Store(config.state_dir)
+        self.stopping = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._thread: threading.Thread | None = None
+        super().__init__((config.host, config.port), Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def start(self) -> "SuperviseServer":
+        """Serve in a background thread (tests, embedding)."""
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting; long polls in progress answer with the current status at once."""
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bottle_tasks.sidecars.supervise",
+                                     description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, type=Path, help="supervise.yaml")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        config = load_config(args.config)
+        store = Store(config.state_dir).ensure_layout()
+        server = SuperviseServer(config, store)
+    except (ConfigError, OSError) as error:
+        print(f"supervise: {error}", file=sys.stderr, flush=True)
+        return 2
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    server.start()
+    log({"event": "listening", "listen": f"{config.host}:{server.port}", "state_dir": str(config.state_dir),
+         "default_timeout_seconds": config.default_timeout_seconds})
+    while not stopped.wait(1.0):
+        pass
+    server.stop()
+    log({"event": "stopped"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

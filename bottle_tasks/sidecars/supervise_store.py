@@ -1,0 +1,396 @@
+"""The supervise store: approval requests and human decisions as files in one state dir.
+
+Shared by the ``supervise`` daemon (in the bundle, which mounts the host state dir at
+``/var/lib/bottle/supervise``) and the host command (``bottle_tasks.supervise_cli``), which
+decides without the bundle running. Layout (docs/bundle-contract.md, "supervise")::
+
+    <state_dir>/requests/<id>.json    {"id", "tool", "input", "summary", "timeout_seconds",
+                                       "created_at", "expires_at"}         written by the daemon
+    <state_dir>/decisions/<id>.json   {"decision": "approve"|"deny", "by", "reason",
+                                       "decided_at"}                       written by the host
+    <state_dir>/expired/<id>.json     {"expired_at"}: marks that the expiry was recorded
+    <state_dir>/history.jsonl         one line per request, decision and expiry
+
+Every file is written to a temp file in the same directory and then renamed into place, so a
+reader never sees half a file. A decision is published with ``link()``, which refuses to
+replace an existing file: of two hosts deciding at once exactly one wins, the other gets
+``AlreadyDecided``. Ids are random and URL-safe; times are ISO-8601 UTC (``...Z``).
+
+Status of a request: ``approved``/``denied`` when a decision made before ``expires_at``
+exists; ``expired`` once ``expires_at`` plus a short grace has passed with none (recorded in
+history once, whichever process notices first); ``pending`` otherwise. ``decide`` refuses
+after ``expires_at``; the grace covers a decision being written at the last moment.
+
+Nothing is kept in memory: a restarted daemon, or a host command run while the bundle is down,
+sees exactly the same state. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+Decision = Literal["approve", "deny"]
+Status = Literal["pending", "approved", "denied", "expired"]
+
+DECISIONS: tuple[str, ...] = ("approve", "deny")
+STATUS_OF_DECISION: dict[str, Status] = {"approve": "approved", "deny": "denied"}
+MIN_TIMEOUT_S = 1
+MAX_TIMEOUT_S = 3600
+MAX_TOOL_CHARS = 200
+MAX_SUMMARY_CHARS = 2000
+MAX_BY_CHARS = 200
+MAX_REASON_CHARS = 2000
+# A request is reported expired this long after expires_at, so a decide() that passed its
+# deadline check just before expires_at has time to land its file.
+EXPIRY_GRACE_S = 1.0
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+FILE_MODE = 0o644  # the daemon may run as another uid than the host user; both must read
+
+
+class SuperviseError(Exception):
+    """A one-line, user-facing error."""
+
+
+class UnknownRequest(SuperviseError):
+    pass
+
+
+class AlreadyDecided(SuperviseError):
+    pass
+
+
+class RequestExpired(SuperviseError):
+    pass
+
+
+class InvalidArgument(SuperviseError, ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- time
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(moment: datetime) -> str:
+    """2025-01-31T12:00:00.123Z"""
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_json_atomic(path: Path, document: Mapping[str, Any], *, exclusive: bool = False) -> None:
+    """Write path whole or not at all. exclusive=True: raise FileExistsError if path exists."""
+    data = (json.dumps(document, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp_name, FILE_MODE)
+        if not exclusive:
+            os.replace(temp_name, path)
+            return
+        try:
+            os.link(temp_name, path)  # atomic, never replaces
+        except FileExistsError:
+            raise
+        except OSError:
+            # Filesystems without hard links (some host mounts): best effort check-then-rename.
+            if path.exists():
+                raise FileExistsError(str(path)) from None
+            os.replace(temp_name, path)
+    finally:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The document at path, or None when it does not exist. Corrupt files raise SuperviseError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError:
+        raise SuperviseError(f"{path}: not valid JSON") from None
+    if not isinstance(document, dict):
+        raise SuperviseError(f"{path}: expected a JSON object")
+    return document
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    tool: str
+    input: dict[str, Any]
+    summary: str
+    timeout_seconds: int
+    created_at: str
+    expires_at: str
+    status: Status = "pending"
+    by: str = ""
+    reason: str = ""
+    decided_at: str = ""
+
+    @property
+    def pending(self) -> bool:
+        return self.status == "pending"
+
+    def seconds_left(self, now: datetime | None = None) -> float:
+        return (parse_iso(self.expires_at) - (now or utc_now())).total_seconds()
+
+    def age_seconds(self, now: datetime | None = None) -> float:
+        return ((now or utc_now()) - parse_iso(self.created_at)).total_seconds()
+
+    def api(self) -> dict[str, Any]:
+        """The daemon's GET answer (contract fields plus expires_at)."""
+        return {"id": self.id, "status": self.status, "reason": self.reason, "by": self.by,
+                "decided_at": self.decided_at or None, "expires_at": self.expires_at}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def validate_request_fields(tool: Any, input: Any, summary: Any, timeout_seconds: Any) -> None:
+    """Raise InvalidArgument naming the first bad field (the daemon's 400 message)."""
+    if not isinstance(tool, str) or not tool.strip():
+        raise InvalidArgument("tool must be a non-empty string")
+    if len(tool) > MAX_TOOL_CHARS:
+        raise InvalidArgument(f"tool must be at most {MAX_TOOL_CHARS} characters")
+    if not isinstance(input, dict):
+        raise InvalidArgument("input must be a JSON object")
+    if not isinstance(summary, str):
+        raise InvalidArgument("summary must be a string")
+    if len(summary) > MAX_SUMMARY_CHARS:
+        raise InvalidArgument(f"summary must be at most {MAX_SUMMARY_CHARS} characters")
+    if isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, int) \
+            or not MIN_TIMEOUT_S <= timeout_seconds <= MAX_TIMEOUT_S:
+        raise InvalidArgument(f"timeout_seconds must be an integer from {MIN_TIMEOUT_S} to {MAX_TIMEOUT_S}")
+
+
+def check_id(request_id: Any) -> str:
+    if not isinstance(request_id, str) or not ID_PATTERN.match(request_id):
+        raise UnknownRequest(f"unknown request id {str(request_id)[:80]!r}")
+    return request_id
+
+
+# --------------------------------------------------------------------------- store
+
+
+@dataclass
+class Store:
+    state_dir: Path
+    clock: Callable[[], datetime] = field(default=utc_now, repr=False)
+    _history_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+
+    # paths
+    @property
+    def requests_dir(self) -> Path:
+        return self.state_dir / "requests"
+
+    @property
+    def decisions_dir(self) -> Path:
+        return self.state_dir / "decisions"
+
+    @property
+    def expired_dir(self) -> Path:
+        return self.state_dir / "expired"
+
+    @property
+    def history_path(self) -> Path:
+        return self.state_dir / "history.jsonl"
+
+    def ensure_layout(self) -> "Store":
+        """Create the directories and history.jsonl. The host should call this before the
+        bundle starts, so they belong to the host user even when the daemon runs as root."""
+        for directory in (self.requests_dir, self.decisions_dir, self.expired_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        if not self.history_path.exists():
+            with open(self.history_path, "a", encoding="utf-8"):
+                pass
+            os.chmod(self.history_path, FILE_MODE)
+        return self
+
+    def append_history(self, record: Mapping[str, Any]) -> None:
+        """One JSON line, written with a single O_APPEND write so concurrent writers interleave
+        whole lines."""
+        line = (json.dumps(dict(record), ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
+        with self._history_lock:
+            fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def history(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.history_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    # operations
+    def create_request(self, tool: str, input: dict[str, Any], summary: str, timeout_seconds: int) -> Request:
+        validate_request_fields(tool, input, summary, timeout_seconds)
+        self.ensure_layout()
+        now = self.clock()
+        request = Request(
+            id=secrets.token_urlsafe(12), tool=tool, input=dict(input), summary=summary,
+            timeout_seconds=timeout_seconds, created_at=iso(now),
+            expires_at=iso(now + timedelta(seconds=timeout_seconds)),
+        )
+        document = {key: value for key, value in request.as_dict().items()
+                    if key in ("id", "tool", "input", "summary", "timeout_seconds", "created_at", "expires_at")}
+        write_json_atomic(self.requests_dir / f"{request.id}.json", document, exclusive=True)
+        self.append_history({"event": "request", "id": request.id, "at": request.created_at, "tool": tool,
+                             "summary": summary, "timeout_seconds": timeout_seconds,
+                             "expires_at": request.expires_at})
+        return request
+
+    def _load_request(self, request_id: str) -> dict[str, Any]:
+        document = read_json(self.requests_dir / f"{check_id(request_id)}.json")
+        if document is None:
+            raise UnknownRequest(f"unknown request id {request_id!r}")
+        return document
+
+    def get(self, request_id: str) -> Request:
+        """The request with its current status; records the expiry in history the first time
+        any process sees it."""
+        document = self._load_request(request_id)
+        try:
+            request = Request(
+                id=str(document["id"]), tool=str(document["tool"]), input=dict(document["input"]),
+                summary=str(document.get("summary", "")), timeout_seconds=int(document["timeout_seconds"]),
+                created_at=str(document["created_at"]), expires_at=str(document["expires_at"]),
+            )
+            expires = parse_iso(request.expires_at)
+        except (KeyError, TypeError, ValueError):
+            raise SuperviseError(f"request {request_id}: malformed request file") from None
+
+        decision = read_json(self.decisions_dir / f"{request_id}.json")
+        if decision is not None and decision.get("decision") in DECISIONS:
+            decided_at = str(decision.get("decided_at", ""))
+            try:
+                in_time = parse_iso(decided_at) <= expires
+            except ValueError:
+                in_time = False
+            if in_time:
+                return _with(request, status=STATUS_OF_DECISION[decision["decision"]],
+                             by=str(decision.get("by", "")), reason=str(decision.get("reason", "")),
+                             decided_at=decided_at)
+
+        marker = self.expired_dir / f"{request_id}.json"
+        if marker.exists():
+            return self._expired(request)
+        if self.clock() < expires + timedelta(seconds=EXPIRY_GRACE_S):
+            return request
+        try:
+            self.expired_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(marker, {"expired_at": request.expires_at}, exclusive=True)
+        except FileExistsError:
+            pass  # another process recorded it
+        else:
+            self.append_history({"event": "expired", "id": request_id, "at": iso(self.clock()),
+                                 "tool": request.tool, "expires_at": request.expires_at,
+                                 "reason": _expiry_reason(request)})
+        return self._expired(request)
+
+    @staticmethod
+    def _expired(request: Request) -> Request:
+        return _with(request, status="expired", by="", reason=_expiry_reason(request),
+                     decided_at=request.expires_at)
+
+    def list_pending(self) -> list[Request]:
+        """Pending requests, oldest first. Requests that just expired are recorded and left out."""
+        pending = []
+        try:
+            names = sorted(path.stem for path in self.requests_dir.glob("*.json"))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not ID_PATTERN.match(name):
+                continue
+            try:
+                request = self.get(name)
+            except SuperviseError:
+                continue
+            if request.pending:
+                pending.append(request)
+        return sorted(pending, key=lambda request: request.created_at)
+
+    def decide(self, request_id: str, decision: str, by: str, reason: str = "") -> Request:
+        """Approve or deny a pending request; returns it with its new status."""
+        if decision not in DECISIONS:
+            raise InvalidArgument(f"decision must be approve or deny, not {decision!r}")
+        if not isinstance(by, str) or not by.strip():
+            raise InvalidArgument("by (who decides) must be a non-empty string")
+        if len(by) > MAX_BY_CHARS:
+            raise InvalidArgument(f"by must be at most {MAX_BY_CHARS} characters")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
+            raise InvalidArgument(f"reason must be a string of at most {MAX_REASON_CHARS} characters")
+        request = self.get(request_id)
+        if request.status == "expired":
+            raise RequestExpired(f"request {request_id} expired at {request.expires_at} with no decision")
+        if request.status != "pending":
+            raise AlreadyDecided(f"request {request_id} was already {request.status} by {request.by or 'someone'}"
+                                 f" at {request.decided_at}")
+        now = self.clock()
+        if now > parse_iso(request.expires_at):
+            raise RequestExpired(f"request {request_id} expired at {request.expires_at} with no decision")
+        record = {"decision": decision, "by": by.strip(), "reason": reason.strip(), "decided_at": iso(now)}
+        self.ensure_layout()
+        try:
+            write_json_atomic(self.decisions_dir / f"{request_id}.json", record, exclusive=True)
+        except FileExistsError:
+            current = self.get(request_id)
+            raise AlreadyDecided(f"request {request_id} was already {current.status} by {current.by or 'someone'}"
+                                 f" at {current.decided_at}") from None
+        self.append_history({"event": "decision", "id": request_id, "at": record["decided_at"],
+                             "tool": request.tool, "decision": decision, "by": record["by"],
+                             "reason": record["reason"]})
+        return _with(request, status=STATUS_OF_DECISION[decision], by=record["by"], reason=record["reason"],
+                     decided_at=record["decided_at"])
+
+
+def _with(request: Request, **changes: Any) -> Request:
+    return Request(**{**request.as_dict(), **changes})
+
+
+def _expiry_reason(request: Request) -> str:
+    return f"no decision within {request.timeout_seconds} s"

@@ -1,0 +1,172 @@
+"""Host side of supervise: list, approve and deny what the agent asked for, or watch for it.
+
+Works on the host state dir (``<state>/<agent>/supervise``) directly, so it needs neither the
+bundle nor docker: a decision is a file the daemon picks up (docs/bundle-contract.md).
+
+    python -m bottle_tasks.supervise_cli --state-dir DIR pending
+    python -m bottle_tasks.supervise_cli --state-dir DIR approve ID [--reason TEXT] [--by NAME]
+    python -m bottle_tasks.supervise_cli --state-dir DIR deny ID [--reason TEXT] [--by NAME]
+    python -m bottle_tasks.supervise_cli --state-dir DIR watch [--interval 2] [--no-notify]
+
+Errors are one line (``unknown request id 'x'``, ``request ... was already approved by ...``)
+and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterable, TextIO
+
+from bottle_tasks.sidecars.supervise_store import Request, Store, SuperviseError
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_request(request: Request) -> str:
+    """One pending request: id, age, tool, summary, full input, time left."""
+    body = json.dumps(request.input, indent=2, ensure_ascii=False, sort_keys=True)
+    return "\n".join([
+        f"request {request.id}  ({_duration(request.age_seconds())} ago, "
+        f"{_duration(request.seconds_left())} left, expires {request.expires_at})",
+        f"  tool:    {request.tool}",
+        f"  summary: {request.summary}",
+        "  input:",
+        *(f"    {line}" for line in body.splitlines()),
+    ])
+
+
+def format_pending(state_dir: Path | str) -> str:
+    try:
+        pending = Store(Path(state_dir)).list_pending()
+    except OSError as error:
+        raise SuperviseError(f"cannot read {state_dir}: {error.strerror or error}") from None
+    if not pending:
+        return "no pending supervise requests"
+    return "\n\n".join(format_request(request) for request in pending)
+
+
+def default_author() -> str:
+    """The host user ($USER, else the login name), with `git config user.name` when set:
+    ``alice (Alice Example)``."""
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or ""
+    if not user:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "unknown"
+    name = ""
+    if shutil.which("git"):
+        try:
+            result = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True, timeout=5)
+            name = result.stdout.strip() if result.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            name = ""
+    return f"{user} ({name})" if name and name != user else user
+
+
+def decide(state_dir: Path | str, request_id: str, decision: str, by: str | None = None,
+           reason: str = "") -> Request:
+    """Approve ("approve") or deny ("deny") a pending request. Raises SuperviseError with a one-line
+    message for an unknown id, an already decided or expired request, or a bad decision."""
+    try:
+        return Store(Path(state_dir)).decide(request_id, decision, by or default_author(), reason)
+    except OSError as error:
+        raise SuperviseError(f"cannot write the decision in {state_dir}: {error.strerror or error} "
+                             "(the state dir and its decisions/ must belong to the host user)") from None
+
+
+def notify_send(request: Request) -> None:
+    """A desktop notification when notify-send exists; silently nothing otherwise."""
+    if not shutil.which("notify-send"):
+        return
+    try:
+        subprocess.run(["notify-send", "--app-name=claude-bottle", f"claude-bottle: approve {request.tool}?",
+                        f"{request.summary[:200]}\n{request.id}"], timeout=5, capture_output=True)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
+def watch(state_dir: Path | str, interval: float = 2.0, notify: bool = True, *, out: TextIO | None = None,
+          stop: threading.Event | None = None) -> None:
+    """Print each new pending request as it appears (and notify-send it when asked and available)
+    until ``stop`` is set or Ctrl-C."""
+    store = Store(Path(state_dir))
+    stream = out or sys.stdout
+    stop = stop or threading.Event()
+    seen: set[str] = set()
+    print(f"watching {store.state_dir} for supervise requests (Ctrl-C to stop)", file=stream, flush=True)
+    try:
+        while not stop.is_set():
+            for request in store.list_pending():
+                if request.id in seen:
+                    continue
+                seen.add(request.id)
+                print(format_request(request), file=stream)
+                print(f"  decide: approve {request.id} / deny {request.id} --reason ...\n", file=stream, flush=True)
+                if notify:
+                    notify_send(request)
+            stop.wait(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def hook_matcher(patterns: Iterable[str]) -> str:
+    """The settings.json ``matcher`` (a regex on tool_name) that sends exactly the tools the
+    patterns can match to the hook: ``["Bash(git push:*)", "WebFetch"]`` -> ``Bash|WebFetch``."""
+    tools: list[str] = []
+    for pattern in patterns:
+        tool = pattern.split("(", 1)[0].strip()
+        if tool == "*":
+            return "*"
+        if tool.startswith("mcp__") and tool.count("__") == 1:
+            tool += "__.*"
+        if tool not in tools:
+            tools.append(tool)
+    return "|".join(tools)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bottle_tasks.supervise_cli", description=__doc__.split("\n")[0])
+    parser.add_argument("--state-dir", required=True, type=Path, help="the bottle's supervise state dir")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("pending", help="list pending requests")
+    for name in ("approve", "deny"):
+        sub = commands.add_parser(name, help=f"{name} a pending request")
+        sub.add_argument("id")
+        sub.add_argument("--reason", default="")
+        sub.add_argument("--by", default=None, help="who decides (default: $USER and git user.name)")
+    sub = commands.add_parser("watch", help="print new pending requests as they appear")
+    sub.add_argument("--interval", type=float, default=2.0)
+    sub.add_argument("--no-notify", action="store_true")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        if args.command == "pending":
+            print(format_pending(args.state_dir))
+        elif args.command in ("approve", "deny"):
+            request = decide(args.state_dir, args.id, args.command, args.by, args.reason)
+            print(f"{request.id}: {request.status} by {request.by}" + (f" ({request.reason})" if request.reason else ""))
+        else:
+            watch(args.state_dir, args.interval, not args.no_notify)
+    except SuperviseError as error:
+        print(f"supervise: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,8 +53,10 @@ AGENT_FILES = {
 }
 
 
-def docker(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, input=input)
+def docker(*args: str, check: bool = True, input: str | None = None,
+           env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra} if env_extra else None   # values by name, like the tool does
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, input=input, env=env)
 
 
 @dataclass
@@ -135,7 +137,7 @@ def bottle_env(tmp_path_factory) -> Env:
     agents = root / "agents"
     agents.mkdir()
     certs = root / "upstream-certs"
-    ca_pem, _, _ = mint_upstream_certs(certs, UPSTREAM_NAMES + ["sub.wild.test"])
+    ca_pem, _, _ = mint_upstream_certs(certs, UPSTREAM_NAMES + ["sub.wild.test", "git.test"])
     # A docker shim on PATH records every argv the tool runs, so tests can prove no secret is on one.
     shim_dir = root / "shim"
     shim_dir.mkdir()
@@ -169,13 +171,17 @@ def bottle_env(tmp_path_factory) -> Env:
     assert not ours, f"containers left behind: {ours}"
 
 
-def start_upstream(env: Env, plan: Plan, name: str) -> str:
+def start_upstream(env: Env, plan: Plan, name: str, aliases: list[str] | None = None,
+                   container_env: dict[str, str] | None = None) -> str:
     certs = env.root / "upstream-certs"
+    names = aliases or UPSTREAM_NAMES + ["sub.wild.test"]
+    env_args = [arg for key in (container_env or {}) for arg in ("--env", key)]
     docker("rm", "-f", name, check=False)
     docker("run", "-d", "--name", name, "--label", f"{LABEL}.test=upstream",
-           "--network", plan.network.egress_name, *sum((["--network-alias", n] for n in UPSTREAM_NAMES + ["sub.wild.test"]), []),
-           "--cap-add", "NET_ADMIN",
-           "-v", f"{certs}:/certs:ro", UPSTREAM_IMAGE, "/certs/server.pem", "/certs/server-key.pem")
+           "--network", plan.network.egress_name, *sum((["--network-alias", n] for n in names), []),
+           "--cap-add", "NET_ADMIN", *env_args,
+           "-v", f"{certs}:/certs:ro", UPSTREAM_IMAGE, "/certs/server.pem", "/certs/server-key.pem",
+           env_extra=container_env)
     # The link-local metadata address, on a host the test owns, so probing it touches nothing real.
     docker("exec", name, "ip", "addr", "add", "169.254.169.254/32", "dev", "eth0")
     for _ in range(100):

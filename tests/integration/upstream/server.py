@@ -4,8 +4,11 @@ Every HTTP request is logged as one JSON line on stdout, headers included, so a 
 what arrived upstream (the real token) and what did not (a blocked secret).
 """
 
+import base64
 import json
+import os
 import socket
+import subprocess
 import socketserver
 import ssl
 import sys
@@ -42,6 +45,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def _handle(self) -> None:
+        if self.path.startswith("/git/"):
+            return self._git()
         body = self._body()
         self._log(body)
         if self.path.startswith("/v1/messages") and self.command == "POST":
@@ -53,6 +58,29 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(echo).encode())
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+    def _git(self) -> None:
+        """git smart HTTP (git http-backend as CGI) behind basic auth with UPSTREAM_GIT_TOKEN."""
+        body = self._body()
+        auth = self.headers.get("Authorization", "")
+        expected = base64.b64encode(f"x-access-token:{os.environ.get('UPSTREAM_GIT_TOKEN', '')}".encode()).decode()
+        print(json.dumps({"event": "git", "method": self.command, "path": self.path,
+                          "authorized": auth == f"Basic {expected}"}), flush=True)
+        if auth != f"Basic {expected}":
+            return self._send(401, b"auth required\n", "text/plain", {"WWW-Authenticate": 'Basic realm="git"'})
+        path, _, query = self.path[len("/git"):].partition("?")
+        env = {**os.environ, "GIT_PROJECT_ROOT": "/srv/git", "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": path,
+               "QUERY_STRING": query, "REQUEST_METHOD": self.command, "REMOTE_USER": "agent",
+               "CONTENT_TYPE": self.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
+               "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
+               "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.receivepack", "GIT_CONFIG_VALUE_0": "true"}
+        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n") if ": " in line)
+        status = int(headers.pop("Status", "200").split()[0])
+        ctype = headers.pop("Content-Type", "application/octet-stream")
+        headers.pop("Content-Length", None)
+        self._send(status, payload, ctype, headers)
 
     def _bytes(self, n: int) -> None:
         self.send_response(200)

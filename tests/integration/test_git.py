@@ -1,0 +1,161 @@
+"""Invariant 5 and 7 for git: the guest works on repos cloned through git-gate; pushes reach the
+upstream only when policy allows them, with an identity that never enters the guest; nothing pushed
+is lost when the upstream is down or the bottle is cleaned."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+import pytest
+
+from tests.integration.conftest import Bottle, Env, _teardown, docker, start_upstream
+from tests.integration.test_tokens import _files_containing
+
+GIT_TOKEN = "ghp_" + secrets.token_hex(18)      # a fake upstream credential, GitHub-token shaped
+AGENT = "probe-git"
+
+
+def _upstream_git(bottle: Bottle, *args: str) -> str:
+    return docker("exec", bottle.upstream, "git", "--git-dir", "/srv/git/app.git", *args, check=False).stdout
+
+
+def _seed_upstream(name: str) -> None:
+    script = """
+set -e
+git init -q --bare -b main /srv/git/app.git
+tmp=$(mktemp -d) && cd "$tmp" && git init -q -b main && git config user.email up@test && git config user.name up
+echo hello > README.md && git add README.md && git commit -qm "initial commit"
+git push -q /srv/git/app.git main
+"""
+    docker("exec", name, "sh", "-c", script)
+
+
+@pytest.fixture(scope="module")
+def bottle_git(bottle_env: Env):
+    bottle_env.write_agent(AGENT, """
+        routes: []
+        git:
+          user: {name: Probe Agent, email: probe@bottle.test}
+          repos:
+            - name: app
+              url: https://git.test/git/app.git
+              identity: {token_env: BOTTLE_TEST_GIT_TOKEN}
+        supervise:
+          tools: ["Bash(git push:*)"]
+          timeout: 15
+    """)
+    extra = {"BOTTLE_TEST_GIT_TOKEN": GIT_TOKEN}
+    env = Env(root=bottle_env.root, env={**bottle_env.env, **extra}, argv_log=bottle_env.argv_log)
+    plan = env.plan(AGENT)
+    bottle = Bottle(env=env, agent=AGENT, plan=plan, upstream=f"bottle-test-upstream-{AGENT}")
+    try:
+        # The upstream must exist before the first start: git-gate mirrors it when it comes up.
+        env.doit("networks:" + AGENT, f"agent={AGENT}")
+        bottle.upstream_ip = start_upstream(env, plan, bottle.upstream, aliases=["git.test"],
+                                            container_env={"UPSTREAM_GIT_TOKEN": GIT_TOKEN})
+        _seed_upstream(bottle.upstream)
+        env.doit("start", f"agent={AGENT}", "command=true")
+    except BaseException:
+        _teardown(bottle)
+        raise
+    yield bottle
+    _teardown(bottle)
+
+
+def _guest_git(bottle: Bottle, script: str):
+    return bottle.exec("sh", "-c", f"cd /workspace/app && {script}")
+
+
+def _audit(bottle: Bottle) -> list[dict]:
+    path = bottle.plan.git.mirrors_dir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_upstream_has(bottle: Bottle, ref: str, sha: str, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _upstream_git(bottle, "rev-parse", ref).strip() == sha:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_repo_is_cloned_through_git_gate_with_the_agents_identity(bottle_git):
+    log = _guest_git(bottle_git, "git log --format=%s -1 && git remote get-url origin && git config user.email")
+    lines = log.stdout.split()
+    assert "initial" in log.stdout, log.stdout + log.stderr
+    assert lines[-2] == f"{bottle_git.plan.git.url}/app.git" and lines[-1] == "probe@bottle.test"
+
+
+def test_push_to_an_allowed_branch_reaches_the_upstream(bottle_git):
+    branch = f"bottle/{AGENT}/feature"
+    push = _guest_git(bottle_git, f"git checkout -q -b {branch} && echo change > f.txt && git add f.txt && "
+                                  f"git commit -qm 'agent change' && git push -q origin {branch} && git rev-parse HEAD")
+    assert push.returncode == 0, push.stderr
+    sha = push.stdout.split()[-1]
+    assert _wait_upstream_has(bottle_git, f"refs/heads/{branch}", sha), _audit(bottle_git)
+
+
+@pytest.mark.parametrize("case,script,reason", [
+    ("protected branch", "git checkout -q main && echo x >> README.md && git commit -qam 'to main' && git push origin main",
+     "not allowed"),
+    ("force push", "git checkout -q bottle/probe-git/feature && git commit -q --amend -m rewritten && "
+                   "git push -f origin bottle/probe-git/feature", "force"),
+    ("deletion", "git push origin :bottle/probe-git/feature", "delet"),
+    ("secret in the diff", "git checkout -q -b bottle/probe-git/leak && echo \"aws_key = AKIA$(python3 -c "
+                           "'import secrets,string; print(\"\".join(secrets.choice(string.ascii_uppercase+\"234567\") for _ in range(16)))')\" "
+                           "> leak.txt && git add leak.txt && git commit -qm leak && git push origin bottle/probe-git/leak",
+     "secret"),
+])
+def test_pushes_against_policy_are_rejected_with_a_reason(bottle_git, case, script, reason):
+    before = _upstream_git(bottle_git, "for-each-ref")
+    proc = _guest_git(bottle_git, script)
+    assert proc.returncode != 0, f"{case}: push was accepted\n{proc.stdout}{proc.stderr}"
+    assert "git-gate: rejected" in proc.stderr and reason in proc.stderr.lower(), proc.stderr
+    time.sleep(1)
+    assert _upstream_git(bottle_git, "for-each-ref") == before, f"{case}: something reached the upstream"
+    rejected = [e for e in _audit(bottle_git) if e.get("event") == "push" and not e.get("accepted")]
+    assert rejected, "the rejection was not audited"
+
+
+def test_identity_never_enters_the_guest(bottle_git):
+    guest = bottle_git.plan.guest.container
+    hits, scanned = _files_containing(guest, GIT_TOKEN.encode())
+    assert scanned > 1000 and not hits, hits
+    assert GIT_TOKEN not in bottle_git.exec("env").stdout
+    assert GIT_TOKEN not in docker("inspect", guest).stdout
+    grep = bottle_git.exec("grep", "-rlF", GIT_TOKEN, "/workspace", "/home/agent")
+    assert grep.returncode == 1, grep.stdout
+    assert GIT_TOKEN not in (bottle_git.plan.git.mirrors_dir / "audit.jsonl").read_text()
+    assert GIT_TOKEN not in bottle_git.bundle_log()
+    # It did reach the upstream: the accepted push above authenticated with it.
+    assert any(json.loads(l).get("authorized") for l in docker("logs", bottle_git.upstream).stdout.splitlines()
+               if l.startswith('{"event": "git"'))
+
+
+def test_push_while_upstream_is_down_is_forwarded_when_it_is_back(bottle_git):
+    docker("stop", "-t", "0", bottle_git.upstream)
+    try:
+        branch = f"bottle/{AGENT}/offline"
+        push = _guest_git(bottle_git, f"git checkout -q -b {branch} main && echo later > later.txt && git add later.txt && "
+                                      f"git commit -qm 'made offline' && git push -q origin {branch} && git rev-parse HEAD")
+        assert push.returncode == 0, push.stderr
+        sha = push.stdout.split()[-1]
+        time.sleep(2)
+        failed = [e for e in _audit(bottle_git) if e.get("event") == "forward" and not e.get("ok", e.get("accepted"))]
+        assert failed, "no failed forward was recorded while the upstream was down"
+    finally:
+        docker("start", bottle_git.upstream)
+    assert _wait_upstream_has(bottle_git, f"refs/heads/{branch}", sha, timeout=90), _audit(bottle_git)[-3:]
+
+
+def test_mirror_and_pushed_commits_survive_clean(bottle_git):
+    mirror = bottle_git.plan.git.mirrors_dir / "app.git"
+    bottle_git.env.doit("clean", f"agent={AGENT}")
+    assert mirror.is_dir()
+    refs = docker("run", "--rm", "-v", f"{mirror}:/m:ro", "--entrypoint", "git", "claude-bottle-test/upstream:latest",
+                  "--git-dir", "/m", "for-each-ref", "--format=%(refname)").stdout
+    assert f"refs/heads/bottle/{AGENT}/feature" in refs
+    bottle_git.env.doit("start", f"agent={AGENT}", "command=true")   # later tests find the bottle up again

@@ -1,0 +1,127 @@
+"""Invariant 6: an action that needs approval blocks until a human on the host decides; the
+decision and its author are logged; requests survive a bundle restart. Driven end to end: the
+hook Claude Code would run, inside the guest, against the bundle; decisions through `doit`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+from bottle_tasks.plan import GUEST_SUPERVISE_CONFIG, GUEST_SUPERVISE_HOOK
+from tests.integration.conftest import docker
+from tests.integration.test_git import AGENT, bottle_git  # noqa: F401  (the same bottle)
+
+
+def _hook(bottle, command: str) -> subprocess.Popen:
+    payload = json.dumps({"hook_event_name": "PreToolUse", "tool_name": "Bash", "session_id": "s1",
+                          "cwd": "/workspace", "tool_input": {"command": command}})
+    proc = subprocess.Popen(["docker", "exec", "-i", "-u", "agent", bottle.plan.guest.container, "python3",
+                             GUEST_SUPERVISE_HOOK, GUEST_SUPERVISE_CONFIG],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(payload)
+    proc.stdin.close()
+    return proc
+
+
+def _finish(hook: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    hook.wait(timeout=timeout)
+    return hook.stdout.read(), hook.stderr.read()
+
+
+def _pending_id(bottle, summary_part: str, hook: subprocess.Popen, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if hook.poll() is not None:
+            raise AssertionError(f"the hook ended before a decision: {hook.returncode} {hook.stderr.read()}")
+        out = bottle.env.doit("supervise", f"agent={AGENT}").stdout
+        for block in out.split("\n\n"):
+            if summary_part in block:
+                match = re.search(r"^request (\S+)", block, re.M)
+                if match:
+                    return match.group(1)
+        time.sleep(0.3)
+    raise AssertionError(f"no pending request mentioning {summary_part!r}:\n{out}")
+
+
+def _history(bottle) -> list[dict]:
+    path = bottle.plan.supervise.state_dir / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_approve_lets_the_call_through_and_records_who(bottle_git):
+    hook = _hook(bottle_git, "git push origin approve-me")
+    request_id = _pending_id(bottle_git, "approve-me", hook)
+    assert hook.poll() is None, "the hook did not wait for a decision"
+    bottle_git.env.doit("approve", f"agent={AGENT}", f"id={request_id}", "reason=looks fine")
+    out, err = _finish(hook, 30)
+    assert hook.returncode == 0, err
+    decision = [h for h in _history(bottle_git) if h.get("id") == request_id and h["event"] == "decision"]
+    assert decision and decision[0]["decision"] == "approve" and decision[0]["by"] and decision[0]["reason"] == "looks fine"
+
+
+def test_deny_blocks_the_call_with_the_reason(bottle_git):
+    hook = _hook(bottle_git, "git push origin deny-me")
+    request_id = _pending_id(bottle_git, "deny-me", hook)
+    bottle_git.env.doit("deny", f"agent={AGENT}", f"id={request_id}", "reason=not today")
+    out, err = _finish(hook, 30)
+    assert hook.returncode == 2 and "denied" in err and "not today" in err, (hook.returncode, err)
+
+
+def test_no_decision_in_time_means_deny(bottle_git):
+    hook = _hook(bottle_git, "git push origin ignore-me")
+    _pending_id(bottle_git, "ignore-me", hook)
+    out, err = _finish(hook, 120)
+    assert hook.returncode == 2 and "timed out" in err, (hook.returncode, err)
+    assert any(h["event"] == "expired" for h in _history(bottle_git))
+
+
+def test_calls_that_need_no_approval_pass_at_once(bottle_git):
+    hook = _hook(bottle_git, "git status")
+    _finish(hook, 30)
+    assert hook.returncode == 0
+
+
+def test_a_request_pending_across_a_bundle_restart_is_still_answerable(bottle_git):
+    hook = _hook(bottle_git, "git push origin across-restart")
+    request_id = _pending_id(bottle_git, "across-restart", hook)
+    docker("restart", "-t", "1", bottle_git.plan.bundle.container)
+    bottle_git.env.doit("approve", f"agent={AGENT}", f"id={request_id}")
+    out, err = _finish(hook, 90)
+    assert hook.returncode == 0, err
+    deadline = time.monotonic() + 60
+    while docker("inspect", "-f", "{{.State.Health.Status}}", bottle_git.plan.bundle.container).stdout.strip() != "healthy":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_malformed_requests_get_an_error_and_the_daemon_keeps_serving(bottle_git):
+    url = bottle_git.plan.supervise.url
+    script = f"""
+import json, urllib.request, urllib.error
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({{}}))
+codes = []
+for body in (b"not json", b"[]", json.dumps({{"tool": 5, "input": {{}}}}).encode(), b"{{}}", b"x" * 70000):
+    try:
+        opener.open(urllib.request.Request("{url}/v1/requests", data=body, method="POST"), timeout=10)
+        codes.append(200)
+    except urllib.error.HTTPError as e:
+        codes.append(e.code)
+print(json.dumps(codes))
+"""
+    proc = bottle_git.exec("python3", "-c", script)
+    assert json.loads(proc.stdout) == [400] * 5, proc.stdout + proc.stderr
+    still = _hook(bottle_git, "git push origin after-garbage")
+    request_id = _pending_id(bottle_git, "after-garbage", still)
+    bottle_git.env.doit("deny", f"agent={AGENT}", f"id={request_id}")
+    _finish(still, 30)
+    assert still.returncode == 2
+
+
+def test_the_agent_cannot_edit_the_hook_away(bottle_git):
+    for path in ("/etc/claude-code/managed-settings.json", GUEST_SUPERVISE_HOOK, GUEST_SUPERVISE_CONFIG):
+        proc = bottle_git.exec("sh", "-c", f"echo '{{}}' > {path}")
+        assert proc.returncode != 0, f"the agent could overwrite {path}"
+    settings = json.loads(bottle_git.exec("cat", "/etc/claude-code/managed-settings.json").stdout)
+    assert settings["hooks"]["PreToolUse"][0]["matcher"] == "Bash"

@@ -1,0 +1,616 @@
+"""git-gate (bottle_tasks.sidecars.gitgate) with real git, all on 127.0.0.1 and temp paths.
+
+An "upstream" bare repo is served by gitgate's own CGI server, subclassed to REQUIRE basic auth with a
+fake token. The daemon runs as a subprocess with a temp config; a "guest" clone pushes to it.
+Every "secret" here is generated in the test, never a real credential.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import socket
+import string
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bottle_tasks.sidecars import dlp, gitgate
+from tests.unit.fakes import FakePipelock
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "fake-git-token-" + "".join(random.choices(string.ascii_letters + string.digits, k=24))
+USERNAME = "x-access-token"
+
+
+def fake_aws_key() -> str:
+    return "AKIA" + "".join(random.choices(string.ascii_uppercase + string.digits, k=16))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def git(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def rev(repo: Path, ref: str) -> str | None:
+    result = git("rev-parse", "--verify", "--quiet", ref, cwd=repo, check=False)
+    return result.stdout.strip() or None
+
+
+def commit_file(work: Path, name: str, content: str, message: str) -> str:
+    (work / name).write_text(content)
+    git("add", name, cwd=work)
+    git("commit", "--quiet", "-m", message, cwd=work)
+    return rev(work, "HEAD")
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AuthGitServer(gitgate.GitCgiServer):
+    """The upstream: smart HTTP that requires Basic auth with the fake token, and records what it saw."""
+
+    expected = "Basic " + base64.b64encode(f"{USERNAME}:{TOKEN}".encode()).decode()
+
+    def __init__(self, *args, **kwargs):
+        self.seen_auth: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def authorize(self, handler) -> bool:
+        given = handler.headers.get("Authorization", "")
+        if given:
+            self.seen_auth.append(given)
+        if given == self.expected:
+            return True
+        handler.send_response(401)
+        handler.send_header("WWW-Authenticate", 'Basic realm="upstream"')
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+        return False
+
+
+class Upstream:
+    def __init__(self, root: Path, env: dict):
+        self.root = root
+        self.env = env
+        self.port = 0
+        self.server: AuthGitServer | None = None
+        self.seen_auth: list[str] = []
+
+    def start(self) -> None:
+        self.server = AuthGitServer(("127.0.0.1", self.port), self.root, ["app", "lib"], self.env)
+        self.server.seen_auth = self.seen_auth
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        assert self.server is not None
+        self.server.shutdown()
+        self.server.server_close()
+        self.server = None
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}.git"
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: one upstream, one daemon, one guest clone per repo for the whole module (keeps it fast)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gitgate")
+    mp = pytest.MonkeyPatch()
+    home = tmp / "home"
+    home.mkdir()
+    for name in list(os.environ):
+        if name.startswith("GIT_"):
+            mp.delenv(name)
+    mp.setenv("HOME", str(home))
+    mp.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    env = dict(os.environ)
+
+    upstream_root = tmp / "upstream"
+    seed = tmp / "seed"
+    git("init", "--quiet", "-b", "main", str(seed))
+    git("config", "user.name", "Upstream", cwd=seed)
+    git("config", "user.email", "upstream@example.invalid", cwd=seed)
+    commit_file(seed, "README", "hello\n", "initial")
+    for name in ("app", "lib"):
+        git("init", "--quiet", "--bare", "-b", "main", str(upstream_root / f"{name}.git"))
+        git("push", "--quiet", str(upstream_root / f"{name}.git"), "main", cwd=seed)
+    upstream = Upstream(upstream_root, {k: env[k] for k in ("PATH", "HOME", "GIT_CONFIG_NOSYSTEM")})
+    upstream.start()
+
+    gate_port = free_port()
+    mirrors = tmp / "mirrors"
+    config = {
+        "version": 1,
+        "listen": f"127.0.0.1:{gate_port}",
+        "refresh_seconds": 60,
+        "mirrors_dir": str(mirrors),
+        "audit_log": str(mirrors / "audit.jsonl"),
+        "pipelock_scan_url": "",
+        "repos": [
+            {"name": "app", "url": upstream.url("app"),
+             "identity": {"kind": "token", "token_env": "GIT_TOKEN", "username": USERNAME, "ssh_key": ""},
+             "push": {"branches": ["bottle/test/*"], "force": False, "delete": False, "tags": False}},
+            {"name": "lib", "url": upstream.url("lib"),
+             "identity": {"kind": "token", "token_env": "GIT_TOKEN", "username": USERNAME, "ssh_key": ""},
+             "push": {"branches": ["*"], "force": True, "delete": True, "tags": True}},
+        ],
+    }
+    config_path = tmp / "git-gate.yaml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    stdout_path, stderr_path = tmp / "gate.stdout", tmp / "gate.stderr"
+    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "bottle_tasks.sidecars.gitgate", "--config", str(config_path)],
+            cwd=REPO_ROOT, stdout=out, stderr=err,
+            env={**env, "GIT_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)})
+
+    def listening():
+        if daemon.poll() is not None:
+            raise AssertionError(f"git-gate exited {daemon.returncode}: {stderr_path.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", gate_port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    assert wait_until(listening, timeout=15)
+    gate_url = f"http://127.0.0.1:{gate_port}"
+    guests = {}
+    for name in ("app", "lib"):
+        guest = tmp / f"guest-{name}"
+        git("clone", "--quiet", f"{gate_url}/{name}.git", str(guest))
+        git("config", "user.name", "Agent", cwd=guest)
+        git("config", "user.email", "agent@example.invalid", cwd=guest)
+        guests[name] = guest
+    world = {
+        "tmp": tmp, "upstream": upstream, "mirrors": mirrors, "gate_url": gate_url, "guests": guests,
+        "daemon": daemon, "stdout": stdout_path, "stderr": stderr_path, "seed": seed, "config": config_path,
+    }
+    yield world
+    daemon.terminate()
+    try:
+        code = daemon.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        code = "killed: no exit within 10 s of SIGTERM"
+    if upstream.server is not None:
+        upstream.stop()
+    mp.undo()
+    assert code == 0, code
+
+
+def upstream_repo(world, name="app") -> Path:
+    return world["upstream"].root / f"{name}.git"
+
+
+def mirror(world, name="app") -> Path:
+    return world["mirrors"] / f"{name}.git"
+
+
+def json_lines(text: str) -> list[dict]:
+    """Complete JSON lines only: the writer may be halfway through the last one."""
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.startswith("{")]
+
+
+def audit_records(world) -> list[dict]:
+    path = world["mirrors"] / "audit.jsonl"
+    return json_lines(path.read_text()) if path.exists() else []
+
+
+def new_branch(guest: Path, branch: str, start: str = "origin/main") -> None:
+    git("checkout", "--quiet", "-B", branch, start, cwd=guest)
+
+
+def assert_rejected(world, result, ref: str, reason: str, name="app") -> None:
+    assert result.returncode != 0, result.stderr
+    assert f"git-gate: rejected {ref}: {reason}" in result.stderr, result.stderr
+    assert rev(mirror(world, name), ref) is None or ref == "refs/heads/main"
+    assert not list((mirror(world, name) / "git-gate" / "queue").glob("*.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the daemon end to end
+
+
+def test_allowed_branch_push_arrives_upstream_with_the_token(world):
+    guest = world["guests"]["app"]
+    new_branch(guest, "bottle/test/one")
+    sha = commit_file(guest, "one.txt", "one\n", "one")
+    result = git("push", "origin", "HEAD:refs/heads/bottle/test/one", cwd=guest, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "git-gate: accepted refs/heads/bottle/test/one" in result.stderr
+    assert wait_until(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/one") == sha)
+    assert AuthGitServer.expected in world["upstream"].seen_auth
+    assert wait_until(lambda: any(r["event"] == "forward" and r["accepted"] for r in audit_records(world)))
+    push = [r for r in audit_records(world) if r["event"] == "push" and r["accepted"]]
+    assert push[0]["refs"][0]["ref"] == "refs/heads/bottle/test/one" and push[0]["refs"][0]["new"] == sha
+
+
+def test_push_to_protected_branch_is_rejected(world):
+    guest = world["guests"]["app"]
+    before = rev(upstream_repo(world), "refs/heads/main")
+    new_branch(guest, "main")
+    commit_file(guest, "main.txt", "x\n", "to main")
+    result = git("push", "origin", "HEAD:refs/heads/main", cwd=guest, check=False)
+    assert_rejected(world, result, "refs/heads/main", "branch not allowed (allowed: bottle/test/*)")
+    assert rev(mirror(world), "refs/heads/main") == before
+    assert rev(upstream_repo(world), "refs/heads/main") == before
+
+
+def test_force_push_is_rejected(world):
+    guest = world["guests"]["app"]
+    new_branch(guest, "bottle/test/force")
+    commit_file(guest, "f.txt", "1\n", "first")
+    assert git("push", "origin", "HEAD:refs/heads/bottle/test/force", cwd=guest, check=False).returncode == 0
+    first = rev(guest, "HEAD")
+    git("commit", "--quiet", "--amend", "-m", "rewritten", cwd=guest)
+    result = git("push", "--force", "origin", "HEAD:refs/heads/bottle/test/force", cwd=guest, check=False)
+    assert result.returncode != 0
+    assert "git-gate: rejected refs/heads/bottle/test/force: non-fast-forward update not allowed" in result.stderr
+    assert rev(mirror(world), "refs/heads/bottle/test/force") == first
+    assert wait_until(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/force") == first)
+    time.sleep(0.3)
+    assert rev(upstream_repo(world), "refs/heads/bottle/test/force") == first
+
+
+def test_ref_deletion_is_rejected(world):
+    guest = world["guests"]["app"]
+    assert wait_until(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/one"))
+    result = git("push", "origin", ":refs/heads/bottle/test/one", cwd=guest, check=False)
+    assert result.returncode != 0
+    assert "git-gate: rejected refs/heads/bottle/test/one: deletion not allowed" in result.stderr
+    assert rev(mirror(world), "refs/heads/bottle/test/one")
+    assert rev(upstream_repo(world), "refs/heads/bottle/test/one")
+
+
+def test_tag_is_rejected_when_not_allowed(world):
+    guest = world["guests"]["app"]
+    git("tag", "v-test", "origin/main", cwd=guest)
+    result = git("push", "origin", "refs/tags/v-test", cwd=guest, check=False)
+    assert_rejected(world, result, "refs/tags/v-test", "tags not allowed")
+    assert rev(upstream_repo(world), "refs/tags/v-test") is None
+
+
+def test_commit_with_a_secret_is_rejected_without_showing_it(world):
+    guest = world["guests"]["app"]
+    key = fake_aws_key()
+    new_branch(guest, "bottle/test/secret")
+    clean = commit_file(guest, "ok.txt", "fine\n", "clean commit")
+    leaky = commit_file(guest, "config.ini", f"[aws]\naccess_key = {key}\n", "add config")
+    result = git("push", "origin", "HEAD:refs/heads/bottle/test/secret", cwd=guest, check=False)
+    assert_rejected(world, result, "refs/heads/bottle/test/secret", f"secret in commit {leaky}: aws_access_key_id")
+    assert clean not in result.stderr  # only the commit that adds the secret is named
+    assert key not in result.stderr and key not in result.stdout
+    assert rev(upstream_repo(world), "refs/heads/bottle/test/secret") is None
+    records = wait_until(lambda: [r for r in audit_records(world) if r["event"] == "push" and not r["accepted"]
+                                  and r["refs"][0]["ref"] == "refs/heads/bottle/test/secret"])
+    assert "aws_access_key_id" in records[0]["reason"]
+    assert key not in (world["mirrors"] / "audit.jsonl").read_text()
+    assert key not in world["stdout"].read_text()
+
+
+def test_one_bad_ref_rejects_the_whole_push(world):
+    guest = world["guests"]["app"]
+    new_branch(guest, "bottle/test/mixed")
+    commit_file(guest, "m.txt", "m\n", "mixed")
+    result = git("push", "origin", "HEAD:refs/heads/bottle/test/mixed", "HEAD:refs/heads/release", cwd=guest,
+                 check=False)
+    assert_rejected(world, result, "refs/heads/release", "branch not allowed")
+    assert rev(mirror(world), "refs/heads/bottle/test/mixed") is None
+
+
+def test_push_while_upstream_is_down_is_forwarded_once_it_is_back(world):
+    guest = world["guests"]["app"]
+    upstream = world["upstream"]
+    upstream.stop()
+    try:
+        new_branch(guest, "bottle/test/later")
+        sha = commit_file(guest, "later.txt", "later\n", "while upstream is down")
+        result = git("push", "origin", "HEAD:refs/heads/bottle/test/later", cwd=guest, check=False)
+        assert result.returncode == 0, result.stderr
+        assert rev(mirror(world), "refs/heads/bottle/test/later") == sha
+        assert wait_until(lambda: [r for r in audit_records(world) if r["event"] == "forward" and not r["accepted"]
+                                   and r["refs"][0]["ref"] == "refs/heads/bottle/test/later"])
+    finally:
+        upstream.start()
+    assert wait_until(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/later") == sha, timeout=20)
+    assert wait_until(lambda: not list((mirror(world) / "git-gate" / "queue").glob("*.json")))
+
+
+def test_fetch_sees_a_new_upstream_commit(world):
+    seed, guest = world["seed"], world["guests"]["app"]
+    git("checkout", "--quiet", "main", cwd=seed)
+    git("pull", "--quiet", "--ff-only", str(upstream_repo(world)), "main", cwd=seed)
+    sha = commit_file(seed, "upstream.txt", "new upstream work\n", "upstream moves")
+    git("push", "--quiet", str(upstream_repo(world)), "main", cwd=seed)
+    time.sleep(gitgate.GUEST_REFRESH_INTERVAL_S + 0.1)  # the guest refresh is rate limited
+    git("fetch", "--quiet", "origin", cwd=guest)
+    assert rev(guest, "refs/remotes/origin/main") == sha
+    # agent branches awaiting nothing are still there: refresh never prunes
+    assert rev(mirror(world), "refs/heads/bottle/test/later")
+
+
+def test_allowed_force_delete_and_tag_are_forwarded(world):
+    guest = world["guests"]["lib"]
+    up = upstream_repo(world, "lib")
+    new_branch(guest, "feature")
+    commit_file(guest, "a.txt", "a\n", "a")
+    assert git("push", "origin", "HEAD:refs/heads/feature", cwd=guest, check=False).returncode == 0
+    git("commit", "--quiet", "--amend", "-m", "a, rewritten", cwd=guest)
+    rewritten = rev(guest, "HEAD")
+    result = git("push", "--force", "origin", "HEAD:refs/heads/feature", cwd=guest, check=False)
+    assert result.returncode == 0, result.stderr
+    git("tag", "-a", "-m", "release", "v1", cwd=guest)
+    tag = rev(guest, "refs/tags/v1")
+    assert git("push", "origin", "refs/tags/v1", cwd=guest, check=False).returncode == 0
+    assert wait_until(lambda: rev(up, "refs/heads/feature") == rewritten and rev(up, "refs/tags/v1") == tag)
+    assert git("push", "origin", ":refs/heads/feature", cwd=guest, check=False).returncode == 0
+    assert wait_until(lambda: rev(up, "refs/heads/feature") is None)
+    forwards = [r for r in audit_records(world) if r["event"] == "forward" and r["repo"] == "lib" and r["accepted"]]
+    assert any(r["force"] for r in forwards)
+
+
+def test_gzipped_request_bodies_are_served(world):
+    """A fetch with many wants makes git gzip its upload-pack request (Content-Encoding: gzip)."""
+    seed, up = world["seed"], upstream_repo(world, "lib")
+    tree = rev(seed, "HEAD^{tree}")
+    lines = []
+    for i in range(40):
+        commit = git("commit-tree", tree, "-m", f"branch {i}", cwd=seed).stdout.strip()
+        lines.append(f"create refs/heads/many/{i:02d} {commit}")
+    git("push", "--quiet", str(up), *(f"{line.split()[2]}:{line.split()[1]}" for line in lines), cwd=seed)
+    time.sleep(gitgate.GUEST_REFRESH_INTERVAL_S + 0.1)
+    guest = world["guests"]["lib"]
+    git("fetch", "--quiet", "origin", cwd=guest)
+    assert rev(guest, "refs/remotes/origin/many/39") == lines[-1].split()[2]
+    events = json_lines(world["stdout"].read_text())
+    assert any(e.get("event") == "http" and e.get("gzip") and e.get("status") == 200 for e in events)
+
+
+def test_large_push_with_a_chunked_request_body_is_forwarded(world):
+    """Above http.postBuffer (1 MiB) git streams the pack with Transfer-Encoding: chunked."""
+    guest, up = world["guests"]["lib"], upstream_repo(world, "lib")
+    new_branch(guest, "big")
+    (guest / "blob.bin").write_bytes(random.randbytes(1_200_000))
+    git("add", "blob.bin", cwd=guest)
+    git("commit", "--quiet", "-m", "a large incompressible file", cwd=guest)
+    sha = rev(guest, "HEAD")
+    result = git("push", "origin", "HEAD:refs/heads/big", cwd=guest, check=False)
+    assert result.returncode == 0, result.stderr
+    assert wait_until(lambda: rev(up, "refs/heads/big") == sha)
+    events = json_lines(world["stdout"].read_text())
+    assert any(e.get("event") == "http" and e.get("service") == "git-receive-pack" and e.get("chunked")
+               and e.get("status") == 200 for e in events)
+
+
+def test_unknown_repo_and_dumb_protocol_are_refused(world):
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for path, status in (("/other.git/info/refs?service=git-upload-pack", 404), ("/app.git/HEAD", 404),
+                         ("/app.git/info/refs", 403), ("/../app.git/info/refs?service=git-upload-pack", 404)):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            opener.open(world["gate_url"] + path, timeout=5)
+        assert caught.value.code == status, path
+
+
+def test_token_never_appears_in_audit_or_output(world):
+    # runs last: by now pushes, rejections, failed and successful forwards have all been logged
+    outputs = [(world["mirrors"] / "audit.jsonl").read_text(), world["stdout"].read_text(),
+               world["stderr"].read_text()]
+    encoded = base64.b64encode(f"{USERNAME}:{TOKEN}".encode()).decode()
+    for text in outputs:
+        assert TOKEN not in text
+        assert encoded not in text
+    events = {r["event"] for r in audit_records(world)}
+    assert {"push", "forward"} <= events
+    for hook in ("pre-receive", "post-receive"):
+        assert TOKEN not in (mirror(world) / "git-gate" / "hooks" / hook).read_text()
+    assert world["daemon"].poll() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy function without HTTP
+
+
+@pytest.fixture()
+def plain_repo(tmp_path, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("GIT_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    work = tmp_path / "work"
+    git("init", "--quiet", "-b", "main", str(work))
+    git("config", "user.name", "T", cwd=work)
+    git("config", "user.email", "t@example.invalid", cwd=work)
+    commit_file(work, "base.txt", "base\n", "base")
+    return work
+
+
+ZERO = "0" * 40
+POLICY = gitgate.PushPolicy(branches=("bottle/*",))
+
+
+def decide(repo: Path, *updates: tuple[str, str, str], policy=POLICY):
+    parsed = [gitgate.RefUpdate(old, new, ref) for old, new, ref in updates]
+    return gitgate.evaluate_push(policy, parsed, repo, gitgate.SecretScanner())
+
+
+def test_policy_removing_a_secret_is_fine_adding_one_in_a_merge_is_not(plain_repo):
+    key = fake_aws_key()
+    base = rev(plain_repo, "HEAD")
+    git("branch", "-m", "bottle/x", cwd=plain_repo)
+    with_key = commit_file(plain_repo, "k.txt", key + "\n", "add key")
+    git("update-ref", "refs/heads/main", with_key, cwd=plain_repo)  # the key is already "in the mirror"
+    removed = commit_file(plain_repo, "k.txt", "gone\n", "remove key")
+    [decision] = decide(plain_repo, (with_key, removed, "refs/heads/bottle/x"))
+    assert decision.accepted, decision.reasons
+
+    # an evil merge: the key appears only in the merge result
+    git("checkout", "--quiet", "-b", "side", base, cwd=plain_repo)
+    side = commit_file(plain_repo, "side.txt", "side\n", "side")
+    git("checkout", "--quiet", "bottle/x", cwd=plain_repo)
+    git("merge", "--quiet", "--no-commit", "side", cwd=plain_repo)
+    (plain_repo / "evil.txt").write_text(f"key={fake_aws_key()}\n")
+    git("add", "evil.txt", cwd=plain_repo)
+    git("commit", "--quiet", "-m", "merge side", cwd=plain_repo)
+    merge = rev(plain_repo, "HEAD")
+    git("update-ref", "refs/heads/main", removed, cwd=plain_repo)
+    git("update-ref", "-d", "refs/heads/side", cwd=plain_repo)
+    git("update-ref", "-d", "refs/heads/bottle/x", cwd=plain_repo)
+    [decision] = decide(plain_repo, (removed, merge, "refs/heads/bottle/x"))
+    assert decision.reasons == (f"secret in commit {merge}: aws_access_key_id",)
+    assert side not in " ".join(decision.reasons)
+
+
+def test_policy_reasons_are_all_reported(plain_repo):
+    base = rev(plain_repo, "HEAD")
+    git("update-ref", "refs/heads/keep", base, cwd=plain_repo)
+    decisions = decide(plain_repo, (ZERO, base, "refs/notes/commits"), (base, ZERO, "refs/heads/main"),
+                       (ZERO, base, "refs/tags/v1"))
+    assert decisions[0].reasons == ("ref not allowed (only refs/heads/* and refs/tags/*)",)
+    assert decisions[1].reasons == ("branch not allowed (allowed: bottle/*)", "deletion not allowed")
+    assert decisions[2].reasons == ("tags not allowed",)
+
+
+def test_pre_receive_hook_prints_one_line_per_reason_and_spools_an_event(plain_repo, tmp_path):
+    config = gitgate.parse_config({
+        "version": 1, "listen": "127.0.0.1:0", "mirrors_dir": str(tmp_path / "m"),
+        "repos": [{"name": "r", "url": "https://git.example.invalid/r.git", "push": {"branches": ["bottle/*"]}}]})
+    repo = config.repos[0]
+    mirror_dir = tmp_path / "m" / "r.git"
+    git("clone", "--quiet", "--bare", str(plain_repo), str(mirror_dir))
+    head = rev(mirror_dir, "refs/heads/main")
+    stderr = io.StringIO()
+    code = gitgate.hook_pre_receive(config, repo, f"{head} {ZERO} refs/heads/main\n", stderr, environ=os.environ)
+    assert code == 1
+    assert stderr.getvalue().splitlines() == [
+        "git-gate: rejected refs/heads/main: branch not allowed (allowed: bottle/*)",
+        "git-gate: rejected refs/heads/main: deletion not allowed",
+    ]
+    [(_, event)] = gitgate.read_spool(mirror_dir / "git-gate" / "events")
+    assert event["event"] == "push" and event["accepted"] is False and event["repo"] == "r"
+
+
+def test_pipelock_verdicts_reject_and_its_absence_fails_closed(plain_repo):
+    git("branch", "-m", "bottle/p", cwd=plain_repo)
+    head = rev(plain_repo, "HEAD")
+    update = [gitgate.RefUpdate(ZERO, head, "refs/heads/bottle/p")]
+    git("update-ref", "-d", "refs/heads/bottle/p", cwd=plain_repo)
+    deny = FakePipelock(lambda _: (200, {"status": "completed", "decision": "deny", "findings": [
+        {"scanner": "dlp", "rule_id": "DLP-Custom Token", "severity": "high", "message": "m"}]}))
+    down = FakePipelock(lambda _: (503, {"status": "error", "errors": [{"code": "busy"}]}))
+    try:
+        [denied] = gitgate.evaluate_push(POLICY, update, plain_repo,
+                                         gitgate.SecretScanner(dlp.PipelockScanner(deny.url, "t")))
+        [unavailable] = gitgate.evaluate_push(POLICY, update, plain_repo,
+                                              gitgate.SecretScanner(dlp.PipelockScanner(down.url, "t")))
+    finally:
+        deny.close()
+        down.close()
+    assert denied.reasons == (f"secret in commit {head}: pipelock:DLP-Custom Token",)
+    assert deny.requests and "base" in deny.requests[0][0]["input"]["text"]
+    assert len(unavailable.reasons) == 1 and unavailable.reasons[0].startswith("secret scan unavailable")
+
+
+def test_hook_fails_closed_on_a_broken_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{ZERO} {'1' * 40} refs/heads/x\n"))
+    code = gitgate.main(["pre-receive", "--config", str(tmp_path / "missing.yaml"), "--repo", "app"])
+    assert code == 1
+    assert "push rejected" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+BASE = {"version": 1, "listen": "10.0.0.2:8081", "mirrors_dir": "/var/lib/bottle/git",
+        "repos": [{"name": "app", "url": "https://git.example.com/org/app.git",
+                   "identity": {"kind": "token", "token_env": "GIT_TOKEN", "username": "", "ssh_key": ""},
+                   "push": {"branches": ["bottle/x/*"], "force": False, "delete": False, "tags": False}}]}
+
+
+def test_config_parses_the_contract_shape():
+    config = gitgate.parse_config(BASE)
+    assert (config.listen_host, config.listen_port, config.refresh_seconds) == ("10.0.0.2", 8081, 60.0)
+    assert config.audit_log == Path("/var/lib/bottle/git/audit.jsonl")
+    assert config.repos[0].identity == gitgate.Identity("token", token_env="GIT_TOKEN", username="x-access-token")
+    assert config.repos[0].push.branch_allowed("bottle/x/feature")
+    assert not config.repos[0].push.branch_allowed("main")
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"version": 2}, "version: must be 1"),
+    ({"listen": "nope"}, "listen: must be \"ip:port\""),
+    ({"colour": 1}, "colour: unknown key"),
+    ({"repos": [{**BASE["repos"][0], "name": "a/b"}]}, "repos[0].name:"),
+    ({"repos": [{**BASE["repos"][0], "url": "-oProxyCommand=x"}]}, "repos[0].url:"),
+    ({"repos": [{**BASE["repos"][0], "identity": {"kind": "token", "token_env": ""}}]}, "repos[0].identity.token_env:"),
+    ({"repos": [{**BASE["repos"][0], "identity": {"kind": "ssh", "ssh_key": ""}}]}, "repos[0].identity.ssh_key:"),
+    ({"repos": [{**BASE["repos"][0], "push": {"force": "yes"}}]}, "repos[0].push.force: must be true or false"),
+    ({"repos": [BASE["repos"][0], BASE["repos"][0]]}, "repos[1].name: duplicate"),
+])
+def test_config_errors_name_file_and_key(patch, message):
+    with pytest.raises(gitgate.GitGateConfigError) as caught:
+        gitgate.parse_config({**BASE, **patch}, source="/etc/bottle/git-gate.yaml")
+    assert str(caught.value).startswith("/etc/bottle/git-gate.yaml: ")
+    assert message in str(caught.value)
+
+
+def test_missing_token_variable_is_a_clear_startup_error(tmp_path):
+    config = gitgate.parse_config({**BASE, "mirrors_dir": str(tmp_path)})
+    with pytest.raises(gitgate.MissingToken, match=r"repos\[0\].identity.token_env: GIT_TOKEN"):
+        gitgate.Gate(config, tmp_path / "git-gate.yaml", environ={})
+
+
+def test_scrubber_redacts_token_basic_auth_and_userinfo():
+    scrubber = gitgate.Scrubber([("u", "s3cret-token-value")])
+    basic = base64.b64encode(b"u:s3cret-token-value").decode()
+    text = scrubber.text(f"fatal: https://u:s3cret-token-value@host/x failed; Basic {basic}; s3cret-token-value")
+    assert "s3cret-token-value" not in text and basic not in text
+
+
+def test_upstream_ca_joins_the_system_store_for_upstream_git_only(tmp_path):
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    (tmp_path / "upstream-ca.pem").write_text(pem)
+    config = gitgate.parse_config({**BASE, "mirrors_dir": str(tmp_path / "m")})
+    gate = gitgate.Gate(config, tmp_path / "git-gate.yaml", environ={"GIT_TOKEN": "t0ken", "PATH": os.environ["PATH"]},
+                        upstream_ca=tmp_path / "upstream-ca.pem")
+    gate.setup()
+    env = gate.upstream_env(config.repos[0])
+    assert Path(env["GIT_SSL_CAINFO"]).read_text().endswith(pem)
+    assert env["GIT_GATE_PASSWORD"] == "t0ken" and "GIT_TOKEN" not in env
+    assert "GIT_SSL_CAINFO" not in gate.cgi_env() and "t0ken" not in json.dumps(gate.cgi_env())

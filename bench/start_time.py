@@ -14,8 +14,6 @@ import sys
 
 from common import BenchEnv, machine, summary, timed
 
-from bottle_tasks.backends.docker import HEALTH_TIMEOUT  # noqa: F401  (same engine, same images)
-from bottle_tasks.plan import EGRESS_PORT
 from bottle_tasks.render import render
 
 AGENT = "bench-start"

@@ -39,17 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, TextIO
 
-import yaml
 from mitmproxy import connection, http, tcp, tls, websocket
 from mitmproxy.proxy import server_hooks
 
+from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token
 from bottle_tasks.sidecars import dlp
 from bottle_tasks.sidecars.routes import Route, RoutesConfig, RoutesError, TokenSlot, load_routes, normalize_host
 
 BLOCK_HEADER = "X-Bottle-Block-Reason"
 DEFAULT_UPSTREAM_CA = "/etc/bottle/upstream-ca.pem"
 DEFAULT_PIPELOCK_CONFIG = "/etc/bottle/pipelock.yaml"
-PIPELOCK_TOKEN_ENV = "BOTTLE_PIPELOCK_SCAN_TOKEN"  # overrides scan_api.auth.bearer_tokens[0] of pipelock.yaml
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Responses up to this size (with a Content-Length) are buffered and redacted whole; larger or
 # length-less ones (server-sent events) are streamed and redacted chunk by chunk.
@@ -494,19 +493,6 @@ def read_secrets(config: RoutesConfig, environ: Mapping[str, str]) -> dict[str, 
             )
         secrets[slot.env] = value
     return secrets
-
-
-def pipelock_scan_token(environ: Mapping[str, str], pipelock_config: Path) -> str:
-    """Bearer token for pipelock's scan API: the env var, else the first of
-    ``scan_api.auth.bearer_tokens`` in pipelock.yaml (pipelock refuses to start without one)."""
-    if environ.get(PIPELOCK_TOKEN_ENV):
-        return environ[PIPELOCK_TOKEN_ENV]
-    try:
-        document = yaml.safe_load(pipelock_config.read_text(encoding="utf-8"))
-        tokens = document["scan_api"]["auth"]["bearer_tokens"]
-        return str(tokens[0]) if tokens else ""
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
-        return ""
 
 
 def write_confdir(ca_dir: Path, confdir: Path) -> None:

@@ -49,8 +49,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping, Sequence, TextIO
 
-import yaml
 
+from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token, read_yaml
 from bottle_tasks.sidecars import dlp
 
 SUPPORTED_VERSION = 1
@@ -58,7 +58,6 @@ DEFAULT_CONFIG = "/etc/bottle/git-gate.yaml"
 DEFAULT_PIPELOCK_CONFIG = "/etc/bottle/pipelock.yaml"
 DEFAULT_UPSTREAM_CA = "/etc/bottle/upstream-ca.pem"  # extra CAs for upstream TLS, as for egress
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-PIPELOCK_TOKEN_ENV = "BOTTLE_PIPELOCK_SCAN_TOKEN"  # as in egress: overrides scan_api.auth.bearer_tokens[0]
 REMOTE_USER = "agent"
 GUEST_REFRESH_INTERVAL_S = 2.0  # a guest info/refs refreshes the mirror at most this often
 GUEST_REFRESH_TIMEOUT_S = 30.0  # ... and waits at most this long for the upstream
@@ -128,18 +127,7 @@ class GateConfig:
 
 
 def load_config(path: str | Path) -> GateConfig:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GitGateConfigError(f"{path}: cannot read git-gate config: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise GitGateConfigError(f"{path}: not valid YAML{where}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(read_yaml(path, GitGateConfigError, "git-gate config"), source=str(path))
 
 
 def parse_config(data: Any, *, source: str = "git-gate.yaml") -> GateConfig:
@@ -542,15 +530,7 @@ def pending_refs(paths: MirrorPaths) -> set[str]:
 def pipelock_scanner(config: GateConfig, environ: Mapping[str, str], pipelock_config: Path) -> dlp.PipelockScanner | None:
     if not config.pipelock_scan_url:
         return None
-    token = environ.get(PIPELOCK_TOKEN_ENV, "")
-    if not token:
-        try:
-            document = yaml.safe_load(pipelock_config.read_text(encoding="utf-8"))
-            tokens = document["scan_api"]["auth"]["bearer_tokens"]
-            token = str(tokens[0]) if tokens else ""
-        except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
-            token = ""
-    return dlp.PipelockScanner(config.pipelock_scan_url, token)
+    return dlp.PipelockScanner(config.pipelock_scan_url, pipelock_scan_token(environ, pipelock_config))
 
 
 def hook_pre_receive(config: GateConfig, repo: RepoConfig, stdin: str, stderr: TextIO, *,

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+
+from bottle_tasks.sidecars.configfile import read_yaml
 
 SUPPORTED_VERSION = 1
 VALUE_MARKER = "{value}"
@@ -88,18 +89,7 @@ def normalize_host(host: str) -> str:
 
 
 def load_routes(path: str | Path) -> RoutesConfig:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RoutesError(f"{path}: cannot read routes file: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise RoutesError(f"{path}: not valid YAML{where}") from None
-    return parse_routes(data, source=str(path))
+    return parse_routes(read_yaml(path, RoutesError, "routes file"), source=str(path))
 
 
 def parse_routes(data: Any, *, source: str = "routes.yaml") -> RoutesConfig:

@@ -39,8 +39,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
 
+from bottle_tasks.sidecars.configfile import read_yaml
 from bottle_tasks.sidecars.supervise_store import (
     MAX_TIMEOUT_S, MIN_TIMEOUT_S, InvalidArgument, Request, Store, SuperviseError, UnknownRequest,
     validate_request_fields,
@@ -104,13 +104,7 @@ def parse_config(data: Any, source: str = "supervise.yaml") -> Config:
 
 
 def load_config(path: Path) -> Config:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    return parse_config(data, str(path))
+    return parse_config(read_yaml(path, ConfigError, "supervise config"), str(path))
 
 
 def truncate(value: Any, limit: int = LOG_INPUT_CHARS) -> str:

@@ -235,3 +235,50 @@ def host_listener():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
+
+
+GIT_TOKEN = "ghp_" + secrets.token_hex(18)      # a fake upstream credential, GitHub-token shaped
+AGENT_GIT = "probe-git"
+
+
+def _seed_upstream(name: str) -> None:
+    script = """
+set -e
+git init -q --bare -b main /srv/git/app.git
+tmp=$(mktemp -d) && cd "$tmp" && git init -q -b main && git config user.email up@test && git config user.name up
+echo hello > README.md && git add README.md && git commit -qm "initial commit"
+git push -q /srv/git/app.git main
+"""
+    docker("exec", name, "sh", "-c", script)
+
+
+@pytest.fixture(scope="session")
+def bottle_git(bottle_env: Env):
+    bottle_env.write_agent(AGENT_GIT, """
+        routes: []
+        git:
+          user: {name: Probe Agent, email: probe@bottle.test}
+          repos:
+            - name: app
+              url: https://git.test/git/app.git
+              identity: {token_env: BOTTLE_TEST_GIT_TOKEN}
+        supervise:
+          tools: ["Bash(git push:*)"]
+          timeout: 15
+    """)
+    extra = {"BOTTLE_TEST_GIT_TOKEN": GIT_TOKEN}
+    env = Env(root=bottle_env.root, env={**bottle_env.env, **extra}, argv_log=bottle_env.argv_log)
+    plan = env.plan(AGENT_GIT)
+    bottle = Bottle(env=env, agent=AGENT_GIT, plan=plan, upstream=f"bottle-test-upstream-{AGENT_GIT}")
+    try:
+        # The upstream must exist before the first start: git-gate mirrors it when it comes up.
+        env.doit("networks:" + AGENT_GIT, f"agent={AGENT_GIT}")
+        bottle.upstream_ip = start_upstream(env, plan, bottle.upstream, aliases=["git.test"],
+                                            container_env={"UPSTREAM_GIT_TOKEN": GIT_TOKEN})
+        _seed_upstream(bottle.upstream)
+        env.doit("start", f"agent={AGENT_GIT}", "command=true")
+    except BaseException:
+        _teardown(bottle)
+        raise
+    yield bottle
+    _teardown(bottle)

@@ -5,63 +5,15 @@ is lost when the upstream is down or the bottle is cleaned."""
 from __future__ import annotations
 
 import json
-import secrets
 import time
 
 import pytest
 
-from tests.integration.conftest import Bottle, Env, _teardown, docker, start_upstream
+from tests.integration.conftest import AGENT_GIT as AGENT, GIT_TOKEN, Bottle, docker
 from tests.integration.test_tokens import _files_containing
-
-GIT_TOKEN = "ghp_" + secrets.token_hex(18)      # a fake upstream credential, GitHub-token shaped
-AGENT = "probe-git"
-
 
 def _upstream_git(bottle: Bottle, *args: str) -> str:
     return docker("exec", bottle.upstream, "git", "--git-dir", "/srv/git/app.git", *args, check=False).stdout
-
-
-def _seed_upstream(name: str) -> None:
-    script = """
-set -e
-git init -q --bare -b main /srv/git/app.git
-tmp=$(mktemp -d) && cd "$tmp" && git init -q -b main && git config user.email up@test && git config user.name up
-echo hello > README.md && git add README.md && git commit -qm "initial commit"
-git push -q /srv/git/app.git main
-"""
-    docker("exec", name, "sh", "-c", script)
-
-
-@pytest.fixture(scope="module")
-def bottle_git(bottle_env: Env):
-    bottle_env.write_agent(AGENT, """
-        routes: []
-        git:
-          user: {name: Probe Agent, email: probe@bottle.test}
-          repos:
-            - name: app
-              url: https://git.test/git/app.git
-              identity: {token_env: BOTTLE_TEST_GIT_TOKEN}
-        supervise:
-          tools: ["Bash(git push:*)"]
-          timeout: 15
-    """)
-    extra = {"BOTTLE_TEST_GIT_TOKEN": GIT_TOKEN}
-    env = Env(root=bottle_env.root, env={**bottle_env.env, **extra}, argv_log=bottle_env.argv_log)
-    plan = env.plan(AGENT)
-    bottle = Bottle(env=env, agent=AGENT, plan=plan, upstream=f"bottle-test-upstream-{AGENT}")
-    try:
-        # The upstream must exist before the first start: git-gate mirrors it when it comes up.
-        env.doit("networks:" + AGENT, f"agent={AGENT}")
-        bottle.upstream_ip = start_upstream(env, plan, bottle.upstream, aliases=["git.test"],
-                                            container_env={"UPSTREAM_GIT_TOKEN": GIT_TOKEN})
-        _seed_upstream(bottle.upstream)
-        env.doit("start", f"agent={AGENT}", "command=true")
-    except BaseException:
-        _teardown(bottle)
-        raise
-    yield bottle
-    _teardown(bottle)
 
 
 def _guest_git(bottle: Bottle, script: str):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import socket
 
-import pytest
-
 from bottle_tasks.plan import EGRESS_PORT
 from tests.integration.conftest import docker
 from tests.integration.probes import Probe, run_probes
@@ -87,7 +85,6 @@ def test_positive_controls_the_probed_targets_really_listen(bottle_a, host_liste
     docker("run", "-d", "--rm", "--name", control, "--network", net.egress_name, "--entrypoint", "sleep",
            "claude-bottle-test/upstream:latest", "60")
     try:
-        from tests.integration.probes import PROBE_SCRIPT  # noqa: F401  (same script, different container)
         results = run_probes(control, [
             Probe("upstream tcp/443", "tcp", (bottle_a.upstream_ip, 443)),
             Probe("upstream udp/5353", "udp", (bottle_a.upstream_ip, 5353)),

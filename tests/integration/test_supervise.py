@@ -10,8 +10,7 @@ import subprocess
 import time
 
 from bottle_tasks.plan import GUEST_SUPERVISE_CONFIG, GUEST_SUPERVISE_HOOK
-from tests.integration.conftest import docker
-from tests.integration.test_git import AGENT, bottle_git  # noqa: F401  (the same bottle)
+from tests.integration.conftest import AGENT_GIT as AGENT, docker
 
 
 def _hook(bottle, command: str) -> subprocess.Popen:

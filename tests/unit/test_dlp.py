@@ -6,9 +6,7 @@ Every "secret" here is generated from a prefix and filler, never a real credenti
 from __future__ import annotations
 
 import json
-import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 

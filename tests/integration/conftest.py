@@ -255,7 +255,10 @@ git push -q /srv/git/app.git main
 @pytest.fixture(scope="session")
 def bottle_git(bottle_env: Env):
     bottle_env.write_agent(AGENT_GIT, """
-        routes: []
+        routes:
+          - host: api.anthropic.com
+            private_network: true
+            token: {env: ANTHROPIC_API_KEY, header: x-api-key}
         git:
           user: {name: Probe Agent, email: probe@bottle.test}
           repos:
@@ -273,7 +276,7 @@ def bottle_git(bottle_env: Env):
     try:
         # The upstream must exist before the first start: git-gate mirrors it when it comes up.
         env.doit("networks:" + AGENT_GIT, f"agent={AGENT_GIT}")
-        bottle.upstream_ip = start_upstream(env, plan, bottle.upstream, aliases=["git.test"],
+        bottle.upstream_ip = start_upstream(env, plan, bottle.upstream, aliases=["git.test", "api.anthropic.com"],
                                             container_env={"UPSTREAM_GIT_TOKEN": GIT_TOKEN})
         _seed_upstream(bottle.upstream)
         env.doit("start", f"agent={AGENT_GIT}", "command=true")

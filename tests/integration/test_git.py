@@ -41,6 +41,24 @@ def test_repo_is_cloned_through_git_gate_with_the_agents_identity(bottle_git):
     assert lines[-2] == f"{bottle_git.plan.git.url}/app.git" and lines[-1] == "probe@bottle.test"
 
 
+def test_a_guest_fetch_sees_new_upstream_commits(bottle_git):
+    script = """
+set -e
+tmp=$(mktemp -d) && git clone -q /srv/git/app.git "$tmp/c" && cd "$tmp/c"
+git config user.email up@test && git config user.name up
+echo more >> README.md && git commit -qam "upstream moved on" && git push -q origin main && git rev-parse HEAD
+"""
+    sha = docker("exec", bottle_git.upstream, "sh", "-c", script).stdout.split()[-1]
+    # A fetch refreshes the mirror on demand, at most once every 2 s per repo.
+    deadline = time.monotonic() + 10
+    while True:
+        fetched = _guest_git(bottle_git, "git fetch -q origin && git rev-parse origin/main")
+        if fetched.stdout.split()[-1:] == [sha] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert fetched.stdout.split()[-1] == sha, fetched.stdout + fetched.stderr
+
+
 def test_push_to_an_allowed_branch_reaches_the_upstream(bottle_git):
     branch = f"bottle/{AGENT}/feature"
     push = _guest_git(bottle_git, f"git checkout -q -b {branch} && echo change > f.txt && git add f.txt && "
@@ -51,7 +69,7 @@ def test_push_to_an_allowed_branch_reaches_the_upstream(bottle_git):
 
 
 @pytest.mark.parametrize("case,script,reason", [
-    ("protected branch", "git checkout -q main && echo x >> README.md && git commit -qam 'to main' && git push origin main",
+    ("protected branch", "git checkout -q main && git reset -q --hard origin/main && echo x >> README.md && git commit -qam 'to main' && git push origin main",
      "not allowed"),
     ("force push", "git checkout -q bottle/probe-git/feature && git commit -q --amend -m rewritten && "
                    "git push -f origin bottle/probe-git/feature", "force"),

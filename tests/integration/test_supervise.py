@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 
 from bottle_tasks.plan import GUEST_SUPERVISE_CONFIG, GUEST_SUPERVISE_HOOK
+from bottle_tasks.settings import ROOT
 from tests.integration.conftest import AGENT_GIT as AGENT, docker
 
 
@@ -124,3 +126,20 @@ def test_the_agent_cannot_edit_the_hook_away(bottle_git):
         assert proc.returncode != 0, f"the agent could overwrite {path}"
     settings = json.loads(bottle_git.exec("cat", "/etc/claude-code/managed-settings.json").stdout)
     assert settings["hooks"]["PreToolUse"][0]["matcher"] == "Bash"
+
+
+def test_claude_asks_a_human_before_it_pushes(bottle_git):
+    """The real client: the stand-in model asks for `git push`; Claude Code's hook holds the call
+    until the host denies it, and the model gets the human's reason back as the tool result."""
+    branch = f"bottle/{AGENT}/by-claude"
+    command = f"claude -p 'RUN_BASH: git push origin HEAD:{branch}' --dangerously-skip-permissions"
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "start", f"agent={AGENT}",
+                             f"command={command}"], cwd=ROOT, env=bottle_git.env.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    request_id = _pending_id(bottle_git, "by-claude", proc, timeout=60)
+    bottle_git.env.doit("deny", f"agent={AGENT}", f"id={request_id}", "reason=no pushes during the test")
+    out, err = proc.communicate(timeout=120)
+    assert "tool result:" in out and "no pushes during the test" in out, out + err
+    audit = bottle_git.plan.git.mirrors_dir / "audit.jsonl"
+    pushes = [line for line in (audit.read_text() if audit.exists() else "").splitlines() if branch in line]
+    assert pushes == [], pushes

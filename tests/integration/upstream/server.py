@@ -7,6 +7,7 @@ what arrived upstream (the real token) and what did not (a blocked secret).
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import socketserver
@@ -98,22 +99,45 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             req = {}
         model = req.get("model", "claude-test")
+        block, stop = _reply_block(req.get("messages") or [])
         message = {"id": "msg_test", "type": "message", "role": "assistant", "model": model,
-                   "content": [{"type": "text", "text": MESSAGE_TEXT}], "stop_reason": "end_turn",
+                   "content": [block], "stop_reason": stop,
                    "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 8}}
         if not req.get("stream"):
             return self._send(200, json.dumps(message).encode())
         start = dict(message, content=[], stop_reason=None, usage={"input_tokens": 10, "output_tokens": 1})
+        if block["type"] == "text":
+            opening, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+        else:
+            opening = {**block, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
         events = [
             ("message_start", {"type": "message_start", "message": start}),
-            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": MESSAGE_TEXT}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": opening}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}),
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 8}}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 8}}),
             ("message_stop", {"type": "message_stop"}),
         ]
         payload = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
         self._send(200, payload, "text/event-stream", {"Cache-Control": "no-cache"})
+
+
+def _reply_block(messages: list) -> tuple[dict, str]:
+    """What the stand-in model answers. A prompt holding `RUN_BASH: <command>` gets one Bash tool
+    call; the turn that carries its result gets that result echoed back as text."""
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+    content = last.get("content")
+    blocks = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+    results = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"]
+    if results:
+        return {"type": "text", "text": "tool result: " + json.dumps(results[0].get("content"))[:500]}, "end_turn"
+    text = " ".join(b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text")
+    match = re.search(r"RUN_BASH: ([^\n'\"]+)", text)
+    if match:
+        return {"type": "tool_use", "id": "toolu_bottle_test", "name": "Bash",
+                "input": {"command": match.group(1).strip(), "description": "run the requested command"}}, "tool_use"
+    return {"type": "text", "text": MESSAGE_TEXT}, "end_turn"
 
 
 def serve_http(port: int, scheme: str, context=None) -> None:

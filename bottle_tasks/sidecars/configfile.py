@@ -36,3 +36,28 @@ def pipelock_scan_token(environ: Mapping[str, str], pipelock_config: Path) -> st
         return str(tokens[0]) if tokens else ""
     except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
         return ""
+
+
+def check_http_url(value: str, key: str, fail) -> str:
+    """An http(s) URL or "" (off); `fail(key, problem)` builds the config's own error."""
+    if value and not value.startswith(("http://", "https://")):
+        raise fail(key, "must be an http:// or https:// URL, or \"\"")
+    return value
+
+
+def list_of(data: dict, key: str, fail) -> list:
+    """data[key] as a list; absent or null is empty."""
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise fail(key, "must be a list")
+    return value
+
+
+def refuse_duplicates(names: list[str], key: str, field: str, fail) -> None:
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise fail(f"{key}[{i}].{field}", f"duplicate of {key}[{seen[name]}].{field} ({name})")
+        seen[name] = i

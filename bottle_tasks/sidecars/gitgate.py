@@ -50,7 +50,9 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 
-from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token, read_yaml
+from bottle_tasks.sidecars.configfile import (
+    PIPELOCK_TOKEN_ENV, check_http_url, list_of, pipelock_scan_token, read_yaml, refuse_duplicates,
+)
 from bottle_tasks.sidecars import dlp
 
 SUPPORTED_VERSION = 1
@@ -152,20 +154,9 @@ def parse_config(data: Any, *, source: str = "git-gate.yaml") -> GateConfig:
     if not mirrors_dir.startswith("/"):
         raise fail("mirrors_dir", f"must be an absolute path, got {mirrors_dir!r}")
     audit_log = _string(data, "audit_log", "audit_log", fail) or str(Path(mirrors_dir) / "audit.jsonl")
-    scan_url = _string(data, "pipelock_scan_url", "pipelock_scan_url", fail)
-    if scan_url and not scan_url.startswith(("http://", "https://")):
-        raise fail("pipelock_scan_url", "must be an http:// or https:// URL, or \"\"")
-    raw_repos = data.get("repos")
-    if raw_repos is None:
-        raw_repos = []
-    if not isinstance(raw_repos, list):
-        raise fail("repos", "must be a list")
-    repos = tuple(_repo(item, f"repos[{i}]", fail) for i, item in enumerate(raw_repos))
-    seen: dict[str, int] = {}
-    for i, repo in enumerate(repos):
-        if repo.name in seen:
-            raise fail(f"repos[{i}].name", f"duplicate of repos[{seen[repo.name]}].name ({repo.name})")
-        seen[repo.name] = i
+    scan_url = check_http_url(_string(data, "pipelock_scan_url", "pipelock_scan_url", fail), "pipelock_scan_url", fail)
+    repos = tuple(_repo(item, f"repos[{i}]", fail) for i, item in enumerate(list_of(data, "repos", fail)))
+    refuse_duplicates([repo.name for repo in repos], "repos", "name", fail)
     return GateConfig(host, int(port), float(refresh), Path(mirrors_dir), Path(audit_log), scan_url, repos)
 
 

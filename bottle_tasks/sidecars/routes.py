@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 
-from bottle_tasks.sidecars.configfile import read_yaml
+from bottle_tasks.sidecars.configfile import check_http_url, list_of, read_yaml, refuse_duplicates
 
 SUPPORTED_VERSION = 1
 VALUE_MARKER = "{value}"
@@ -107,25 +107,10 @@ def parse_routes(data: Any, *, source: str = "routes.yaml") -> RoutesConfig:
 
     agent = _string(data, "agent", fail, required=True)
     listen_host, listen_port = _listen(_string(data, "listen", fail, required=True), fail)
-    upstream_proxy = _string(data, "upstream_proxy", fail)
-    if upstream_proxy and not upstream_proxy.startswith(("http://", "https://")):
-        raise fail("upstream_proxy", "must be an http:// or https:// URL, or \"\"")
-    scan_url = _string(data, "pipelock_scan_url", fail)
-    if scan_url and not scan_url.startswith(("http://", "https://")):
-        raise fail("pipelock_scan_url", "must be an http:// or https:// URL, or \"\"")
-
-    raw_routes = data.get("routes")
-    if raw_routes is None:
-        raw_routes = []
-    if not isinstance(raw_routes, list):
-        raise fail("routes", "must be a list")
-    routes = tuple(_route(item, f"routes[{i}]", fail) for i, item in enumerate(raw_routes))
-
-    seen_hosts: dict[str, int] = {}
-    for i, route in enumerate(routes):
-        if route.host in seen_hosts:
-            raise fail(f"routes[{i}].host", f"duplicate of routes[{seen_hosts[route.host]}].host ({route.host})")
-        seen_hosts[route.host] = i
+    upstream_proxy = check_http_url(_string(data, "upstream_proxy", fail), "upstream_proxy", fail)
+    scan_url = check_http_url(_string(data, "pipelock_scan_url", fail), "pipelock_scan_url", fail)
+    routes = tuple(_route(item, f"routes[{i}]", fail) for i, item in enumerate(list_of(data, "routes", fail)))
+    refuse_duplicates([route.host for route in routes], "routes", "host", fail)
     return RoutesConfig(agent, listen_host, listen_port, upstream_proxy, scan_url, routes)
 
 

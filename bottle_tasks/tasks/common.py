@@ -44,7 +44,7 @@ def plans() -> Iterator[Plan]:
         return
     for path in agent_files(s):
         try:
-            yield make_plan(load_spec(path), s)
+            yield _plan_cached(path, s)
         except BottleError:
             continue  # `doit list` shows the valid agents; `agent=<bad>` reports the error
 

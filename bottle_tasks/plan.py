@@ -126,6 +126,19 @@ class SupervisePlan:
 
 
 @dataclass(frozen=True)
+class SmolPlan:
+    """The smolmachines image pipeline: docker save -> throwaway registry -> crane push -> smolvm pack."""
+    registry_image: ImagePlan
+    registry_container: str
+    registry_port_file: Path           # the host port docker picked, for this run only
+    repository: str                    # <registry>/<repository>:<digest tag>
+    tarball_dir: Path                  # per-digest docker save output; removed once pushed
+    packs_dir: Path                    # <packs_dir>/<digest16> (+ .smolmachine), cached across runs
+    smolvm: str
+    crane: str
+
+
+@dataclass(frozen=True)
 class Plan:
     agent: str
     slug: str
@@ -154,6 +167,7 @@ class Plan:
     skills: tuple[Path, ...]
     git: GitPlan | None
     supervise: SupervisePlan | None
+    smol: SmolPlan | None
 
     @property
     def guest_ports(self) -> tuple[int, ...]:
@@ -346,6 +360,29 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
         skills=spec.skills,
         git=git,
         supervise=supervise,
+        smol=_smol_plan(slug, settings, cache, common_args) if backend == "smolmachines" else None,
+    )
+
+
+def _smol_plan(slug: str, settings: Settings, cache: Path, build_args: tuple[tuple[str, str], ...]) -> SmolPlan:
+    images_cache = settings.cache_dir / "images"
+    registry = ImagePlan(
+        kind="registry",
+        tag=f"{settings.image_prefix}/registry:latest",
+        dockerfile_dir=settings.images_dir / "registry",
+        context_dir=images_cache / "registry-context",
+        iid_file=images_cache / f"{settings.image_prefix.replace('/', '_')}_registry.iid",
+        build_args=build_args,
+    )
+    return SmolPlan(
+        registry_image=registry,
+        registry_container=f"bottle-{slug}-registry",
+        registry_port_file=cache / "registry.port",
+        repository=f"claude-bottle/agent-{slug}",
+        tarball_dir=cache / "image-tarballs",
+        packs_dir=settings.cache_dir / "smolmachines",
+        smolvm=settings.smolvm_bin,
+        crane=settings.crane_bin,
     )
 
 

@@ -35,6 +35,8 @@ class Settings:
     subnet_pool: str
     backend: str | None
     image_prefix: str
+    smolvm_bin: str
+    crane_bin: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -63,4 +65,6 @@ class Settings:
             subnet_pool=env.get("BOTTLE_SUBNET_POOL") or DEFAULT_SUBNET_POOL,
             backend=env.get("BOTTLE_BACKEND") or None,
             image_prefix=env.get("BOTTLE_IMAGE_PREFIX") or "claude-bottle",
+            smolvm_bin=env.get("BOTTLE_SMOLVM_BIN") or "smolvm",
+            crane_bin=env.get("BOTTLE_CRANE_BIN") or "crane",
         )

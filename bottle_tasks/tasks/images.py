@@ -67,7 +67,7 @@ def image_current(image: ImagePlan) -> bool:
     return image_id(image.tag) == image.iid_file.read_text().strip()
 
 
-def _image_task(image: ImagePlan, s: Settings) -> dict:
+def image_task(image: ImagePlan, s: Settings) -> dict:
     extras = [p for p in _extra_files(image, s).values() if p is not None]
     return {
         "file_dep": files_under(image.dockerfile_dir, *extras),
@@ -94,7 +94,7 @@ def task_image_build():
     s = settings()
     for plan in plans():
         yield {"name": plan.agent, "doc": f"Build the guest image {plan.agent_image.tag}.",
-               **_image_task(plan.agent_image, s)}
+               **image_task(plan.agent_image, s)}
 
 
 def task_bundle_build():
@@ -102,7 +102,7 @@ def task_bundle_build():
     s = settings()
     for plan in plans():
         # One shared image; the first plan describes it.
-        return {"doc": f"Build the bundle image {plan.bundle_image.tag}.", **_image_task(plan.bundle_image, s)}
+        return {"doc": f"Build the bundle image {plan.bundle_image.tag}.", **image_task(plan.bundle_image, s)}
     return {"actions": None, "doc": "Build the bundle image (needs at least one agent file)."}
 
 

@@ -36,6 +36,11 @@ def task_start():
             "uptodate": [False],
         }
     for plan in plans():
+        if plan.backend != "docker":
+            return {"actions": [lambda plan=plan: TaskFailed(
+                f"{plan.spec_path}: backend {plan.backend} cannot start a guest yet; `doit smol_pack:{plan.agent}` "
+                "builds its pack. Use backend: docker (or BOTTLE_BACKEND=docker) to run the agent now.")],
+                "uptodate": [False]}
         return {
             "task_dep": [f"provision:{plan.agent}"],
             "actions": [(run_agent, [plan])],

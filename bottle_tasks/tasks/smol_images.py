@@ -1,0 +1,196 @@
+"""The smolmachines image pipeline, one task per stage (agents with backend smolmachines only):
+
+    image_build:<a> ─► smol_save:<a> ─► crane_push:<a> ─► smol_pack:<a>
+                                         (registry_up:<a> is their setup; its teardown removes the registry)
+
+smolvm packs only from an OCI registry, so the locally built image goes through a throwaway
+registry. crane pushes from the host (plain HTTP to 127.0.0.1, no docker daemon HTTPS policy in the
+way), and `smolvm pack create` pulls from the same host endpoint. Every stage is up to date as soon
+as the pack for the image's digest exists: an unchanged image runs no save, registry, push or pack.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+from bottle_tasks.docker_cli import docker
+from bottle_tasks.errors import BottleError
+from bottle_tasks.plan import Plan
+from bottle_tasks.runner import run
+from bottle_tasks.tasks.common import action, plans, settings
+from bottle_tasks.tasks.images import image_task
+
+__all__ = ["task_registry_build", "task_registry_up", "task_smol_save", "task_crane_push", "task_smol_pack"]
+
+MIN_SMOLVM = (1, 8, 0)   # 1.8.0 fixed `machine create --from` dropping --allow-cidr (smolvm PR #892)
+
+
+def _smol_plans():
+    return [plan for plan in plans() if plan.smol is not None]
+
+
+def image_digest(plan: Plan) -> str:
+    iid = plan.agent_image.iid_file
+    if not iid.exists():
+        raise BottleError(f"no digest for {plan.agent_image.tag} yet ({iid}); run doit image_build:{plan.agent} first")
+    return iid.read_text().strip()
+
+
+def _key(digest: str) -> str:
+    return digest.split(":", 1)[-1][:16]
+
+
+def pack_path(plan: Plan, digest: str) -> Path:
+    """The pack stub; smolvm writes the sidecar next to it as <stub>.smolmachine."""
+    return plan.smol.packs_dir / _key(digest)
+
+
+def tarball_path(plan: Plan, digest: str) -> Path:
+    return plan.smol.tarball_dir / f"{_key(digest)}.tar"
+
+
+def pack_current(plan: Plan) -> bool:
+    iid = plan.agent_image.iid_file
+    if not iid.exists():
+        return False
+    stub = pack_path(plan, iid.read_text().strip())
+    return stub.exists() and stub.with_name(stub.name + ".smolmachine").exists()
+
+
+def image_ref(plan: Plan, digest: str) -> str:
+    port = plan.smol.registry_port_file.read_text().strip()
+    return f"127.0.0.1:{port}/{plan.smol.repository}:{_key(digest)}"
+
+
+# ---- stages ------------------------------------------------------------------------------------
+
+def save(plan: Plan) -> None:
+    digest = image_digest(plan)
+    out = tarball_path(plan, digest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    docker("save", "-o", str(tmp), digest, timeout=1800)
+    tmp.replace(out)
+
+
+def registry_up(plan: Plan) -> None:
+    name = plan.smol.registry_container
+    docker("rm", "-f", name, check=False)
+    # Loopback only: crane and smolvm run on this host; nothing else needs the registry.
+    docker("run", "-d", "--name", name, *plan.label_args("registry"), "-p", "127.0.0.1::5000",
+           plan.smol.registry_image.tag)
+    port = docker("port", name, "5000/tcp").stdout.split(":")[-1].strip()
+    plan.smol.registry_port_file.parent.mkdir(parents=True, exist_ok=True)
+    plan.smol.registry_port_file.write_text(port)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    f"http://127.0.0.1:{port}/v2/", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            logs = docker("logs", "--tail", "20", name, check=False)
+            registry_down(plan)
+            raise BottleError(f"the temporary registry {name} did not answer on 127.0.0.1:{port}:\n{logs.stderr}")
+        time.sleep(0.1)
+
+
+def registry_down(plan: Plan) -> None:
+    docker("rm", "-f", plan.smol.registry_container, check=False)
+    plan.smol.registry_port_file.unlink(missing_ok=True)
+
+
+def push(plan: Plan) -> None:
+    digest = image_digest(plan)
+    tarball = tarball_path(plan, digest)
+    if not tarball.exists():
+        raise BottleError(f"{tarball} is missing; run doit smol_save:{plan.agent} first")
+    run([plan.smol.crane, "push", "--insecure", str(tarball), image_ref(plan, digest)], timeout=1800)
+    tarball.unlink()   # the registry holds the same bytes now
+
+
+def smolvm_version(smolvm: str) -> tuple[int, int, int]:
+    out = run([smolvm, "--version"]).stdout.strip()
+    match = re.match(r"^smolvm (\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        raise BottleError(f"cannot read the smolvm version from {out!r} ({smolvm} --version)")
+    return tuple(int(part) for part in match.groups())  # type: ignore[return-value]
+
+
+def require_smolvm(smolvm: str) -> None:
+    version = smolvm_version(smolvm)
+    if version < MIN_SMOLVM:
+        raise BottleError(
+            f"smolvm {'.'.join(map(str, version))} is older than 1.8.0: its `machine create --from` silently drops "
+            "--allow-cidr, so the guest would run unfenced. Install smolvm 1.8.0 or newer (or set BOTTLE_SMOLVM_BIN).")
+
+
+def pack(plan: Plan) -> None:
+    require_smolvm(plan.smol.smolvm)
+    digest = image_digest(plan)
+    stub = pack_path(plan, digest)
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    run([plan.smol.smolvm, "pack", "create", "--image", image_ref(plan, digest), "-o", str(stub)], timeout=3600)
+
+
+def prune_packs(plan: Plan) -> None:
+    """Old packs go; the one for the current image digest stays."""
+    keep = _key(image_digest(plan)) if plan.agent_image.iid_file.exists() else None
+    if not plan.smol.packs_dir.is_dir():
+        return
+    for path in plan.smol.packs_dir.iterdir():
+        if path.name.split(".", 1)[0] != keep:
+            path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- tasks -------------------------------------------------------------------------------------
+
+def task_registry_build():
+    """Build the throwaway registry image the smolmachines pipeline pushes through."""
+    s = settings()
+    for plan in _smol_plans():
+        return {"doc": f"Build the registry image {plan.smol.registry_image.tag}.", **image_task(plan.smol.registry_image, s)}
+    return {"actions": None, "doc": "Build the registry image (used by agents with backend smolmachines)."}
+
+
+def task_registry_up():
+    """Start a throwaway registry on 127.0.0.1 for this run; its teardown removes it."""
+    for plan in _smol_plans():
+        yield {
+            "name": plan.agent,
+            "task_dep": ["registry_build"],
+            "actions": [(action(registry_up), [plan])],
+            "teardown": [(action(registry_down), [plan])],
+            "uptodate": [False],
+        }
+
+
+def _stage(plan: Plan, fn, **extra) -> dict:
+    return {"name": plan.agent, "actions": [(action(fn), [plan])], "uptodate": [(pack_current, [plan])],
+            "verbosity": 2, **extra}
+
+
+def task_smol_save():
+    """docker save the agent image to a per-digest tarball (skipped when its pack exists)."""
+    for plan in _smol_plans():
+        yield _stage(plan, save, file_dep=[str(plan.agent_image.iid_file)], task_dep=[f"image_build:{plan.agent}"])
+
+
+def task_crane_push():
+    """crane push the tarball to the throwaway registry, then delete the tarball."""
+    for plan in _smol_plans():
+        yield _stage(plan, push, task_dep=[f"smol_save:{plan.agent}"], setup=[f"registry_up:{plan.agent}"])
+
+
+def task_smol_pack():
+    """smolvm pack create from the registry; the pack is cached by image digest."""
+    for plan in _smol_plans():
+        yield _stage(plan, pack, task_dep=[f"crane_push:{plan.agent}"], setup=[f"registry_up:{plan.agent}"],
+                     clean=[(action(prune_packs), [plan])])

@@ -1,0 +1,64 @@
+"""The smolmachines building blocks against the fake smolvm's CLI contract (no docker needed)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bottle_tasks.backends import smolmachines as smol
+from bottle_tasks.errors import BottleError
+from bottle_tasks.settings import ROOT
+from tests.unit.test_fake_smolvm_cli import write_pack
+
+FAKE = ROOT / "tests" / "fakes" / "smolvm"
+
+
+def test_bridge_subnet_is_stable_skips_17_and_moves_past_a_taken_one():
+    subnet, note = smol.bridge_subnet("example", [])
+    assert subnet == smol.bridge_subnet("example", [])[0] and note == ""
+    assert subnet.subnet_of(ipaddress.ip_network("192.168.0.0/16")) and subnet.network_address.packed[2] != 17
+    moved, note = smol.bridge_subnet("example", [subnet])
+    assert moved != subnet and str(subnet) in note and str(moved) in note
+    assert smol.bridge_subnet("example", [subnet]) == (moved, note)
+    assert all(smol.bridge_subnet(f"agent-{i}", [])[0].network_address.packed[2] != 17 for i in range(300))
+    assert smol.bundle_address(ipaddress.ip_network("192.168.40.0/24")) == ("192.168.40.1", "192.168.40.2")
+
+
+def _create(tmp_path, version: str | None = None):
+    pack = tmp_path / "pack"
+    write_pack(tmp_path / "pack.smolmachine")
+    argv = smol.machine_create_argv(str(FAKE), "bottle-x", pack, "192.168.40.2", {"HTTPS_PROXY": "http://192.168.40.2:8080"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMOLVM_")}
+    env.update(SMOLVM_DATA_DIR=str(tmp_path / "data"), DOCKER="/nonexistent/docker")
+    if version:
+        env["SMOLVM_FAKE_VERSION"] = version
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=30)
+    return argv, proc
+
+
+def test_create_argv_is_accepted_by_the_1_9_contract_and_stores_the_fence(tmp_path):
+    argv, proc = _create(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--smolfile" not in argv and "--image" not in argv and "--net-backend" not in argv
+    record = smol.machine_record("bottle-x", smol.state_db(str(tmp_path / "data")))
+    smol.verify_fence("bottle-x", record, "192.168.40.2")
+
+
+def test_the_0_8_hole_is_caught_by_the_fence_check(tmp_path):
+    _, proc = _create(tmp_path, version="0.8.0")
+    assert proc.returncode == 0, proc.stderr          # 0.8 accepts the flags and silently drops the CIDR
+    record = smol.machine_record("bottle-x", smol.state_db(str(tmp_path / "data")))
+    with pytest.raises(BottleError, match="not fenced"):
+        smol.verify_fence("bottle-x", record, "192.168.40.2")
+
+
+def test_missing_machine_or_db_is_a_clear_error(tmp_path):
+    with pytest.raises(BottleError, match="does not exist"):
+        smol.machine_record("ghost", tmp_path / "nope.db")
+    _create(tmp_path)
+    with pytest.raises(BottleError, match="not in smolvm's state DB"):
+        smol.machine_record("ghost", smol.state_db(str(tmp_path / "data")))

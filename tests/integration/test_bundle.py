@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 
 from tests.integration.conftest import docker
+from tests.waiting import wait_for
 
 
 def _status(bottle) -> dict:
@@ -13,14 +13,6 @@ def _status(bottle) -> dict:
     return json.loads(out)["daemons"]
 
 
-def _wait(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def test_killed_daemons_come_back(bottle_a):
@@ -31,8 +23,10 @@ def test_killed_daemons_come_back(bottle_a):
         # As the daemon's own user: root in the bundle holds no CAP_KILL over the DNS sink's `nobody`.
         uid = docker("exec", container, "stat", "-c", "%u", f"/proc/{before['pid']}").stdout.strip()
         docker("exec", "-u", uid, container, "kill", "-9", str(before["pid"]))
-        after = _wait(lambda: (s := _status(bottle_a)[daemon])["pid"] != before["pid"] and s["ready"] and s)
+        after = wait_for(lambda: (s := _status(bottle_a)[daemon])["pid"] != before["pid"] and s["ready"] and s,
+                         timeout=30, what=f"{daemon} back")
         assert after["restarts"] == before["restarts"] + 1
-        _wait(lambda: docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip() == "healthy")
+        wait_for(lambda: docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip() == "healthy",
+                 timeout=30, what=f"bundle healthy after {daemon} restarted")
     proc = bottle_a.exec("curl", "-sS", "-m", "10", "https://upstream.test/after-restarts")
     assert proc.returncode == 0 and "/after-restarts" in proc.stdout, proc.stderr

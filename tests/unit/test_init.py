@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.waiting import wait_for
+
 from bottle_tasks.sidecars.init import (
     Backoff,
     UnknownDaemon,
@@ -46,14 +48,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class InitProcess:

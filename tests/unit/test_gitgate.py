@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_for
+
 from bottle_tasks.sidecars import dlp, gitgate
 from tests.unit.fakes import FakePipelock
 
@@ -55,16 +57,6 @@ def commit_file(work: Path, name: str, content: str, message: str) -> str:
     git("add", name, cwd=work)
     git("commit", "--quiet", "-m", message, cwd=work)
     return rev(work, "HEAD")
-
-
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def free_port() -> int:
@@ -184,7 +176,7 @@ def world(tmp_path_factory):
         except OSError:
             return False
 
-    assert wait_until(listening, timeout=15)
+    assert wait_for(listening, timeout=15)
     gate_url = f"http://127.0.0.1:{gate_port}"
     guests = {}
     for name in ("app", "lib"):
@@ -250,9 +242,9 @@ def test_allowed_branch_push_arrives_upstream_with_the_token(world):
     result = git("push", "origin", "HEAD:refs/heads/bottle/test/one", cwd=guest, check=False)
     assert result.returncode == 0, result.stderr
     assert "git-gate: accepted refs/heads/bottle/test/one" in result.stderr
-    assert wait_until(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/one") == sha)
+    assert wait_for(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/one") == sha, timeout=15)
     assert AuthGitServer.expected in world["upstream"].seen_auth
-    assert wait_until(lambda: any(r["event"] == "forward" and r["accepted"] for r in audit_records(world)))
+    assert wait_for(lambda: any(r["event"] == "forward" and r["accepted"] for r in audit_records(world)), timeout=15)
     push = [r for r in audit_records(world) if r["event"] == "push" and r["accepted"]]
     assert push[0]["refs"][0]["ref"] == "refs/heads/bottle/test/one" and push[0]["refs"][0]["new"] == sha
 
@@ -279,14 +271,14 @@ def test_force_push_is_rejected(world):
     assert result.returncode != 0
     assert "git-gate: rejected refs/heads/bottle/test/force: non-fast-forward update not allowed" in result.stderr
     assert rev(mirror(world), "refs/heads/bottle/test/force") == first
-    assert wait_until(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/force") == first)
+    assert wait_for(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/force") == first, timeout=15)
     time.sleep(0.3)
     assert rev(upstream_repo(world), "refs/heads/bottle/test/force") == first
 
 
 def test_ref_deletion_is_rejected(world):
     guest = world["guests"]["app"]
-    assert wait_until(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/one"))
+    assert wait_for(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/one"), timeout=15)
     result = git("push", "origin", ":refs/heads/bottle/test/one", cwd=guest, check=False)
     assert result.returncode != 0
     assert "git-gate: rejected refs/heads/bottle/test/one: deletion not allowed" in result.stderr
@@ -313,8 +305,8 @@ def test_commit_with_a_secret_is_rejected_without_showing_it(world):
     assert clean not in result.stderr  # only the commit that adds the secret is named
     assert key not in result.stderr and key not in result.stdout
     assert rev(upstream_repo(world), "refs/heads/bottle/test/secret") is None
-    records = wait_until(lambda: [r for r in audit_records(world) if r["event"] == "push" and not r["accepted"]
-                                  and r["refs"][0]["ref"] == "refs/heads/bottle/test/secret"])
+    records = wait_for(lambda: [r for r in audit_records(world) if r["event"] == "push" and not r["accepted"]
+                                  and r["refs"][0]["ref"] == "refs/heads/bottle/test/secret"], timeout=15)
     assert "aws_access_key_id" in records[0]["reason"]
     assert key not in (world["mirrors"] / "audit.jsonl").read_text()
     assert key not in world["stdout"].read_text()
@@ -340,12 +332,12 @@ def test_push_while_upstream_is_down_is_forwarded_once_it_is_back(world):
         result = git("push", "origin", "HEAD:refs/heads/bottle/test/later", cwd=guest, check=False)
         assert result.returncode == 0, result.stderr
         assert rev(mirror(world), "refs/heads/bottle/test/later") == sha
-        assert wait_until(lambda: [r for r in audit_records(world) if r["event"] == "forward" and not r["accepted"]
-                                   and r["refs"][0]["ref"] == "refs/heads/bottle/test/later"])
+        assert wait_for(lambda: [r for r in audit_records(world) if r["event"] == "forward" and not r["accepted"]
+                                   and r["refs"][0]["ref"] == "refs/heads/bottle/test/later"], timeout=15)
     finally:
         upstream.start()
-    assert wait_until(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/later") == sha, timeout=20)
-    assert wait_until(lambda: not list((mirror(world) / "git-gate" / "queue").glob("*.json")))
+    assert wait_for(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/later") == sha, timeout=20)
+    assert wait_for(lambda: not list((mirror(world) / "git-gate" / "queue").glob("*.json")), timeout=15)
 
 
 def test_fetch_sees_a_new_upstream_commit(world):
@@ -374,9 +366,9 @@ def test_allowed_force_delete_and_tag_are_forwarded(world):
     git("tag", "-a", "-m", "release", "v1", cwd=guest)
     tag = rev(guest, "refs/tags/v1")
     assert git("push", "origin", "refs/tags/v1", cwd=guest, check=False).returncode == 0
-    assert wait_until(lambda: rev(up, "refs/heads/feature") == rewritten and rev(up, "refs/tags/v1") == tag)
+    assert wait_for(lambda: rev(up, "refs/heads/feature") == rewritten and rev(up, "refs/tags/v1") == tag, timeout=15)
     assert git("push", "origin", ":refs/heads/feature", cwd=guest, check=False).returncode == 0
-    assert wait_until(lambda: rev(up, "refs/heads/feature") is None)
+    assert wait_for(lambda: rev(up, "refs/heads/feature") is None, timeout=15)
     forwards = [r for r in audit_records(world) if r["event"] == "forward" and r["repo"] == "lib" and r["accepted"]]
     assert any(r["force"] for r in forwards)
 
@@ -408,7 +400,7 @@ def test_large_push_with_a_chunked_request_body_is_forwarded(world):
     sha = rev(guest, "HEAD")
     result = git("push", "origin", "HEAD:refs/heads/big", cwd=guest, check=False)
     assert result.returncode == 0, result.stderr
-    assert wait_until(lambda: rev(up, "refs/heads/big") == sha)
+    assert wait_for(lambda: rev(up, "refs/heads/big") == sha, timeout=15)
     events = json_lines(world["stdout"].read_text())
     assert any(e.get("event") == "http" and e.get("service") == "git-receive-pack" and e.get("chunked")
                and e.get("status") == 200 for e in events)

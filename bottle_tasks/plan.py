@@ -9,6 +9,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 from bottle_tasks.errors import BottleError
 from bottle_tasks.settings import Settings
@@ -24,6 +25,7 @@ PIPELOCK_SCAN_LISTEN = "127.0.0.1:8889"
 # Paths inside the guest.
 GUEST_HOME = "/home/agent"
 GUEST_USER = "agent"
+GUEST_AGENT_UID = 1000          # images/agent/Dockerfile creates the agent with this uid
 GUEST_WORKSPACE = "/workspace"
 GUEST_CA_PATH = "/usr/local/share/ca-certificates/claude-bottle.crt"
 GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -41,6 +43,8 @@ BUNDLE_GIT_DIR = "/var/lib/bottle/git"
 BUNDLE_SUPERVISE_DIR = "/var/lib/bottle/supervise"
 # Never route these around the proxy; the guest's NO_PROXY is empty on purpose.
 RESERVED_SUBNETS = (ipaddress.ip_network("192.168.17.0/24"),)
+# smolmachines: the guest's own address on smolvm's virtio-net gateway (reference/smolvm-1.9.md §6).
+SMOL_GUEST_IP = "100.96.0.2"
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,20 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Bridge:
+    """One docker network the bottle owns."""
+    name: str
+    subnet: str
+    gateway: str
+    internal: bool
+    ip_range: str | None = None        # where docker hands out dynamic addresses (never the pinned bundle)
+
+
+@dataclass(frozen=True)
 class NetworkPlan:
+    """docker: an --internal network (guest, bundle) plus an egress network (bundle only).
+    smolmachines: one bridge the bundle sits on at .2; the microVM reaches it through the host, so
+    the internal_* and egress_* fields both name that bridge."""
     internal_name: str
     internal_subnet: str
     internal_gateway: str
@@ -65,6 +82,8 @@ class NetworkPlan:
     egress_name: str
     egress_subnet: str
     egress_gateway: str
+    bridges: tuple[Bridge, ...]
+    note: str = ""                     # why the subnet is not the slug's first choice, when it is not
 
 
 @dataclass(frozen=True)
@@ -212,15 +231,63 @@ def bottle_subnet(slug: str, pool: str, explicit: str | None = None) -> ipaddres
 
 def _network(slug: str, subnet: ipaddress.IPv4Network) -> NetworkPlan:
     internal, egress = subnet.subnets(new_prefix=24)
+    names = (f"bottle-{slug}-internal", f"bottle-{slug}-egress")
+    gateways = (str(internal.network_address + 1), str(egress.network_address + 1))
     return NetworkPlan(
-        internal_name=f"bottle-{slug}-internal",
+        internal_name=names[0],
         internal_subnet=str(internal),
-        internal_gateway=str(internal.network_address + 1),
+        internal_gateway=gateways[0],
         bundle_ip=str(internal.network_address + 2),
         guest_ip=str(internal.network_address + 3),
-        egress_name=f"bottle-{slug}-egress",
+        egress_name=names[1],
         egress_subnet=str(egress),
-        egress_gateway=str(egress.network_address + 1),
+        egress_gateway=gateways[1],
+        bridges=(Bridge(names[0], str(internal), gateways[0], internal=True),
+                 Bridge(names[1], str(egress), gateways[1], internal=False)),
+    )
+
+
+def smol_bridge_subnet(slug: str, taken: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
+                       current: str | None = None) -> tuple[ipaddress.IPv4Network, str]:
+    """The smolmachines bridge: 192.168.<hash>.0/24 from the slug, skipping the reserved .17. A subnet
+    in use moves to the next candidate, deterministically; the note says so (empty when nothing moved).
+    The bridge this bottle already has keeps its subnet while nothing else overlaps it."""
+    taken = [t for t in taken if t.version == 4]
+    if current and not any(ipaddress.ip_network(current).overlaps(t) for t in taken):
+        first = _smol_candidates(slug)[0]
+        chosen = ipaddress.ip_network(current)
+        return chosen, "" if chosen == first else f"bottle {slug!r} keeps its bridge subnet {chosen} (first choice {first} was in use when it was made)"
+    candidates = _smol_candidates(slug)
+    for candidate in candidates:
+        if not any(candidate.overlaps(t) for t in taken):
+            note = "" if candidate == candidates[0] else (
+                f"subnet {candidates[0]} is in use; bottle {slug!r} uses {candidate} instead")
+            return candidate, note
+    raise BottleError(f"no free /24 in 192.168.0.0/16 for bottle {slug!r}; remove unused docker networks")
+
+
+def _smol_candidates(slug: str) -> list[ipaddress.IPv4Network]:
+    start = int.from_bytes(hashlib.sha256(slug.encode()).digest()[:4], "big") % 254 + 1
+    octets = ((start - 1 + offset) % 254 + 1 for offset in range(254))
+    return [ipaddress.ip_network(f"192.168.{o}.0/24") for o in octets
+            if not any(ipaddress.ip_network(f"192.168.{o}.0/24").overlaps(r) for r in RESERVED_SUBNETS)]
+
+
+def smol_bridge_name(slug: str) -> str:
+    return f"bottle-{slug}-bridge"
+
+
+def _smol_network(slug: str, subnet: ipaddress.IPv4Network, note: str) -> NetworkPlan:
+    name = smol_bridge_name(slug)
+    gateway, bundle_ip = str(subnet.network_address + 1), str(subnet.network_address + 2)
+    # Dynamic addresses come from the upper half, so nothing else ever takes the bundle's .2.
+    ip_range = str(list(subnet.subnets(new_prefix=subnet.prefixlen + 1))[1])
+    return NetworkPlan(
+        internal_name=name, internal_subnet=str(subnet), internal_gateway=gateway,
+        bundle_ip=bundle_ip, guest_ip=SMOL_GUEST_IP,
+        egress_name=name, egress_subnet=str(subnet), egress_gateway=gateway,
+        bridges=(Bridge(name, str(subnet), gateway, internal=False, ip_range=ip_range),),
+        note=note,
     )
 
 
@@ -249,12 +316,25 @@ def agent_command(argv: tuple[str, ...], prompt: str) -> tuple[str, ...]:
     return argv
 
 
-def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
+def backend_of(spec: AgentSpec, settings: Settings) -> str:
+    return settings.backend or spec.backend or "docker"
+
+
+def make_plan(spec: AgentSpec, settings: Settings, host_subnets: Iterable[ipaddress.IPv4Network] = (),
+              current_bridge: str | None = None) -> Plan:
+    """host_subnets and current_bridge matter to smolmachines only: the networks and routes already on
+    the host, and the subnet of the bridge this bottle already has (the caller gathers both)."""
     slug = slug_for(spec.name)
-    backend = settings.backend or spec.backend or "docker"
+    backend = backend_of(spec, settings)
     state = settings.state_dir / slug
     cache = settings.cache_dir / slug
-    network = _network(slug, bottle_subnet(slug, settings.subnet_pool, spec.subnet))
+    if backend == "smolmachines":
+        if spec.subnet:
+            network = _smol_network(slug, next(bottle_subnet(slug, settings.subnet_pool, spec.subnet).subnets(new_prefix=24)), "")
+        else:
+            network = _smol_network(slug, *smol_bridge_subnet(slug, host_subnets, current_bridge))
+    else:
+        network = _network(slug, bottle_subnet(slug, settings.subnet_pool, spec.subnet))
     pipelock = settings.pipelock_bin is not None
     labels = ((f"{LABEL}.slug", slug), (f"{LABEL}.agent", spec.name), (f"{LABEL}.state", str(state)))
     images_cache = settings.cache_dir / "images"
@@ -265,7 +345,10 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
         dockerfile_dir=settings.images_dir / "agent",
         context_dir=cache / "agent-context",
         iid_file=cache / "agent.iid",
-        build_args=(*common_args, ("CLAUDE_CODE_VERSION", settings.claude_code_version)),
+        # smolvm's exec has no --user: the smolmachines image defaults to root, and the host drops to
+        # the agent user per command (backends/smolmachines.py).
+        build_args=(*common_args, ("CLAUDE_CODE_VERSION", settings.claude_code_version),
+                    *((("EXEC_USER", "root"),) if backend == "smolmachines" else ())),
     )
     bundle_tag = f"{settings.image_prefix}/bundle:latest"
     bundle_key = bundle_tag.replace("/", "_").replace(":", "_")   # one digest file per tag
@@ -317,9 +400,11 @@ def make_plan(spec: AgentSpec, settings: Settings) -> Plan:
         mounts=tuple(mounts),
         egress_url=egress_url,
     )
-    workspace_volume = None if spec.workspace_host_path else f"bottle-{slug}-workspace"
+    # A microVM mounts host directories only, so its default workspace is a dir in the state dir.
+    workspace_host = spec.workspace_host_path or (state / "workspace" if backend == "smolmachines" else None)
+    workspace_volume = None if workspace_host else f"bottle-{slug}-workspace"
     guest_mounts = (
-        Mount(str(spec.workspace_host_path), GUEST_WORKSPACE, readonly=False) if spec.workspace_host_path
+        Mount(str(workspace_host), GUEST_WORKSPACE, readonly=False) if workspace_host
         else Mount(workspace_volume, GUEST_WORKSPACE, readonly=False, volume=True),
     )
     guest = GuestPlan(

@@ -1,59 +1,265 @@
-"""The smolmachines backend's building blocks (the guest lifecycle is not wired into tasks yet).
+"""The smolmachines backend: the bundle on a per-bottle docker bridge (pinned at .2), the guest a smolvm
+microVM created from the agent's pack, whose egress policy admits only the bundle. Same shape as
+backends/docker.py.
 
-The guest is a smolvm microVM created from the agent's pack with an egress policy that admits only
-the bundle. smolvm 0.8.x dropped `--allow-cidr` for `create --from`, and no smolvm output shows a
-machine's CIDRs, so after every start the fence is verified from the machine's stored record
-(smolvm's state DB, reference/smolvm-1.9.md §3a) before anything runs in the guest.
+smolvm 0.8.x dropped `--allow-cidr` for `create --from`, and no smolvm output shows a machine's CIDRs,
+so after every start the fence is checked twice before anything runs in the guest: the stored policy
+(smolvm's state DB, reference/smolvm-1.9.md §3a) and a canary dial from inside the guest to an address
+the bottle owns outside the allowlist.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
+import math
 import os
+import re
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from bottle_tasks.backends.bundle import (  # noqa: F401  (the backend interface both modules expose)
+    bundle_ready, check_names_free, check_subnet_clash, create_networks, digest_of, file_digest, networks_ready,
+    remove_bundle, remove_networks, start_bundle,
+)
+from bottle_tasks.docker_cli import by_label, docker, network_subnets, rm_containers
 from bottle_tasks.errors import BottleError
+from bottle_tasks.plan import EGRESS_PORT, GUEST_AGENT_UID, GUEST_USER, GUEST_WORKSPACE, LABEL, Plan
+from bottle_tasks.runner import CommandError, Result, run
 
-RESERVED_THIRD_OCTET = 17          # 192.168.17.x is a common home and Docker Desktop range
+MIN_SMOLVM = (1, 8, 0)   # 1.8.0 fixed `machine create --from` dropping --allow-cidr (smolvm PR #892)
+CANARY_TIMEOUT = 2.0
 
 
-def bridge_subnet(slug: str, taken: Iterable[ipaddress.IPv4Network]) -> tuple[ipaddress.IPv4Network, str]:
-    """The per-bottle bridge: 192.168.<hash>.0/24 from the slug, skipping .17. A subnet already in use
-    moves to the next candidate, deterministically; the note says so (empty when nothing moved)."""
-    taken = list(taken)
-    start = int.from_bytes(hashlib.sha256(slug.encode()).digest()[:4], "big") % 254 + 1
-    first = None
-    for offset in range(254):
-        octet = (start - 1 + offset) % 254 + 1
-        if octet == RESERVED_THIRD_OCTET:
+# ---- smolvm itself ---------------------------------------------------------------------------
+
+def smolvm_version(smolvm: str) -> tuple[int, int, int]:
+    out = run([smolvm, "--version"]).stdout.strip()
+    match = re.match(r"^smolvm (\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        raise BottleError(f"cannot read the smolvm version from {out!r} ({smolvm} --version)")
+    return tuple(int(part) for part in match.groups())  # type: ignore[return-value]
+
+
+def require_smolvm(smolvm: str) -> None:
+    version = smolvm_version(smolvm)
+    if version < MIN_SMOLVM:
+        raise BottleError(
+            f"smolvm {'.'.join(map(str, version))} is older than 1.8.0: its `machine create --from` silently drops "
+            "--allow-cidr, so the guest would run unfenced. Install smolvm 1.8.0 or newer (or set BOTTLE_SMOLVM_BIN).")
+
+
+def docker_desktop() -> bool:
+    """The seed's test: Docker Desktop names itself in OperatingSystem; a native engine gives the host OS."""
+    return "Docker Desktop" in docker("info", "--format", "{{.OperatingSystem}}").stdout
+
+
+def _smolvm(plan: Plan, *args: str, check: bool = True, input: str | None = None, timeout: float | None = None) -> Result:
+    return run([plan.smol.smolvm, *args], check=check, input=input, timeout=timeout)
+
+
+# ---- the pack: `smolvm pack create` output for the agent image's digest ------------------------
+
+def image_digest(plan: Plan) -> str:
+    iid = plan.agent_image.iid_file
+    if not iid.exists():
+        raise BottleError(f"no digest for {plan.agent_image.tag} yet ({iid}); run doit image_build:{plan.agent} first")
+    return iid.read_text().strip()
+
+
+def digest_key(digest: str) -> str:
+    return digest.split(":", 1)[-1][:16]
+
+
+def pack_path(plan: Plan, digest: str) -> Path:
+    """The pack stub; smolvm writes the sidecar next to it as <stub>.smolmachine."""
+    return plan.smol.packs_dir / digest_key(digest)
+
+
+def current_pack(plan: Plan) -> Path:
+    stub = pack_path(plan, image_digest(plan))
+    if not stub.with_name(stub.name + ".smolmachine").exists():
+        raise BottleError(f"no pack for {plan.agent_image.tag} yet ({stub}.smolmachine); run doit smol_pack:{plan.agent}")
+    return stub
+
+
+# ---- networks: one bridge, chosen around what the host already uses -----------------------------
+
+def host_routes(table: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
+    """IPv4 routes on this host (Linux), so a bridge never shadows the LAN; the default route is no subnet."""
+    routes: list[ipaddress.IPv4Network] = []
+    try:
+        lines = table.read_text().splitlines()[1:]
+    except OSError:
+        return routes
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
             continue
-        candidate = ipaddress.ip_network(f"192.168.{octet}.0/24")
-        first = first or candidate
-        if not any(candidate.overlaps(t) for t in taken):
-            note = "" if candidate == first else f"subnet {first} is in use; bottle {slug!r} uses {candidate} instead"
-            return candidate, note
-    raise BottleError(f"no free /24 in 192.168.0.0/16 for bottle {slug!r}; remove unused docker networks")
+        dest, mask = (ipaddress.IPv4Address(bytes.fromhex(f)[::-1]) for f in (fields[1], fields[7]))
+        if int(mask):
+            routes.append(ipaddress.ip_network(f"{dest}/{mask}", strict=False))
+    return routes
 
 
-def bundle_address(subnet: ipaddress.IPv4Network) -> tuple[str, str]:
-    """(gateway, bundle ip): .1 and .2, as the seed pinned them."""
-    return str(subnet.network_address + 1), str(subnet.network_address + 2)
+def subnets_in_use(bridge: str) -> tuple[list[ipaddress.IPv4Network], str | None]:
+    """(subnets the bridge must avoid, the bridge's own subnet if it exists): the input make_plan needs."""
+    try:
+        docker_nets = network_subnets()
+    except BottleError:
+        docker_nets = {}      # no engine: preflight says so; the plan still loads for `doit list`
+    current = next((str(s) for s in docker_nets.get(bridge, []) if s.version == 4), None)
+    taken = [s for name, subnets in docker_nets.items() if name != bridge for s in subnets if s.version == 4]
+    taken += [r for r in host_routes() if str(r) != current]
+    return taken, current
 
 
-def machine_create_argv(smolvm: str, name: str, pack_stub: Path, bundle_ip: str, env: Mapping[str, str]) -> list[str]:
+def preflight(plan: Plan) -> None:
+    check_names_free(plan, (plan.bundle.container,))
+    if not networks_ready(plan):
+        check_subnet_clash(plan)
+    require_smolvm(plan.smol.smolvm)
+    if docker_desktop():
+        raise BottleError(
+            f"{plan.spec_path}: backend smolmachines needs the bundle's bridge ({plan.network.internal_subnet}) routed "
+            "from this host, and Docker Desktop keeps container networks inside its own VM. Use a native Docker "
+            "engine, or backend: docker (BOTTLE_BACKEND=docker).")
+    status = machine_status(plan)
+    if status is not None:
+        ensure_machine_owned(plan, status)
+
+
+# ---- the machine ---------------------------------------------------------------------------------
+
+def machine_create_argv(smolvm: str, name: str, pack_stub: Path, bundle_ip: str, env: Mapping[str, str], *,
+                        labels: Mapping[str, str] | None = None, cpus: int | None = None, mem_mib: int | None = None,
+                        volumes: Iterable[str] = (), workdir: str | None = None) -> list[str]:
     """`machine create` in the 1.9.x syntax: the name is a flag, `--from` the pack's sidecar, the only
     allowed destination the bundle, DNS pointed at the bundle's sink. Never `--smolfile` or `--image`
     with `--from` (they conflict), never `--net-backend tsi` (TSI does not enforce egress)."""
     argv = [smolvm, "machine", "create", "--name", name, "--from", f"{pack_stub}.smolmachine",
             "--allow-cidr", f"{bundle_ip}/32", "--dns", bundle_ip]
+    for key, value in (labels or {}).items():
+        argv += ["--label", f"{key}={value}"]
+    if cpus:
+        argv += ["--cpus", str(cpus)]
+    if mem_mib:
+        argv += ["--mem", str(mem_mib)]
+    for volume in volumes:
+        argv += ["-v", volume]
+    if workdir:
+        argv += ["-w", workdir]
     for key, value in env.items():
         argv += ["-e", f"{key}={value}"]
     return argv
 
+
+def memory_mib(memory: str | None) -> int | None:
+    """docker-style sizes (512m, 4g, 1024k, bytes) in MiB, at least 64 (smolvm's floor)."""
+    if not memory:
+        return None
+    match = re.fullmatch(r"(\d+)([bkmg]?)b?", memory.strip().lower())
+    if not match:
+        raise BottleError(f"resources.memory {memory!r} is not a size like 512m or 4g")
+    scale = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[match.group(2)]
+    return max(64, int(match.group(1)) * scale // 1024 ** 2)
+
+
+def guest_fingerprint(plan: Plan) -> str:
+    return digest_of(image_digest(plan), plan.guest, plan.network, file_digest(plan.guest_env_file))
+
+
+def _machine_labels(plan: Plan) -> dict[str, str]:
+    return {**dict(plan.labels), f"{LABEL}.role": "guest", f"{LABEL}.fingerprint": guest_fingerprint(plan)}
+
+
+def machine_status(plan: Plan) -> dict | None:
+    result = _smolvm(plan, "machine", "status", "--name", plan.guest.container, "--json", check=False)
+    if result.ok:
+        return json.loads(result.stdout)
+    if "not found" in result.stderr:
+        return None
+    raise CommandError(result.argv, result.returncode, result.stderr)
+
+
+def ensure_machine_owned(plan: Plan, status: Mapping) -> None:
+    labels = status.get("labels") or {}
+    if labels.get(f"{LABEL}.slug") != plan.slug or labels.get(f"{LABEL}.state") != str(plan.state_dir):
+        owner = labels.get(f"{LABEL}.state")
+        whose = f"by another claude-bottle checkout (state dir {owner})" if owner else "outside claude-bottle"
+        raise BottleError(
+            f"smolvm machine {plan.guest.container!r} already exists, created {whose}. Remove it "
+            f"(smolvm machine delete --name {plan.guest.container} -f) or rename agents/{plan.agent}.yaml, then start again.")
+
+
+def delete_machine(plan: Plan) -> None:
+    result = _smolvm(plan, "machine", "delete", "--name", plan.guest.container, "-f", check=False)
+    if not result.ok and "not found" not in result.stderr:
+        raise CommandError(result.argv, result.returncode, result.stderr)
+
+
+def _prepare_workspace(plan: Plan) -> list[str]:
+    volumes = []
+    for mount in plan.guest.mounts:
+        path = Path(mount.source)
+        if not path.exists():
+            path.mkdir(parents=True, mode=0o700)
+            if os.geteuid() == 0:     # the agent (uid 1000 in the guest) must own its new workspace
+                os.chown(path, GUEST_AGENT_UID, GUEST_AGENT_UID)
+        volumes.append(f"{path}:{mount.target}" + (":ro" if mount.readonly else ""))
+    return volumes
+
+
+def start_guest(plan: Plan) -> None:
+    """(Re)create the machine from the current pack, start it, and prove the fence; on any failure delete it."""
+    status = machine_status(plan)
+    if status is not None:
+        ensure_machine_owned(plan, status)
+        delete_machine(plan)
+    g = plan.guest
+    argv = machine_create_argv(
+        plan.smol.smolvm, g.container, current_pack(plan), plan.network.bundle_ip, dict(g.env),
+        labels=_machine_labels(plan), cpus=math.ceil(g.cpus) if g.cpus else None, mem_mib=memory_mib(g.memory),
+        volumes=_prepare_workspace(plan), workdir=GUEST_WORKSPACE)
+    try:
+        run(argv)
+        _smolvm(plan, "machine", "start", "--name", g.container, timeout=300)
+        verify_fence(g.container, machine_record(g.container, state_db()), plan.network.bundle_ip)
+        canary(plan)
+    except BaseException:
+        delete_machine(plan)
+        raise
+
+
+def guest_ready(plan: Plan) -> bool:
+    status = machine_status(plan)
+    if status is None or status.get("state") != "running":
+        return False
+    if (status.get("labels") or {}).get(f"{LABEL}.fingerprint") != guest_fingerprint(plan):
+        return False
+    verify_fence(plan.guest.container, machine_record(plan.guest.container, state_db()), plan.network.bundle_ip)
+    return True
+
+
+def fence_epoch(plan: Plan) -> str | None:
+    """smolvm keeps the policy with the machine and applies it at every boot: the machine's identity
+    (its creation time) is what must not change between the fence check and use."""
+    status = machine_status(plan)
+    return str(status.get("created_at")) if status and status.get("state") == "running" else None
+
+
+def remove_guest(plan: Plan) -> None:
+    delete_machine(plan)
+
+
+def remove_containers(plan: Plan) -> None:
+    delete_machine(plan)
+    rm_containers(by_label("container", plan.slug_label))
+
+
+# ---- the fence, checked from outside --------------------------------------------------------------
 
 def state_db(data_dir: str | None = None) -> Path:
     """smolvm's state DB: SMOLVM_DATA_DIR re-roots HOME; otherwise XDG data home."""
@@ -81,3 +287,96 @@ def verify_fence(name: str, record: Mapping, bundle_ip: str) -> None:
             f"machine {name!r} is not fenced: smolvm stored network={record.get('network')!r}, "
             f"allowed_cidrs={cidrs!r}, but the bottle needs exactly ['{bundle_ip}/32']. The guest was not used; "
             "check the smolvm version (>= 1.8.0 keeps --allow-cidr for create --from).")
+
+
+CANARY_SCRIPT = r'''
+import json, socket, sys
+def dial(host, port, timeout):
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return "connected"
+    except socket.timeout:
+        return "timeout"
+    except OSError as exc:
+        return type(exc).__name__
+print(json.dumps([dial(sys.argv[1], sys.argv[2], 10), dial(sys.argv[3], sys.argv[4], float(sys.argv[5]))]))
+'''
+
+
+def canary(plan: Plan) -> None:
+    """From inside the guest: the bundle's front door must answer (the probe works), and a listener the
+    bottle owns on its bridge gateway, outside the allowlist, must not. The policy smolvm stored is its
+    claim; this is the proof."""
+    gateway = plan.network.internal_gateway
+    with socket.socket() as listener:
+        listener.bind((gateway, 0))
+        listener.listen(4)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        result = SmolGuest(plan).exec(["python3", "-c", CANARY_SCRIPT, plan.network.bundle_ip, str(EGRESS_PORT),
+                                       gateway, str(port), str(CANARY_TIMEOUT)], user="root", check=False)
+        try:
+            front_door, outside = json.loads(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise BottleError(f"the fence canary could not run in machine {plan.guest.container!r} "
+                              f"(exit {result.returncode}): {result.stderr.strip()[-300:]}") from None
+        try:
+            listener.accept()[0].close()
+            arrived = True
+        except BlockingIOError:
+            arrived = False
+    if front_door != "connected":
+        raise BottleError(f"the fence canary could not reach the bundle at {plan.network.bundle_ip}:{EGRESS_PORT} "
+                          f"from machine {plan.guest.container!r} ({front_door}); the guest was not used.")
+    if outside == "connected" or arrived:
+        raise BottleError(
+            f"machine {plan.guest.container!r} is not fenced: from inside it reached {gateway}:{port}, which is outside "
+            f"its allowlist ({plan.network.bundle_ip}/32). smolvm is not enforcing the egress policy; the guest was "
+            "deleted and not used.")
+
+
+# ---- the guest handle ----------------------------------------------------------------------------
+
+class SmolGuest:
+    """The backend-neutral guest handle: exec, copy, attach, through `smolvm machine exec/cp`.
+
+    exec has no user flag; the smolmachines image runs as root and drops to the agent with runuser."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def exec_argv(self, argv: list[str], *, user: str = GUEST_USER, tty: bool = False, stdin: bool = True,
+                  env: Mapping[str, str] | None = None) -> list[str]:
+        flags = [*(["-i"] if stdin or tty else []), *(["-t"] if tty else []), "-w", GUEST_WORKSPACE]
+        for key, value in (env or {}).items():
+            flags += ["-e", f"{key}={value}"]
+        as_user = [] if user == "root" else ["runuser", "-u", user, "--"]
+        return [self.plan.smol.smolvm, "machine", "exec", "--name", self.plan.guest.container, *flags, "--",
+                *as_user, *argv]
+
+    def exec(self, argv: list[str], *, user: str = GUEST_USER, input: str | None = None, check: bool = True):
+        return run(self.exec_argv(argv, user=user, stdin=input is not None), input=input, check=check)
+
+    def copy(self, source: Path, dest: str) -> None:
+        """smolvm copies single files: a directory is walked, root-owned like docker cp leaves it."""
+        if source.is_file():
+            self._copy_file(source, dest)
+            return
+        dirs = [dest] + [f"{dest}/{p.relative_to(source)}" for p in sorted(source.rglob("*")) if p.is_dir()]
+        self.exec(["mkdir", "-p", *dirs], user="root")
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            self._copy_file(path, f"{dest}/{path.relative_to(source)}")
+
+    def _copy_file(self, source: Path, dest: str) -> None:
+        run([self.plan.smol.smolvm, "machine", "cp", "--mode", f"{source.stat().st_mode & 0o777:o}",
+             str(source), f"{self.plan.guest.container}:{dest}"])
+
+    def attach_argv(self, argv: list[str], tty: bool) -> list[str]:
+        return self.exec_argv(argv, tty=tty, env=dict(self.plan.guest.env))
+
+    def identity(self) -> str | None:
+        """Changes when the machine is replaced: provisioning is redone then."""
+        return fence_epoch(self.plan)
+
+
+Guest = SmolGuest

@@ -9,14 +9,14 @@ import shutil
 
 from doit.tools import config_changed
 
-from bottle_tasks.backends import docker as backend
+from bottle_tasks.docker_cli import docker
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import GUEST_SUPERVISE_CONFIG, GUEST_SUPERVISE_HOOK, Plan
 from bottle_tasks.sidecars.supervise_store import Store
 from bottle_tasks.supervise_cli import hook_matcher
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
 from bottle_tasks.render import TEMPLATES_DIR, render, write_atomic
-from bottle_tasks.tasks.common import action, files_under, plans, probe, purge_requested, settings
+from bottle_tasks.tasks.common import action, backend, files_under, plans, probe, purge_requested, settings
 from bottle_tasks.tasks.images import pipelock_ok
 
 __all__ = ["task_preflight", "task_render", "task_ca", "task_networks", "task_bundle", "task_guest", "task_provision"]
@@ -41,7 +41,7 @@ def preflight(plan: Plan) -> None:
     for key, value in plan.guest.env:
         if "\n" in value:
             raise BottleError(f"{plan.spec_path}: env.{key}: the value spans several lines; use one line")
-    backend.preflight(plan)
+    backend(plan).preflight(plan)
 
 
 def task_preflight():
@@ -123,14 +123,14 @@ def task_networks():
         yield {
             "name": plan.agent,
             "task_dep": [f"preflight:{plan.agent}"],
-            "actions": [(action(backend.create_networks), [plan])],
-            "uptodate": [(probe(backend.networks_ready), [plan])],
-            "clean": [(action(backend.remove_networks), [plan])],
+            "actions": [(action(backend(plan).create_networks), [plan])],
+            "uptodate": [(probe(backend(plan).networks_ready), [plan])],
+            "clean": [(action(backend(plan).remove_networks), [plan])],
         }
 
 
 def start_bundle(plan: Plan) -> None:
-    backend.start_bundle(plan, token_env(plan))
+    backend(plan).start_bundle(plan, token_env(plan))
 
 
 def task_bundle():
@@ -140,31 +140,34 @@ def task_bundle():
             "name": plan.agent,
             "task_dep": [f"preflight:{plan.agent}", "bundle_build", f"render:{plan.agent}", f"ca:{plan.agent}", f"networks:{plan.agent}"],
             "actions": [(action(start_bundle), [plan])],
-            "uptodate": [(probe(backend.bundle_ready), [plan])],
-            "clean": [(action(backend.rm_containers), [[plan.bundle.container]])],
+            "uptodate": [(probe(backend(plan).bundle_ready), [plan])],
+            "clean": [(action(backend(plan).remove_bundle), [plan])],
         }
 
 
 def _start_guest(plan: Plan) -> dict:
-    backend.start_guest(plan)
-    return {"fenced_start": backend.guest_started_at(plan)}
+    backend(plan).start_guest(plan)
+    return {"fenced_start": backend(plan).fence_epoch(plan)}
 
 
 def _guest_current(task, values, plan: Plan) -> bool:
-    # The firewall lives in the guest's network namespace, which a restart replaces: a guest started
-    # by anything but this task (docker restart, a daemon restart) is recreated and fenced again.
-    return backend.guest_ready(plan) and values.get("fenced_start") == backend.guest_started_at(plan)
+    # docker: the firewall lives in the guest's network namespace, which a restart replaces, so a guest
+    # started by anything but this task is recreated and fenced again. smolmachines: the same for a
+    # machine replaced behind our back.
+    be = backend(plan)
+    return be.guest_ready(plan) and values.get("fenced_start") == be.fence_epoch(plan)
 
 
 def task_guest():
-    """Create and start the guest on the internal network, fenced to the bundle's front door."""
+    """Create and start the guest, fenced to the bundle's front door (a container, or a smolvm microVM)."""
     for plan in plans():
+        image = f"smol_pack:{plan.agent}" if plan.smol else f"image_build:{plan.agent}"
         yield {
             "name": plan.agent,
-            "task_dep": [f"image_build:{plan.agent}", f"bundle:{plan.agent}"],
+            "task_dep": [image, f"bundle:{plan.agent}"],
             "actions": [(action(_start_guest), [plan])],
             "uptodate": [(probe(_guest_current), [plan])],
-            "clean": [(action(backend.rm_containers), [[plan.guest.container]])],
+            "clean": [(action(backend(plan).remove_guest), [plan])],
         }
 
 
@@ -180,14 +183,14 @@ def _provision_inputs(plan: Plan) -> str:
 
 
 def _provisioned(task, values, plan: Plan) -> bool:
-    guest = backend.DockerGuest(plan)
-    return values.get("container") == guest.container_id() and values.get("inputs") == _provision_inputs(plan)
+    guest = backend(plan).Guest(plan)
+    return values.get("container") == guest.identity() and values.get("inputs") == _provision_inputs(plan)
 
 
 def _provision(plan: Plan) -> dict:
-    guest = backend.DockerGuest(plan)
+    guest = backend(plan).Guest(plan)
     provision(plan, guest)
-    return {"container": guest.container_id(), "inputs": _provision_inputs(plan)}
+    return {"container": guest.identity(), "inputs": _provision_inputs(plan)}
 
 
 def task_provision():
@@ -206,6 +209,6 @@ def purge_state(plan: Plan) -> None:
     if not purge_requested():
         return
     if plan.guest.workspace_volume:
-        backend.docker("volume", "rm", "-f", plan.guest.workspace_volume, check=False)
+        docker("volume", "rm", "-f", plan.guest.workspace_volume, check=False)
     shutil.rmtree(plan.state_dir, ignore_errors=True)
     shutil.rmtree(plan.cache_dir, ignore_errors=True)

@@ -13,7 +13,7 @@ from doit.exceptions import TaskFailed
 
 from bottle_tasks.docker_cli import snapshot
 from bottle_tasks.errors import BottleError
-from bottle_tasks.plan import Plan, make_plan
+from bottle_tasks.plan import Plan, backend_of, make_plan, slug_for, smol_bridge_name
 from bottle_tasks.settings import Settings
 from bottle_tasks.spec import load_spec
 
@@ -38,8 +38,8 @@ def plans() -> Iterator[Plan]:
     if agent:
         path = s.agents_dir / f"{agent}.yaml"
         plan = _plan_or_exit(path, s)
-        snapshot.watch(plan.guest.container, plan.bundle.container, plan.network.internal_name,
-                       plan.network.egress_name, plan.agent_image.tag, plan.bundle_image.tag)
+        snapshot.watch(plan.guest.container, plan.bundle.container, *(b.name for b in plan.network.bridges),
+                       plan.agent_image.tag, plan.bundle_image.tag)
         yield plan
         return
     for path in agent_files(s):
@@ -51,7 +51,18 @@ def plans() -> Iterator[Plan]:
 
 @functools.cache
 def _plan_cached(path: Path, s: Settings) -> Plan:
-    return make_plan(load_spec(path, cache_dir=s.cache_dir), s)
+    return load_plan(path, s)
+
+
+def load_plan(path: Path, s: Settings) -> Plan:
+    spec = load_spec(path, cache_dir=s.cache_dir)
+    if backend_of(spec, s) == "smolmachines":
+        # The bridge's subnet steps around networks and routes already on the host (I/O kept out of the plan).
+        from bottle_tasks.backends.smolmachines import subnets_in_use
+
+        taken, current = subnets_in_use(smol_bridge_name(slug_for(spec.name)))
+        return make_plan(spec, s, taken, current)
+    return make_plan(spec, s)
 
 
 def _plan_or_exit(path: Path, s: Settings) -> Plan:
@@ -104,6 +115,15 @@ def files_under(*roots: Path) -> list[str]:
         elif root.is_dir():
             out += sorted(str(p) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     return out
+
+
+def backend(plan: Plan):
+    """The module that runs this plan's guest; both expose the same functions."""
+    if plan.backend == "smolmachines":
+        from bottle_tasks.backends import smolmachines
+        return smolmachines
+    from bottle_tasks.backends import docker
+    return docker
 
 
 def purge_requested() -> bool:

@@ -11,12 +11,12 @@ as the pack for the image's digest exists: an unchanged image runs no save, regi
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 import urllib.request
 from pathlib import Path
 
+from bottle_tasks.backends.smolmachines import digest_key, image_digest, pack_path, require_smolvm
 from bottle_tasks.docker_cli import docker
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import Plan
@@ -26,31 +26,13 @@ from bottle_tasks.tasks.images import image_task
 
 __all__ = ["task_registry_build", "task_registry_up", "task_smol_save", "task_crane_push", "task_smol_pack"]
 
-MIN_SMOLVM = (1, 8, 0)   # 1.8.0 fixed `machine create --from` dropping --allow-cidr (smolvm PR #892)
-
 
 def _smol_plans():
     return [plan for plan in plans() if plan.smol is not None]
 
 
-def image_digest(plan: Plan) -> str:
-    iid = plan.agent_image.iid_file
-    if not iid.exists():
-        raise BottleError(f"no digest for {plan.agent_image.tag} yet ({iid}); run doit image_build:{plan.agent} first")
-    return iid.read_text().strip()
-
-
-def _key(digest: str) -> str:
-    return digest.split(":", 1)[-1][:16]
-
-
-def pack_path(plan: Plan, digest: str) -> Path:
-    """The pack stub; smolvm writes the sidecar next to it as <stub>.smolmachine."""
-    return plan.smol.packs_dir / _key(digest)
-
-
 def tarball_path(plan: Plan, digest: str) -> Path:
-    return plan.smol.tarball_dir / f"{_key(digest)}.tar"
+    return plan.smol.tarball_dir / f"{digest_key(digest)}.tar"
 
 
 def pack_current(plan: Plan) -> bool:
@@ -63,7 +45,7 @@ def pack_current(plan: Plan) -> bool:
 
 def image_ref(plan: Plan, digest: str) -> str:
     port = plan.smol.registry_port_file.read_text().strip()
-    return f"127.0.0.1:{port}/{plan.smol.repository}:{_key(digest)}"
+    return f"127.0.0.1:{port}/{plan.smol.repository}:{digest_key(digest)}"
 
 
 # ---- stages ------------------------------------------------------------------------------------
@@ -116,22 +98,6 @@ def push(plan: Plan) -> None:
     tarball.unlink()   # the registry holds the same bytes now
 
 
-def smolvm_version(smolvm: str) -> tuple[int, int, int]:
-    out = run([smolvm, "--version"]).stdout.strip()
-    match = re.match(r"^smolvm (\d+)\.(\d+)\.(\d+)", out)
-    if not match:
-        raise BottleError(f"cannot read the smolvm version from {out!r} ({smolvm} --version)")
-    return tuple(int(part) for part in match.groups())  # type: ignore[return-value]
-
-
-def require_smolvm(smolvm: str) -> None:
-    version = smolvm_version(smolvm)
-    if version < MIN_SMOLVM:
-        raise BottleError(
-            f"smolvm {'.'.join(map(str, version))} is older than 1.8.0: its `machine create --from` silently drops "
-            "--allow-cidr, so the guest would run unfenced. Install smolvm 1.8.0 or newer (or set BOTTLE_SMOLVM_BIN).")
-
-
 def pack(plan: Plan) -> None:
     require_smolvm(plan.smol.smolvm)
     digest = image_digest(plan)
@@ -142,7 +108,7 @@ def pack(plan: Plan) -> None:
 
 def prune_packs(plan: Plan) -> None:
     """Old packs go; the one for the current image digest stays."""
-    keep = _key(image_digest(plan)) if plan.agent_image.iid_file.exists() else None
+    keep = digest_key(image_digest(plan)) if plan.agent_image.iid_file.exists() else None
     if not plan.smol.packs_dir.is_dir():
         return
     for path in plan.smol.packs_dir.iterdir():

@@ -9,10 +9,9 @@ import sys
 from doit import get_var
 from doit.exceptions import TaskFailed
 
-from bottle_tasks.backends import docker as backend
 from bottle_tasks.plan import agent_command
 from bottle_tasks.tasks.bottle import purge_state
-from bottle_tasks.tasks.common import action, plans, selected_agent
+from bottle_tasks.tasks.common import action, backend, plans, selected_agent
 
 __all__ = ["task_start"]
 
@@ -21,7 +20,7 @@ def run_agent(plan) -> TaskFailed | None:
     override = get_var("command", None)
     argv = list(agent_command(tuple(shlex.split(override)), plan.prompt) if override else plan.guest.command)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    code = subprocess.call(backend.DockerGuest(plan).attach_argv(argv, tty=tty))
+    code = subprocess.call(backend(plan).Guest(plan).attach_argv(argv, tty=tty))
     if code != 0:
         return TaskFailed(f"the agent command {shlex.join(argv)} exited with status {code}; the bottle stays up")
     return None
@@ -36,11 +35,6 @@ def task_start():
             "uptodate": [False],
         }
     for plan in plans():
-        if plan.backend != "docker":
-            return {"actions": [lambda plan=plan: TaskFailed(
-                f"{plan.spec_path}: backend {plan.backend} cannot start a guest yet; `doit smol_pack:{plan.agent}` "
-                "builds its pack. Use backend: docker (or BOTTLE_BACKEND=docker) to run the agent now.")],
-                "uptodate": [False]}
         return {
             "task_dep": [f"provision:{plan.agent}"],
             "actions": [(run_agent, [plan])],
@@ -48,5 +42,5 @@ def task_start():
             "verbosity": 2,
             # Runs first among the clean actions (dependents first): sweep everything labelled with
             # the slug, so a resource left by an interrupted run is found too.
-            "clean": [(action(backend.remove_containers), [plan]), (action(purge_state), [plan])],
+            "clean": [(action(backend(plan).remove_containers), [plan]), (action(purge_state), [plan])],
         }

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from bottle_tasks.plan import LABEL, Plan, make_plan
+from bottle_tasks.plan import LABEL, Plan
 from bottle_tasks.settings import ROOT, Settings
-from bottle_tasks.spec import load_spec
+from bottle_tasks.tasks.common import backend, load_plan
 
 from tests.integration.certs import mint_upstream_certs
 
@@ -64,6 +64,7 @@ class Env:
     root: Path
     env: dict[str, str]
     argv_log: Path
+    smolvm_argv_log: Path | None = None
 
     def doit(self, *args: str, check: bool = True, timeout: float = 1800, extra_env: dict | None = None,
              ) -> subprocess.CompletedProcess:
@@ -78,7 +79,8 @@ class Env:
         return Settings.from_env({**self.env, **(extra_env or {})})
 
     def plan(self, agent: str, extra_env: dict | None = None) -> Plan:
-        return make_plan(load_spec(Path(self.env["BOTTLE_AGENTS_DIR"]) / f"{agent}.yaml"), self.settings(extra_env))
+        """The plan exactly as the tool computes it (for smolmachines that includes the host's subnets)."""
+        return load_plan(Path(self.env["BOTTLE_AGENTS_DIR"]) / f"{agent}.yaml", self.settings(extra_env))
 
     def write_agent(self, name: str, text: str) -> Path:
         path = Path(self.env["BOTTLE_AGENTS_DIR"]) / f"{name}.yaml"
@@ -95,8 +97,13 @@ class Bottle:
     upstream_ip: str = ""
     extras: dict = field(default_factory=dict)
 
+    def exec_argv(self, cmd, *, user: str = "agent", env: dict | None = None) -> list[str]:
+        """The backend's own exec (docker exec, or smolvm machine exec), run with this test's environment."""
+        return backend(self.plan).Guest(self.plan).exec_argv(list(cmd), user=user, env=env)
+
     def exec(self, *cmd: str, user: str = "agent", check: bool = False, input: str | None = None):
-        return docker("exec", "-i", "-u", user, self.plan.guest.container, *cmd, check=check, input=input)
+        return subprocess.run(self.exec_argv(cmd, user=user), capture_output=True, text=True, check=check,
+                              input=input, env=self.env.env, stdin=None if input is not None else subprocess.DEVNULL)
 
     def upstream_log(self) -> list[dict]:
         out = docker("logs", self.upstream).stdout
@@ -285,3 +292,51 @@ def bottle_git(bottle_env: Env):
         raise
     yield bottle
     _teardown(bottle)
+
+
+# ---- smolmachines: the same bottle with the guest in a (fake) smolvm microVM -----------------------
+
+FAKE_SMOLVM = ROOT / "tests" / "fakes" / "smolvm"
+
+
+def crane_or_skip() -> str:
+    found = shutil.which("crane") or next((p for p in ("/var/cache/claude-bottle-ci/go-bin/crane",
+                                                       str(Path.home() / "go/bin/crane")) if os.path.exists(p)), None)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("crane is not installed; .ci/run installs it")
+        pytest.skip("crane is not installed here (CI installs it)")
+    return found
+
+
+def real_smolvm_or_skip() -> str:
+    """A real smolvm needs KVM (Linux) or HVF (macOS); none runs on the CI machines."""
+    found = shutil.which("smolvm")
+    if found is None or not (os.path.exists("/dev/kvm") or sys.platform == "darwin"):
+        pytest.skip("no real smolvm with KVM or HVF on this machine: the smolmachines suite ran against "
+                    "tests/fakes/smolvm; put smolvm >= 1.8 on PATH on a KVM/HVF host to run it for real")
+    return found
+
+
+def make_smol_env(base: Env, tmp_path_factory, flavour: str = "fake") -> Env:
+    """An Env whose smolvm is the fake (behind an argv-logging shim) or, when present, the real one."""
+    crane = crane_or_skip()
+    smolvm = real_smolvm_or_skip() if flavour == "real" else f"{sys.executable} {FAKE_SMOLVM}"
+    shim = base.root / f"shim/smolvm-{flavour}"
+    argv_log = base.root / f"smolvm-{flavour}-argv.log"
+    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{argv_log}"\nexec {smolvm} "$@"\n')
+    shim.chmod(0o755)
+    extra = {"BOTTLE_SMOLVM_BIN": str(shim), "BOTTLE_CRANE_BIN": crane, "CRANE": crane}
+    if flavour == "fake":
+        extra["SMOLVM_DATA_DIR"] = str(tmp_path_factory.mktemp("smolvm-data"))
+    env = Env(root=base.root, env={**base.env, **extra}, argv_log=base.argv_log)
+    env.smolvm_argv_log = argv_log
+    return env
+
+
+def smol_bottle(env: Env, agent: str) -> Bottle:
+    """Start `agent` on the smolmachines backend; the fake attaches its guest to the bottle's bridge."""
+    from bottle_tasks.plan import smol_bridge_name
+
+    env.env["SMOLVM_FAKE_NETWORK"] = smol_bridge_name(agent)
+    return _bottle(env, agent)

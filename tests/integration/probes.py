@@ -70,12 +70,15 @@ class Probe:
         return [self.name, self.kind, list(self.args)]
 
 
-def run_probes(container: str, probes: list[Probe], *, user: str = "agent", env: dict | None = None) -> dict[str, dict]:
-    env_args = []
-    for key, value in (env or {}).items():
-        env_args += ["-e", f"{key}={value}"]
-    argv = ["docker", "exec", "-u", user, *env_args, container, "python3", "-c", PROBE_SCRIPT,
-            json.dumps([p.as_json() for p in probes])]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=60 + 6 * len(probes))
+def run_probes(target, probes: list[Probe], *, user: str = "agent", env: dict | None = None) -> dict[str, dict]:
+    """target: a container name (docker exec), or a Bottle, whose backend's own exec runs the script."""
+    script = ["python3", "-c", PROBE_SCRIPT, json.dumps([p.as_json() for p in probes])]
+    if isinstance(target, str):
+        env_args = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
+        argv = ["docker", "exec", "-u", user, *env_args, target, *script]
+    else:
+        argv = target.exec_argv(script, user=user, env=env)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60 + 6 * len(probes), stdin=subprocess.DEVNULL,
+                         env=None if isinstance(target, str) else target.env.env)
     assert out.returncode == 0, out.stderr
-    return {r["name"]: r for r in json.loads(out.stdout)}
+    return {r["name"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}

@@ -15,14 +15,13 @@ def _docker0_gateway() -> str:
     return docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "bridge").stdout.strip()
 
 
-def test_guest_reaches_only_the_front_door(bottle_a, bottle_b, host_listener):
-    plan, net = bottle_a.plan, bottle_a.plan.network
-    up = bottle_a.upstream_ip
+def isolation_probes(bottle, neighbour, host_listener: int) -> list[Probe]:
+    """What the guest must not reach, on either backend. Each target is one the tests created."""
+    plan, net = bottle.plan, bottle.plan.network
+    up = bottle.upstream_ip
     proxy = plan.bundle.egress_url
-    bundle_egress_ip = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net.egress_name}").IPAddress}}}}',
-                              plan.bundle.container).stdout.strip()
-    b_net = bottle_b.plan.network
-    blocked = [
+    b_net = neighbour.plan.network
+    probes = [
         Probe("upstream ip tcp/443 direct", "tcp", (up, 443)),
         Probe("upstream ip tcp/80 direct", "tcp", (up, 80)),
         Probe("upstream ip tcp/7000 direct", "tcp", (up, 7000)),
@@ -36,9 +35,7 @@ def test_guest_reaches_only_the_front_door(bottle_a, bottle_b, host_listener):
         Probe("bundle pipelock port", "tcp", (net.bundle_ip, 8888)),
         Probe("bundle scan api port", "tcp", (net.bundle_ip, 8889)),
         Probe("bundle other port", "tcp", (net.bundle_ip, EGRESS_PORT + 1)),
-        Probe("bundle egress-side address", "tcp", (bundle_egress_ip, EGRESS_PORT)),
         Probe("other bottle's bundle", "tcp", (b_net.bundle_ip, EGRESS_PORT)),
-        Probe("other bottle's guest", "tcp", (b_net.guest_ip, 22)),
         Probe("metadata 169.254.169.254 direct", "tcp", ("169.254.169.254", 80)),
         Probe("metadata through the proxy", "http", ("http://169.254.169.254/latest/meta-data/", proxy)),
         Probe("dns: outside name", "resolve", ("example.com",)),
@@ -54,17 +51,31 @@ def test_guest_reaches_only_the_front_door(bottle_a, bottle_b, host_listener):
         Probe("wildcard route: apex not included", "http", ("http://wild.test/", proxy)),
         Probe("wildcard route: method not allowed", "http", ("http://sub.wild.test/", proxy, {}, "x=1")),
     ]
-    results = run_probes(plan.guest.container, blocked)
+    if net.egress_name != net.internal_name:     # docker: the bundle's second leg, and the neighbour's guest
+        bundle_egress_ip = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net.egress_name}").IPAddress}}}}',
+                                  plan.bundle.container).stdout.strip()
+        probes += [Probe("bundle egress-side address", "tcp", (bundle_egress_ip, EGRESS_PORT)),
+                   Probe("other bottle's guest", "tcp", (b_net.guest_ip, 22))]
+    return probes
+
+
+def assert_only_the_front_door(bottle, neighbour, host_listener: int) -> None:
+    results = run_probes(bottle, isolation_probes(bottle, neighbour, host_listener))
     reached = {name: r["detail"] for name, r in results.items() if r["reached"]}
     assert not reached, f"the guest reached what it must not: {reached}"
     assert len(results) >= 15
 
     # NO_PROXY tricks: the client skips the proxy, and the network still holds.
-    tricks = run_probes(plan.guest.container, [
+    up = bottle.upstream_ip
+    tricks = run_probes(bottle, [
         Probe("NO_PROXY=* to upstream by name", "http", ("https://upstream.test/", None)),
         Probe("NO_PROXY=* to upstream ip", "http", (f"http://{up}/", None)),
     ], env={"NO_PROXY": "*", "no_proxy": "*"})
     assert not any(r["reached"] for r in tricks.values()), tricks
+
+
+def test_guest_reaches_only_the_front_door(bottle_a, bottle_b, host_listener):
+    assert_only_the_front_door(bottle_a, bottle_b, host_listener)
 
 
 def test_blocked_requests_get_a_403_that_names_the_reason(bottle_a):
@@ -79,6 +90,10 @@ def test_blocked_requests_get_a_403_that_names_the_reason(bottle_a):
 
 
 def test_positive_controls_the_probed_targets_really_listen(bottle_a, host_listener):
+    assert_probed_targets_listen(bottle_a, host_listener)
+
+
+def assert_probed_targets_listen(bottle_a, host_listener: int) -> None:
     """The same targets answer from a container on the egress network and from the host."""
     net = bottle_a.plan.network
     control = f"probe-control-{bottle_a.agent}"
@@ -99,12 +114,16 @@ def test_positive_controls_the_probed_targets_really_listen(bottle_a, host_liste
 
 
 def test_routed_https_works_through_the_chain(bottle_a):
+    assert_routed_https_works(bottle_a)
+
+
+def assert_routed_https_works(bottle_a) -> None:
     """The positive twin of the probes: a routed host answers, and with SNI the same TLS probe succeeds."""
     proc = bottle_a.exec("curl", "-sS", "-m", "10", "https://upstream.test/hello")
     assert proc.returncode == 0, proc.stderr
     assert '"path": "/hello"' in proc.stdout
     net = bottle_a.plan.network
-    ok = run_probes(bottle_a.plan.guest.container, [
+    ok = run_probes(bottle_a, [
         Probe("TLS with SNI through the proxy", "tls_via_proxy", (net.bundle_ip, EGRESS_PORT, "upstream.test:443", "upstream.test")),
         Probe("python urllib through the proxy", "http", ("https://upstream.test/py", bottle_a.plan.bundle.egress_url)),
     ])

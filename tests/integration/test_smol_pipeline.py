@@ -4,32 +4,18 @@ runs none of it; smolvm older than 1.8.0 is refused."""
 
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
-from bottle_tasks.settings import ROOT
-from tests.integration.conftest import Env, docker
+from tests.integration.conftest import FAKE_SMOLVM, Env, crane_or_skip, docker
 
 AGENT = "smol-pipe"
-FAKE_SMOLVM = ROOT / "tests" / "fakes" / "smolvm"
-
-
-def _crane() -> str:
-    found = shutil.which("crane") or next((p for p in ("/var/cache/claude-bottle-ci/go-bin/crane",
-                                                       str(Path.home() / "go/bin/crane")) if os.path.exists(p)), None)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("crane is not installed; .ci/run installs it")
-        pytest.skip("crane is not installed here (CI installs it)")
-    return found
 
 
 @pytest.fixture(scope="module")
 def smol_env(bottle_env, tmp_path_factory):
-    crane = _crane()
+    crane = crane_or_skip()
     data = tmp_path_factory.mktemp("smolvm-data")
     extra = {"BOTTLE_SMOLVM_BIN": str(FAKE_SMOLVM), "BOTTLE_CRANE_BIN": crane, "CRANE": crane,
              "SMOLVM_DATA_DIR": str(data), "BOTTLE_CACHE_DIR": str(tmp_path_factory.mktemp("smol-cache"))}
@@ -80,8 +66,3 @@ def test_smolvm_before_1_8_is_refused(smol_env):
     assert proc.returncode != 0
     assert "older than 1.8.0" in proc.stdout + proc.stderr and "--allow-cidr" in proc.stdout + proc.stderr
     assert docker("ps", "-a", "--filter", f"name={plan.smol.registry_container}", "-q").stdout.strip() == ""
-
-
-def test_start_says_the_backend_cannot_run_a_guest_yet(smol_env):
-    proc = smol_env.doit("start", f"agent={AGENT}", check=False)
-    assert proc.returncode != 0 and "cannot start a guest yet" in proc.stdout + proc.stderr

@@ -11,6 +11,7 @@ import pytest
 
 from bottle_tasks.backends import smolmachines as smol
 from bottle_tasks.errors import BottleError
+from bottle_tasks.plan import smol_bridge_subnet
 from bottle_tasks.settings import ROOT
 from tests.unit.test_fake_smolvm_cli import write_pack
 
@@ -18,20 +19,38 @@ FAKE = ROOT / "tests" / "fakes" / "smolvm"
 
 
 def test_bridge_subnet_is_stable_skips_17_and_moves_past_a_taken_one():
-    subnet, note = smol.bridge_subnet("example", [])
-    assert subnet == smol.bridge_subnet("example", [])[0] and note == ""
+    subnet, note = smol_bridge_subnet("example", [])
+    assert subnet == smol_bridge_subnet("example", [])[0] and note == ""
     assert subnet.subnet_of(ipaddress.ip_network("192.168.0.0/16")) and subnet.network_address.packed[2] != 17
-    moved, note = smol.bridge_subnet("example", [subnet])
+    moved, note = smol_bridge_subnet("example", [subnet])
     assert moved != subnet and str(subnet) in note and str(moved) in note
-    assert smol.bridge_subnet("example", [subnet]) == (moved, note)
-    assert all(smol.bridge_subnet(f"agent-{i}", [])[0].network_address.packed[2] != 17 for i in range(300))
-    assert smol.bundle_address(ipaddress.ip_network("192.168.40.0/24")) == ("192.168.40.1", "192.168.40.2")
+    assert smol_bridge_subnet("example", [subnet]) == (moved, note)
+    assert all(smol_bridge_subnet(f"agent-{i}", [])[0].network_address.packed[2] != 17 for i in range(300))
+
+
+def test_host_routes_are_read_from_proc_and_skip_the_default_route(tmp_path):
+    table = tmp_path / "route"
+    table.write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"       # default via 192.168.0.1
+        "eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")      # 192.168.0.0/24 (the LAN)
+    assert smol.host_routes(table) == [ipaddress.ip_network("192.168.0.0/24")]
+
+
+def test_an_existing_bridge_keeps_its_subnet_until_something_else_overlaps_it():
+    first, _ = smol_bridge_subnet("example", [])
+    moved, _ = smol_bridge_subnet("example", [first])
+    # The first choice is free again, but the bottle's bridge already sits on `moved`: it stays.
+    assert smol_bridge_subnet("example", [], current=str(moved))[0] == moved
+    assert smol_bridge_subnet("example", [moved], current=str(moved))[0] == first
 
 
 def _create(tmp_path, version: str | None = None):
     pack = tmp_path / "pack"
     write_pack(tmp_path / "pack.smolmachine")
-    argv = smol.machine_create_argv(str(FAKE), "bottle-x", pack, "192.168.40.2", {"HTTPS_PROXY": "http://192.168.40.2:8080"})
+    argv = smol.machine_create_argv(str(FAKE), "bottle-x", pack, "192.168.40.2", {"HTTPS_PROXY": "http://192.168.40.2:8080"},
+                                    labels={"dev.claude-bottle.slug": "x"}, cpus=2, mem_mib=smol.memory_mib("1g"),
+                                    volumes=[f"{tmp_path}:/workspace"], workdir="/workspace")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMOLVM_")}
     env.update(SMOLVM_DATA_DIR=str(tmp_path / "data"), DOCKER="/nonexistent/docker")
     if version:
@@ -46,6 +65,13 @@ def test_create_argv_is_accepted_by_the_1_9_contract_and_stores_the_fence(tmp_pa
     assert "--smolfile" not in argv and "--image" not in argv and "--net-backend" not in argv
     record = smol.machine_record("bottle-x", smol.state_db(str(tmp_path / "data")))
     smol.verify_fence("bottle-x", record, "192.168.40.2")
+    assert (record["cpus"], record["mem"], record["labels"]) == (2, 1024, {"dev.claude-bottle.slug": "x"})
+
+
+def test_memory_sizes_convert_to_mib_and_bad_ones_name_the_key():
+    assert [smol.memory_mib(m) for m in ("512m", "4g", "2048k", None)] == [512, 4096, 64, None]
+    with pytest.raises(BottleError, match="resources.memory"):
+        smol.memory_mib("lots")
 
 
 def test_the_0_8_hole_is_caught_by_the_fence_check(tmp_path):

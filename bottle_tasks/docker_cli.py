@@ -92,14 +92,18 @@ def ensure_owned(kind: str, name: str, plan: Plan, obj: dict[str, Any] | None = 
     obj = obj or inspect(kind, name)
     if obj is None:
         return None
-    labels = labels_of(obj)
+    refuse_unless_owned(labels_of(obj), plan, f"docker {kind} {name!r}", f"docker {kind} rm {name}")
+    return obj
+
+
+def refuse_unless_owned(labels: Mapping[str, str], plan: Plan, what: str, remove_command: str) -> None:
+    """A resource with one of our names is ours only when it carries our slug and state dir labels."""
     if labels.get(f"{LABEL}.slug") != plan.slug or labels.get(f"{LABEL}.state") != str(plan.state_dir):
         owner = labels.get(f"{LABEL}.state")
         whose = f"by another claude-bottle checkout (state dir {owner})" if owner else "outside claude-bottle"
         raise BottleError(
-            f"docker {kind} {name!r} already exists, created {whose}. "
-            f"Remove it (docker {kind} rm {name}) or rename agents/{plan.agent}.yaml, then start again.")
-    return obj
+            f"{what} already exists, created {whose}. "
+            f"Remove it ({remove_command}) or rename agents/{plan.agent}.yaml, then start again.")
 
 
 def by_label(kind: str, label: str) -> list[str]:

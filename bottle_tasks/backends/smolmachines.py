@@ -24,7 +24,7 @@ from bottle_tasks.backends.bundle import (  # noqa: F401  (the backend interface
     bundle_ready, check_names_free, check_subnet_clash, create_networks, digest_of, file_digest, networks_ready,
     remove_bundle, remove_networks, start_bundle,
 )
-from bottle_tasks.docker_cli import by_label, docker, network_subnets, rm_containers
+from bottle_tasks.docker_cli import by_label, docker, network_subnets, refuse_unless_owned, rm_containers
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import EGRESS_PORT, GUEST_AGENT_UID, GUEST_USER, GUEST_WORKSPACE, LABEL, Plan
 from bottle_tasks.runner import CommandError, Result, run
@@ -185,13 +185,9 @@ def machine_status(plan: Plan) -> dict | None:
 
 
 def ensure_machine_owned(plan: Plan, status: Mapping) -> None:
-    labels = status.get("labels") or {}
-    if labels.get(f"{LABEL}.slug") != plan.slug or labels.get(f"{LABEL}.state") != str(plan.state_dir):
-        owner = labels.get(f"{LABEL}.state")
-        whose = f"by another claude-bottle checkout (state dir {owner})" if owner else "outside claude-bottle"
-        raise BottleError(
-            f"smolvm machine {plan.guest.container!r} already exists, created {whose}. Remove it "
-            f"(smolvm machine delete --name {plan.guest.container} -f) or rename agents/{plan.agent}.yaml, then start again.")
+    name = plan.guest.container
+    refuse_unless_owned(status.get("labels") or {}, plan, f"smolvm machine {name!r}",
+                        f"smolvm machine delete --name {name} -f")
 
 
 def delete_machine(plan: Plan) -> None:

@@ -75,6 +75,12 @@ class Env:
             raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    @property
+    def test_env(self) -> dict[str, str]:
+        """The tool's environment without the docker argv shim: what a test runs itself is not the tool's argv."""
+        path = ":".join(p for p in self.env["PATH"].split(":") if p != str(self.root / "shim"))
+        return {**self.env, "PATH": path}
+
     def settings(self, extra_env: dict | None = None) -> Settings:
         return Settings.from_env({**self.env, **(extra_env or {})})
 
@@ -103,7 +109,7 @@ class Bottle:
 
     def exec(self, *cmd: str, user: str = "agent", check: bool = False, input: str | None = None):
         return subprocess.run(self.exec_argv(cmd, user=user), capture_output=True, text=True, check=check,
-                              input=input, env=self.env.env, stdin=None if input is not None else subprocess.DEVNULL)
+                              input=input, env=self.env.test_env, stdin=None if input is not None else subprocess.DEVNULL)
 
     def upstream_log(self) -> list[dict]:
         out = docker("logs", self.upstream).stdout
@@ -198,12 +204,20 @@ def start_upstream(env: Env, plan: Plan, name: str, aliases: list[str] | None = 
     return docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name).stdout.strip()
 
 
-def _bottle(env: Env, agent: str) -> Bottle:
+def _bottle(env: Env, agent: str, before_start=None) -> Bottle:
+    """Start `agent` with the fake upstream on its egress network. With before_start (given the bottle),
+    the networks and the upstream come first, for a bundle that needs the upstream as it starts."""
     plan = env.plan(agent)
     bottle = Bottle(env=env, agent=agent, plan=plan, upstream=f"bottle-test-upstream-{agent}")
     try:
+        if before_start:
+            env.doit(f"networks:{agent}", f"agent={agent}")
+            bottle.upstream_ip = start_upstream(env, plan, bottle.upstream, aliases=UPSTREAM_NAMES + ["sub.wild.test", "git.test"],
+                                                container_env={"UPSTREAM_GIT_TOKEN": GIT_TOKEN})
+            before_start(bottle)
         env.doit("start", f"agent={agent}", "command=true")
-        bottle.upstream_ip = start_upstream(env, plan, bottle.upstream)
+        if not before_start:
+            bottle.upstream_ip = start_upstream(env, plan, bottle.upstream)
     except BaseException:
         _teardown(bottle)   # a fixture that fails never reaches its teardown
         raise
@@ -246,6 +260,18 @@ def host_listener():
 
 GIT_TOKEN = "ghp_" + secrets.token_hex(18)      # a fake upstream credential, GitHub-token shaped
 AGENT_GIT = "probe-git"
+# A repo behind git-gate (the upstream container serves it) and a supervised `git push`.
+GIT_AND_SUPERVISE = """
+git:
+  user: {name: Probe Agent, email: probe@bottle.test}
+  repos:
+    - name: app
+      url: https://git.test/git/app.git
+      identity: {token_env: BOTTLE_TEST_GIT_TOKEN}
+supervise:
+  tools: ["Bash(git push:*)"]
+  timeout: 15
+"""
 
 
 def _seed_upstream(name: str) -> None:
@@ -261,35 +287,16 @@ git push -q /srv/git/app.git main
 
 @pytest.fixture(scope="session")
 def bottle_git(bottle_env: Env):
-    bottle_env.write_agent(AGENT_GIT, """
+    bottle_env.write_agent(AGENT_GIT, textwrap.dedent("""
         routes:
           - host: api.anthropic.com
             private_network: true
             token: {env: ANTHROPIC_API_KEY, header: x-api-key}
-        git:
-          user: {name: Probe Agent, email: probe@bottle.test}
-          repos:
-            - name: app
-              url: https://git.test/git/app.git
-              identity: {token_env: BOTTLE_TEST_GIT_TOKEN}
-        supervise:
-          tools: ["Bash(git push:*)"]
-          timeout: 15
-    """)
+    """) + GIT_AND_SUPERVISE)
     extra = {"BOTTLE_TEST_GIT_TOKEN": GIT_TOKEN}
     env = Env(root=bottle_env.root, env={**bottle_env.env, **extra}, argv_log=bottle_env.argv_log)
-    plan = env.plan(AGENT_GIT)
-    bottle = Bottle(env=env, agent=AGENT_GIT, plan=plan, upstream=f"bottle-test-upstream-{AGENT_GIT}")
-    try:
-        # The upstream must exist before the first start: git-gate mirrors it when it comes up.
-        env.doit("networks:" + AGENT_GIT, f"agent={AGENT_GIT}")
-        bottle.upstream_ip = start_upstream(env, plan, bottle.upstream, aliases=["git.test", "api.anthropic.com"],
-                                            container_env={"UPSTREAM_GIT_TOKEN": GIT_TOKEN})
-        _seed_upstream(bottle.upstream)
-        env.doit("start", f"agent={AGENT_GIT}", "command=true")
-    except BaseException:
-        _teardown(bottle)
-        raise
+    # git-gate mirrors the upstream when it comes up, so the upstream goes first.
+    bottle = _bottle(env, AGENT_GIT, before_start=lambda b: _seed_upstream(b.upstream))
     yield bottle
     _teardown(bottle)
 
@@ -334,9 +341,9 @@ def make_smol_env(base: Env, tmp_path_factory, flavour: str = "fake") -> Env:
     return env
 
 
-def smol_bottle(env: Env, agent: str) -> Bottle:
+def smol_bottle(env: Env, agent: str, before_start=None) -> Bottle:
     """Start `agent` on the smolmachines backend; the fake attaches its guest to the bottle's bridge."""
     from bottle_tasks.plan import smol_bridge_name
 
     env.env["SMOLVM_FAKE_NETWORK"] = smol_bridge_name(agent)
-    return _bottle(env, agent)
+    return _bottle(env, agent, before_start)

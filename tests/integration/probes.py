@@ -79,6 +79,6 @@ def run_probes(target, probes: list[Probe], *, user: str = "agent", env: dict | 
     else:
         argv = target.exec_argv(script, user=user, env=env)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60 + 6 * len(probes), stdin=subprocess.DEVNULL,
-                         env=None if isinstance(target, str) else target.env.env)
+                         env=None if isinstance(target, str) else target.env.test_env)
     assert out.returncode == 0, out.stderr
     return {r["name"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}

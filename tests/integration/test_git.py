@@ -96,7 +96,7 @@ def test_identity_never_enters_the_guest(bottle_git):
     assert scanned > 1000 and not hits, hits
     assert GIT_TOKEN not in bottle_git.exec("env").stdout
     assert GIT_TOKEN not in docker("inspect", guest).stdout
-    grep = bottle_git.exec("grep", "-rlF", GIT_TOKEN, "/workspace", "/home/agent")
+    grep = bottle_git.exec("grep", "-rlF", "-f", "-", "/workspace", "/home/agent", input=GIT_TOKEN + "\n")
     assert grep.returncode == 1, grep.stdout
     assert GIT_TOKEN not in (bottle_git.plan.git.mirrors_dir / "audit.jsonl").read_text()
     assert GIT_TOKEN not in bottle_git.bundle_log()

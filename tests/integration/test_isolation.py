@@ -34,7 +34,8 @@ def isolation_probes(bottle, neighbour, host_listener: int) -> list[Probe]:
         Probe("loopback tcp", "tcp", ("127.0.0.1", host_listener)),
         Probe("bundle pipelock port", "tcp", (net.bundle_ip, 8888)),
         Probe("bundle scan api port", "tcp", (net.bundle_ip, 8889)),
-        Probe("bundle other port", "tcp", (net.bundle_ip, EGRESS_PORT + 1)),
+        Probe("bundle other port", "tcp", (net.bundle_ip, next(p for p in range(EGRESS_PORT + 1, EGRESS_PORT + 100)
+                                                                if p not in plan.guest_ports))),
         Probe("other bottle's bundle", "tcp", (b_net.bundle_ip, EGRESS_PORT)),
         Probe("metadata 169.254.169.254 direct", "tcp", ("169.254.169.254", 80)),
         Probe("metadata through the proxy", "http", ("http://169.254.169.254/latest/meta-data/", proxy)),

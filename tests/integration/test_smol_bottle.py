@@ -16,10 +16,14 @@ import textwrap
 import pytest
 
 import tests.integration.test_clients as clients
+import tests.integration.test_git as git_tests
+import tests.integration.test_supervise as supervise_tests
 import tests.integration.test_tokens as tokens
 from bottle_tasks.plan import EGRESS_PORT, smol_bridge_name
 from bottle_tasks.settings import ROOT
-from tests.integration.conftest import AGENT_FILES, FAKE_TOKEN, _teardown, docker, make_smol_env, smol_bottle
+from tests.integration.conftest import (
+    AGENT_FILES, FAKE_TOKEN, GIT_AND_SUPERVISE, GIT_TOKEN, _seed_upstream, _teardown, docker, make_smol_env, smol_bottle,
+)
 from tests.integration.probes import Probe, run_probes
 from tests.integration.test_isolation import (
     assert_only_the_front_door, assert_probed_targets_listen, assert_routed_https_works,
@@ -32,23 +36,25 @@ FAULTY = "smol-fault"
 @pytest.fixture(scope="module", params=["fake", "real"])
 def smol_a(request, bottle_env, tmp_path_factory):
     env = make_smol_env(bottle_env, tmp_path_factory, request.param)
-    env.write_agent(AGENT, "backend: smolmachines\n" + textwrap.dedent(AGENT_FILES["probe-a"]))
-    bottle = smol_bottle(env, AGENT)
+    env.env["BOTTLE_TEST_GIT_TOKEN"] = GIT_TOKEN
+    env.write_agent(AGENT, "backend: smolmachines\n" + textwrap.dedent(AGENT_FILES["probe-a"]) + GIT_AND_SUPERVISE)
+    # git-gate mirrors the upstream when it comes up, so the upstream (on the bottle's bridge) goes first.
+    bottle = smol_bottle(env, AGENT, before_start=lambda b: _seed_upstream(b.upstream))
     yield bottle
     _teardown(bottle)
     if request.param == "fake":
         _assert_machine_gone(bottle)
 
 
-def _smolvm(bottle, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([bottle.plan.smol.smolvm, *args], capture_output=True, text=True, env=bottle.env.env,
-                          stdin=subprocess.DEVNULL, timeout=120)
+def _machines_of(env) -> list[str]:
+    proc = subprocess.run([env.env["BOTTLE_SMOLVM_BIN"], "machine", "ls", "--json"], capture_output=True, text=True,
+                          env=env.test_env, stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [m["name"] for m in json.loads(proc.stdout)]
 
 
 def _machines(bottle) -> list[str]:
-    proc = _smolvm(bottle, "machine", "ls", "--json")
-    assert proc.returncode == 0, proc.stderr
-    return [m["name"] for m in json.loads(proc.stdout)]
+    return _machines_of(bottle.env)
 
 
 def _assert_machine_gone(bottle) -> None:
@@ -97,6 +103,31 @@ def test_the_guest_is_a_machine_on_the_bottle_bridge(smol_a):
     create = next(c for c in calls if c.startswith("machine create"))
     assert f"--allow-cidr {plan.network.bundle_ip}/32" in create and f"--dns {plan.network.bundle_ip}" in create
     assert "--smolfile" not in create and "--net-backend" not in create
+
+
+LISTENERS = r"""
+import json
+found = set()
+for path, proto in (("/proc/net/tcp", "tcp"), ("/proc/net/tcp6", "tcp"), ("/proc/net/udp", "udp"), ("/proc/net/udp6", "udp")):
+    for line in open(path).read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, port = local.rsplit(":", 1)
+        # /proc writes IPv4 little-endian: 127.x.y.z ends in 7F (docker's own resolver sits on 127.0.0.11)
+        loopback = (len(addr) == 8 and addr[6:] == "7F") or addr == "00000000000000000000000001000000"
+        if (proto == "udp" or state == "0A") and not loopback:
+            found.add(f"{proto}/{int(port, 16)}")
+print(json.dumps(sorted(found)))
+"""
+
+
+def test_the_bundle_listens_beyond_loopback_only_on_the_guests_ports(smol_a):
+    """smolvm's allowlist is the bundle's whole IP (no ports), so everything else the bundle runs must sit
+    on its loopback: pipelock and the scan API are probed from the guest in the suite above, too."""
+    plan = smol_a.plan
+    found = json.loads(docker("exec", plan.bundle.container, "python3", "-c", LISTENERS).stdout)
+    assert found, "the listener scan found nothing, not even egress"
+    assert set(found) <= {f"tcp/{p}" for p in plan.guest_ports} | {"tcp/53", "udp/53"}, found
+    assert {"tcp/8080", "tcp/8081", "tcp/8082", "udp/53"} <= set(found), found
 
 
 def test_guest_reaches_only_the_front_door(smol_a, bottle_b, host_listener):
@@ -165,6 +196,26 @@ def test_start_attaches_a_tty_when_interactive(smol_a):
     assert "not a tty" in piped.stdout, piped.stdout
 
 
+def test_git_gate_serves_the_repo_and_forwards_only_allowed_pushes(smol_a):
+    git_tests.test_repo_is_cloned_through_git_gate_with_the_agents_identity(smol_a)
+    branch = f"bottle/{AGENT}/feature"
+    push = git_tests._guest_git(smol_a, f"git checkout -q -b {branch} && echo change > f.txt && git add f.txt && "
+                                        f"git commit -qm 'agent change' && git push -q origin {branch} && git rev-parse HEAD")
+    assert push.returncode == 0, push.stderr
+    assert git_tests._wait_upstream_has(smol_a, f"refs/heads/{branch}", push.stdout.split()[-1]), git_tests._audit(smol_a)
+    before = git_tests._upstream_git(smol_a, "for-each-ref")
+    to_main = git_tests._guest_git(smol_a, "git checkout -q main && echo x >> README.md && git commit -qam 'to main' && "
+                                           "git push origin main")
+    assert to_main.returncode != 0 and "git-gate: rejected" in to_main.stderr, to_main.stderr
+    assert git_tests._upstream_git(smol_a, "for-each-ref") == before
+    assert GIT_TOKEN not in smol_a.exec("env").stdout
+
+
+def test_supervise_holds_a_push_until_a_human_approves(smol_a):
+    supervise_tests.test_the_agent_cannot_edit_the_hook_away(smol_a)
+    supervise_tests.test_approve_lets_the_call_through_and_records_who(smol_a)
+
+
 # ---- a missing fence aborts the start ----------------------------------------------------------------
 
 @pytest.fixture()
@@ -201,17 +252,21 @@ def test_a_missing_fence_aborts_the_start_and_leaves_no_machine(faulty):
     # A real 0.8: refused before anything is created, with the reason.
     out = _start_fails(env, extra, "0.8")
     assert "older than 1.8.0" in out and "--allow-cidr" in out, out
-    # The positive control: with an honest smolvm the same agent starts and is usable.
-    env.doit("start", f"agent={FAULTY}", "command=true", extra_env=extra)
-    assert plan.guest.container in _machines_of(env)
-    env.doit("clean", f"agent={FAULTY}", "purge=1", extra_env=extra)
+    # The positive control: with an honest smolvm the same agent starts. A network the test made on the
+    # bridge's first-choice subnet moves it to the next candidate, and start says so.
+    env.doit("clean", f"agent={FAULTY}", extra_env=extra)      # the failed starts left the bundle and its bridge
+    blocker = f"bottle-test-blocker-{FAULTY}"
+    docker("network", "create", "--subnet", plan.network.internal_subnet, "--label", "dev.claude-bottle.test=blocker", blocker)
+    try:
+        started = env.doit("start", f"agent={FAULTY}", "command=true", extra_env=extra)
+        moved = env.plan(FAULTY).network
+        assert moved.internal_subnet != plan.network.internal_subnet
+        assert f"subnet {plan.network.internal_subnet} is in use" in started.stderr and moved.internal_subnet in started.stderr
+        assert plan.guest.container in _machines_of(env)
+        assert env.doit("start", f"agent={FAULTY}", "command=echo up", extra_env=extra).stdout.strip().endswith("up")
+        env.doit("clean", f"agent={FAULTY}", "purge=1", extra_env=extra)
+    finally:
+        docker("network", "rm", blocker, check=False)
     assert plan.guest.container not in _machines_of(env)
     assert docker("network", "inspect", smol_bridge_name(FAULTY), check=False).returncode != 0
     assert docker("ps", "-aq", "--filter", f"label=smolvm-fake.name={plan.guest.container}").stdout.strip() == ""
-
-
-def _machines_of(env) -> list[str]:
-    proc = subprocess.run([env.env["BOTTLE_SMOLVM_BIN"], "machine", "ls", "--json"], capture_output=True, text=True,
-                          env=env.env, stdin=subprocess.DEVNULL, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return [m["name"] for m in json.loads(proc.stdout)]

@@ -18,8 +18,7 @@ from tests.integration.conftest import AGENT_GIT as AGENT, docker
 def _hook(bottle, command: str) -> subprocess.Popen:
     payload = json.dumps({"hook_event_name": "PreToolUse", "tool_name": "Bash", "session_id": "s1",
                           "cwd": "/workspace", "tool_input": {"command": command}})
-    proc = subprocess.Popen(["docker", "exec", "-i", "-u", "agent", bottle.plan.guest.container, "python3",
-                             GUEST_SUPERVISE_HOOK, GUEST_SUPERVISE_CONFIG],
+    proc = subprocess.Popen(bottle.exec_argv(["python3", GUEST_SUPERVISE_HOOK, GUEST_SUPERVISE_CONFIG]), env=bottle.env.test_env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdin.write(payload)
     proc.stdin.close()
@@ -36,7 +35,7 @@ def _pending_id(bottle, summary_part: str, hook: subprocess.Popen, timeout: floa
     while time.monotonic() < deadline:
         if hook.poll() is not None:
             raise AssertionError(f"the hook ended before a decision: {hook.returncode} {hook.stderr.read()}")
-        out = bottle.env.doit("supervise", f"agent={AGENT}").stdout
+        out = bottle.env.doit("supervise", f"agent={bottle.agent}").stdout
         for block in out.split("\n\n"):
             if summary_part in block:
                 match = re.search(r"^request (\S+)", block, re.M)
@@ -55,7 +54,7 @@ def test_approve_lets_the_call_through_and_records_who(bottle_git):
     hook = _hook(bottle_git, "git push origin approve-me")
     request_id = _pending_id(bottle_git, "approve-me", hook)
     assert hook.poll() is None, "the hook did not wait for a decision"
-    bottle_git.env.doit("approve", f"agent={AGENT}", f"id={request_id}", "reason=looks fine")
+    bottle_git.env.doit("approve", f"agent={bottle_git.agent}", f"id={request_id}", "reason=looks fine")
     out, err = _finish(hook, 30)
     assert hook.returncode == 0, err
     decision = [h for h in _history(bottle_git) if h.get("id") == request_id and h["event"] == "decision"]

@@ -53,7 +53,7 @@ def test_token_appears_nowhere_in_the_guest(bottle_a):
     assert scanned > 1000 and not hits, f"token found in {hits}"
     placeholder_hits, _ = _files_containing(guest, b"You are a test agent.")
     assert placeholder_hits, "the scan would not have found the prompt file that is there"
-    grep = bottle_a.exec("grep", "-rlF", FAKE_TOKEN, "/workspace", "/home/agent")
+    grep = bottle_a.exec("grep", "-rlF", "-f", "-", "/workspace", "/home/agent", input=FAKE_TOKEN + "\n")
     assert grep.returncode == 1 and grep.stdout == "", grep.stdout + grep.stderr
     assert FAKE_TOKEN not in docker("inspect", guest).stdout
     logs = docker("logs", guest)

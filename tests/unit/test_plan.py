@@ -114,3 +114,32 @@ def test_paths_split_state_that_is_kept_from_cache_that_is_not(plan, tmp_path):
     assert plan.ca_key.is_relative_to(tmp_path / "state" / "example")
     assert plan.agent_image.iid_file.is_relative_to(tmp_path / "cache")
     assert plan.bundle_image.iid_file.is_relative_to(tmp_path / "cache")
+
+
+def test_smolmachines_plan_one_bridge_bundle_at_2_and_a_root_exec_image(tmp_path):
+    spec = load_spec(ROOT / "agents" / "example.yaml")
+    taken = [ipaddress.ip_network("10.0.0.0/8")]
+    plan = make_plan(spec, settings(tmp_path, BOTTLE_BACKEND="smolmachines"), taken)
+    assert plan == make_plan(spec, settings(tmp_path, BOTTLE_BACKEND="smolmachines"), taken)
+    net = plan.network
+    (bridge,) = net.bridges
+    subnet = ipaddress.ip_network(bridge.subnet)
+    assert bridge.name == net.internal_name == net.egress_name == "bottle-example-bridge" and not bridge.internal
+    assert subnet.subnet_of(ipaddress.ip_network("192.168.0.0/16")) and subnet.prefixlen == 24
+    assert (net.internal_gateway, net.bundle_ip) == (str(subnet.network_address + 1), str(subnet.network_address + 2))
+    # docker hands out dynamic addresses from the upper half only, never the bundle's pinned .2
+    assert ipaddress.ip_address(net.bundle_ip) not in ipaddress.ip_network(bridge.ip_range)
+    assert ipaddress.ip_network(bridge.ip_range).subnet_of(subnet)
+    assert plan.bundle.egress_url == f"http://{net.bundle_ip}:{EGRESS_PORT}"
+    assert ("EXEC_USER", "root") in plan.agent_image.build_args
+    assert plan.guest.workspace_volume is None and plan.guest.mounts[0].source == str(plan.state_dir / "workspace")
+    assert plan.smol is not None
+    # Taking the first choice moves the bridge, and the plan says why.
+    moved = make_plan(spec, settings(tmp_path, BOTTLE_BACKEND="smolmachines"), [*taken, subnet])
+    assert moved.network.internal_subnet != bridge.subnet and bridge.subnet in moved.network.note
+
+
+def test_docker_plan_keeps_two_bridges_and_the_agent_user(plan):
+    assert [(b.name, b.internal) for b in plan.network.bridges] == [
+        ("bottle-example-internal", True), ("bottle-example-egress", False)]
+    assert not any(key == "EXEC_USER" for key, _ in plan.agent_image.build_args)

@@ -88,3 +88,47 @@ def test_missing_machine_or_db_is_a_clear_error(tmp_path):
     _create(tmp_path)
     with pytest.raises(BottleError, match="not in smolvm's state DB"):
         smol.machine_record("ghost", smol.state_db(str(tmp_path / "data")))
+
+
+def _smol_plan(tmp_path):
+    from tests.unit.test_plan import settings
+
+    from bottle_tasks.plan import make_plan
+    from bottle_tasks.spec import load_spec
+    s = settings(tmp_path, BOTTLE_BACKEND="smolmachines", BOTTLE_SMOLVM_BIN=str(FAKE))
+    return make_plan(load_spec(ROOT / "agents" / "example.yaml"), s)
+
+
+def test_guest_exec_argv_drops_to_the_agent_and_keeps_the_1_9_syntax(tmp_path):
+    plan = _smol_plan(tmp_path)
+    guest = smol.SmolGuest(plan)
+    as_agent = guest.exec_argv(["id", "-un"], stdin=False)
+    assert as_agent[:5] == [str(FAKE), "machine", "exec", "--name", plan.guest.container]
+    assert as_agent[as_agent.index("--") + 1:] == ["runuser", "-u", "agent", "--", "id", "-un"]
+    assert "-i" not in as_agent and "-t" not in as_agent
+    as_root = guest.exec_argv(["true"], user="root")
+    assert as_root[as_root.index("--") + 1:] == ["true"] and "-i" in as_root
+    attach = guest.attach_argv(["claude"], tty=True)
+    assert "-t" in attach and f"HTTPS_PROXY={plan.bundle.egress_url}" in attach
+    # The fake parses each shape as smolvm 1.9 would: past the parser, it fails only on the missing machine.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMOLVM_")}
+    env.update(SMOLVM_DATA_DIR=str(tmp_path / "data"), DOCKER="/nonexistent/docker")
+    for argv in (as_agent, as_root, attach):
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=30)
+        assert (proc.returncode, proc.stderr.strip()) == (1, f"Error: vm not found: {plan.guest.container}"), proc.stderr
+
+
+def test_a_machine_with_our_name_but_not_ours_is_refused_with_the_fix(tmp_path, monkeypatch):
+    plan = _smol_plan(tmp_path)
+    monkeypatch.setenv("SMOLVM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DOCKER", "/nonexistent/docker")
+    assert smol.machine_status(plan) is None
+    write_pack(tmp_path / "other.smolmachine")
+    subprocess.run([sys.executable, str(FAKE), "machine", "create", "--name", plan.guest.container,
+                    "--from", str(tmp_path / "other.smolmachine")], check=True, capture_output=True)
+    status = smol.machine_status(plan)
+    assert status["name"] == plan.guest.container and status["state"] == "created"
+    with pytest.raises(BottleError, match=f"smolvm machine delete --name {plan.guest.container} -f"):
+        smol.ensure_machine_owned(plan, status)
+    owned = {**status, "labels": dict(plan.labels)}
+    smol.ensure_machine_owned(plan, owned)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import LABEL, Plan
@@ -46,6 +46,7 @@ class _Snapshot:
     def __init__(self) -> None:
         self.watched: list[str] = []
         self.objects: dict[str, dict[str, Any]] | None = None
+        self.memos: dict[str, Any] = {}
         self.paused = 0
 
     def watch(self, *names: str) -> None:
@@ -53,6 +54,15 @@ class _Snapshot:
 
     def stale(self) -> None:
         self.objects = None
+        self.memos.clear()
+
+    def memo(self, key: str, fetch: Callable[[], Any]) -> Any:
+        """Another backend's live state (smolvm's machine status), shared by the probes the same way."""
+        if self.paused:
+            return fetch()
+        if key not in self.memos:
+            self.memos[key] = fetch()
+        return self.memos[key]
 
     def get(self, name: str) -> tuple[bool, dict[str, Any] | None]:
         """(known, object): known is False when the snapshot cannot answer for this name."""

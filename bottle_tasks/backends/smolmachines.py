@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -24,13 +25,13 @@ from bottle_tasks.backends.bundle import (  # noqa: F401  (the backend interface
     bundle_ready, check_names_free, check_subnet_clash, create_networks, digest_of, file_digest, networks_ready,
     remove_bundle, remove_networks, start_bundle,
 )
-from bottle_tasks.docker_cli import by_label, docker, network_subnets, refuse_unless_owned, rm_containers
+from bottle_tasks.docker_cli import by_label, docker, network_subnets, refuse_unless_owned, rm_containers, snapshot
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import EGRESS_PORT, GUEST_AGENT_UID, GUEST_USER, GUEST_WORKSPACE, LABEL, Plan
-from bottle_tasks.runner import CommandError, Result, run
+from bottle_tasks.runner import CommandError, Result, ToolMissing, run
 
 MIN_SMOLVM = (1, 8, 0)   # 1.8.0 fixed `machine create --from` dropping --allow-cidr (smolvm PR #892)
-CANARY_TIMEOUT = 2.0
+CANARY_TIMEOUT = 1.0     # a blocked dial must time out; an open one completes in milliseconds
 
 
 # ---- smolvm itself ---------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def preflight(plan: Plan) -> None:
 
 def machine_create_argv(smolvm: str, name: str, pack_stub: Path, bundle_ip: str, env: Mapping[str, str], *,
                         labels: Mapping[str, str] | None = None, cpus: int | None = None, mem_mib: int | None = None,
-                        volumes: Iterable[str] = (), workdir: str | None = None) -> list[str]:
+                        volumes: Iterable[str] = ()) -> list[str]:
     """`machine create` in the 1.9.x syntax: the name is a flag, `--from` the pack's sidecar, the only
     allowed destination the bundle, DNS pointed at the bundle's sink. Never `--smolfile` or `--image`
     with `--from` (they conflict), never `--net-backend tsi` (TSI does not enforce egress)."""
@@ -149,8 +150,6 @@ def machine_create_argv(smolvm: str, name: str, pack_stub: Path, bundle_ip: str,
         argv += ["--mem", str(mem_mib)]
     for volume in volumes:
         argv += ["-v", volume]
-    if workdir:
-        argv += ["-w", workdir]
     for key, value in env.items():
         argv += ["-e", f"{key}={value}"]
     return argv
@@ -176,6 +175,11 @@ def _machine_labels(plan: Plan) -> dict[str, str]:
 
 
 def machine_status(plan: Plan) -> dict | None:
+    """`machine status --json`, or None when there is no such machine; probes of one run share it."""
+    return snapshot.memo(f"smolvm:{plan.guest.container}", lambda: _fetch_status(plan))
+
+
+def _fetch_status(plan: Plan) -> dict | None:
     result = _smolvm(plan, "machine", "status", "--name", plan.guest.container, "--json", check=False)
     if result.ok:
         return json.loads(result.stdout)
@@ -218,7 +222,7 @@ def start_guest(plan: Plan) -> None:
     argv = machine_create_argv(
         plan.smol.smolvm, g.container, current_pack(plan), plan.network.bundle_ip, dict(g.env),
         labels=_machine_labels(plan), cpus=math.ceil(g.cpus) if g.cpus else None, mem_mib=memory_mib(g.memory),
-        volumes=_prepare_workspace(plan), workdir=GUEST_WORKSPACE)
+        volumes=_prepare_workspace(plan))      # no -w: create --from ignores it; every exec passes its own
     try:
         run(argv)
         _smolvm(plan, "machine", "start", "--name", g.container, timeout=300)
@@ -247,11 +251,14 @@ def fence_epoch(plan: Plan) -> str | None:
 
 
 def remove_guest(plan: Plan) -> None:
-    delete_machine(plan)
+    try:
+        delete_machine(plan)
+    except ToolMissing as exc:   # clean still removes the bundle and the bridge, and says what it left
+        print(f"claude-bottle: machine {plan.guest.container} was not deleted: {exc}", file=sys.stderr)
 
 
 def remove_containers(plan: Plan) -> None:
-    delete_machine(plan)
+    remove_guest(plan)
     rm_containers(by_label("container", plan.slug_label))
 
 

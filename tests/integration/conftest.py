@@ -331,7 +331,8 @@ def make_smol_env(base: Env, tmp_path_factory, flavour: str = "fake") -> Env:
     smolvm = real_smolvm_or_skip() if flavour == "real" else f"{sys.executable} {FAKE_SMOLVM}"
     shim = base.root / f"shim/smolvm-{flavour}"
     argv_log = base.root / f"smolvm-{flavour}-argv.log"
-    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{argv_log}"\nexec {smolvm} "$@"\n')
+    # One line per call: a multi-line argument (a python -c script) is folded onto it.
+    shim.write_text(f'#!/bin/sh\nprintf "%s" "$*" | tr "\\n" " " >> "{argv_log}"\necho >> "{argv_log}"\nexec {smolvm} "$@"\n')
     shim.chmod(0o755)
     extra = {"BOTTLE_SMOLVM_BIN": str(shim), "BOTTLE_CRANE_BIN": crane, "CRANE": crane}
     if flavour == "fake":

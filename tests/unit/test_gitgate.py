@@ -382,10 +382,13 @@ def test_gzipped_request_bodies_are_served(world):
         commit = git("commit-tree", tree, "-m", f"branch {i}", cwd=seed).stdout.strip()
         lines.append(f"create refs/heads/many/{i:02d} {commit}")
     git("push", "--quiet", str(up), *(f"{line.split()[2]}:{line.split()[1]}" for line in lines), cwd=seed)
-    time.sleep(gitgate.GUEST_REFRESH_INTERVAL_S + 0.1)
     guest = world["guests"]["lib"]
-    git("fetch", "--quiet", "origin", cwd=guest)
-    assert rev(guest, "refs/remotes/origin/many/39") == lines[-1].split()[2]
+
+    def fetched() -> bool:
+        # The mirror refreshes at most once per GUEST_REFRESH_INTERVAL_S; under load one fetch can come too soon.
+        git("fetch", "--quiet", "origin", cwd=guest)
+        return rev(guest, "refs/remotes/origin/many/39") == lines[-1].split()[2]
+    wait_for(fetched, timeout=15, what="the 40 new branches in the guest", interval=gitgate.GUEST_REFRESH_INTERVAL_S / 2)
     events = json_lines(world["stdout"].read_text())
     assert any(e.get("event") == "http" and e.get("gzip") and e.get("status") == 200 for e in events)
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bottle_tasks.backends import smolmachines as smol
+from bottle_tasks.docker_cli import snapshot
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import smol_bridge_subnet
 from bottle_tasks.settings import ROOT
@@ -50,7 +51,7 @@ def _create(tmp_path, version: str | None = None):
     write_pack(tmp_path / "pack.smolmachine")
     argv = smol.machine_create_argv(str(FAKE), "bottle-x", pack, "192.168.40.2", {"HTTPS_PROXY": "http://192.168.40.2:8080"},
                                     labels={"dev.claude-bottle.slug": "x"}, cpus=2, mem_mib=smol.memory_mib("1g"),
-                                    volumes=[f"{tmp_path}:/workspace"], workdir="/workspace")
+                                    volumes=[f"{tmp_path}:/workspace"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMOLVM_")}
     env.update(SMOLVM_DATA_DIR=str(tmp_path / "data"), DOCKER="/nonexistent/docker")
     if version:
@@ -126,9 +127,20 @@ def test_a_machine_with_our_name_but_not_ours_is_refused_with_the_fix(tmp_path, 
     write_pack(tmp_path / "other.smolmachine")
     subprocess.run([sys.executable, str(FAKE), "machine", "create", "--name", plan.guest.container,
                     "--from", str(tmp_path / "other.smolmachine")], check=True, capture_output=True)
+    snapshot.stale()      # what the end of a doit action does: the probes' memo of the old state goes
     status = smol.machine_status(plan)
     assert status["name"] == plan.guest.container and status["state"] == "created"
     with pytest.raises(BottleError, match=f"smolvm machine delete --name {plan.guest.container} -f"):
         smol.ensure_machine_owned(plan, status)
     owned = {**status, "labels": dict(plan.labels)}
     smol.ensure_machine_owned(plan, owned)
+
+
+def test_clean_without_smolvm_says_what_it_left_and_goes_on(tmp_path, capsys):
+    from dataclasses import replace
+
+    plan = _smol_plan(tmp_path)
+    plan = replace(plan, smol=replace(plan.smol, smolvm=str(tmp_path / "no-smolvm-here")))
+    smol.remove_guest(plan)
+    err = capsys.readouterr().err
+    assert f"machine {plan.guest.container} was not deleted" in err and "not installed" in err

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -83,7 +83,10 @@ class NetworkPlan:
     egress_subnet: str
     egress_gateway: str
     bridges: tuple[Bridge, ...]
-    note: str = ""                     # why the subnet is not the slug's first choice, when it is not
+    # Said, never compared: the wording differs between the run that moves a subnet and later ones, and
+    # it must not change a container's fingerprint.
+    note: str = field(default="", compare=False, repr=False)      # why the subnet is not the slug's first choice
+    problem: str = field(default="", compare=False, repr=False)   # why no subnet fits; preflight raises it
 
 
 @dataclass(frozen=True)
@@ -277,7 +280,7 @@ def smol_bridge_name(slug: str) -> str:
     return f"bottle-{slug}-bridge"
 
 
-def _smol_network(slug: str, subnet: ipaddress.IPv4Network, note: str) -> NetworkPlan:
+def _smol_network(slug: str, subnet: ipaddress.IPv4Network, note: str, problem: str = "") -> NetworkPlan:
     name = smol_bridge_name(slug)
     gateway, bundle_ip = str(subnet.network_address + 1), str(subnet.network_address + 2)
     # Dynamic addresses come from the upper half, so nothing else ever takes the bundle's .2.
@@ -288,6 +291,7 @@ def _smol_network(slug: str, subnet: ipaddress.IPv4Network, note: str) -> Networ
         egress_name=name, egress_subnet=str(subnet), egress_gateway=gateway,
         bridges=(Bridge(name, str(subnet), gateway, internal=False, ip_range=ip_range),),
         note=note,
+        problem=problem,
     )
 
 
@@ -330,9 +334,16 @@ def make_plan(spec: AgentSpec, settings: Settings, host_subnets: Iterable[ipaddr
     cache = settings.cache_dir / slug
     if backend == "smolmachines":
         if spec.subnet:
-            network = _smol_network(slug, next(bottle_subnet(slug, settings.subnet_pool, spec.subnet).subnets(new_prefix=24)), "")
+            explicit = bottle_subnet(slug, settings.subnet_pool, spec.subnet)
+            if explicit.prefixlen > 24:
+                raise BottleError(f"{spec.path}: network.subnet {spec.subnet} is smaller than a /24; the smolmachines "
+                                  "bridge needs a /24 (e.g. 192.168.77.0/24)")
+            network = _smol_network(slug, next(explicit.subnets(new_prefix=24)), "")
         else:
-            network = _smol_network(slug, *smol_bridge_subnet(slug, host_subnets, current_bridge))
+            try:
+                network = _smol_network(slug, *smol_bridge_subnet(slug, host_subnets, current_bridge))
+            except BottleError as exc:   # the plan still loads (clean, list); preflight refuses to start
+                network = _smol_network(slug, _smol_candidates(slug)[0], "", problem=str(exc))
     else:
         network = _network(slug, bottle_subnet(slug, settings.subnet_pool, spec.subnet))
     pipelock = settings.pipelock_bin is not None

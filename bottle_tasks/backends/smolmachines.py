@@ -25,12 +25,14 @@ from bottle_tasks.backends.bundle import (  # noqa: F401  (the backend interface
     bundle_ready, check_names_free, check_subnet_clash, create_networks, digest_of, file_digest, networks_ready,
     remove_bundle, remove_networks, start_bundle,
 )
-from bottle_tasks.docker_cli import by_label, docker, network_subnets, refuse_unless_owned, rm_containers, snapshot
+from bottle_tasks.docker_cli import (
+    DockerUnreachable, by_label, docker, network_subnets, refuse_unless_owned, rm_containers, snapshot,
+)
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import EGRESS_PORT, GUEST_AGENT_UID, GUEST_USER, GUEST_WORKSPACE, LABEL, Plan
 from bottle_tasks.runner import CommandError, Result, ToolMissing, run
 
-MIN_SMOLVM = (1, 8, 0)   # 1.8.0 fixed `machine create --from` dropping --allow-cidr (smolvm PR #892)
+MIN_SMOLVM = (1, 9, 0)   # 1.8.0 keeps --allow-cidr for create --from (PR #892); 1.9.0 brings cp into the workload
 CANARY_TIMEOUT = 1.0     # a blocked dial must time out; an open one completes in milliseconds
 
 
@@ -46,10 +48,16 @@ def smolvm_version(smolvm: str) -> tuple[int, int, int]:
 
 def require_smolvm(smolvm: str) -> None:
     version = smolvm_version(smolvm)
+    shown = ".".join(map(str, version))
+    if version < (1, 8, 0):
+        raise BottleError(
+            f"smolvm {shown} is older than 1.8.0: its `machine create --from` silently drops --allow-cidr, so the "
+            "guest would run unfenced. Install smolvm 1.9.0 or newer (or set BOTTLE_SMOLVM_BIN).")
     if version < MIN_SMOLVM:
         raise BottleError(
-            f"smolvm {'.'.join(map(str, version))} is older than 1.8.0: its `machine create --from` silently drops "
-            "--allow-cidr, so the guest would run unfenced. Install smolvm 1.8.0 or newer (or set BOTTLE_SMOLVM_BIN).")
+            f"smolvm {shown} is older than 1.9.0: its `machine cp` has no --mode and does not copy into an image "
+            "machine's workload, so the CA, prompt and skills would not land. Install smolvm 1.9.0 or newer "
+            "(or set BOTTLE_SMOLVM_BIN).")
 
 
 def docker_desktop() -> bool:
@@ -88,9 +96,10 @@ def current_pack(plan: Plan) -> Path:
 
 # ---- networks: one bridge, chosen around what the host already uses -----------------------------
 
-def host_routes(table: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Network]:
-    """IPv4 routes on this host (Linux), so a bridge never shadows the LAN; the default route is no subnet."""
-    routes: list[ipaddress.IPv4Network] = []
+def host_routes(table: Path = Path("/proc/net/route")) -> list[tuple[str, ipaddress.IPv4Network]]:
+    """(interface, subnet) of the IPv4 routes on this host (Linux, main table), so a bridge never shadows the
+    LAN or a VPN; the default route is no subnet."""
+    routes: list[tuple[str, ipaddress.IPv4Network]] = []
     try:
         lines = table.read_text().splitlines()[1:]
     except OSError:
@@ -99,9 +108,10 @@ def host_routes(table: Path = Path("/proc/net/route")) -> list[ipaddress.IPv4Net
         fields = line.split()
         if len(fields) < 8:
             continue
-        dest, mask = (ipaddress.IPv4Address(bytes.fromhex(f)[::-1]) for f in (fields[1], fields[7]))
+        # the kernel prints each address as a host-order integer in hex
+        dest, mask = (ipaddress.IPv4Address(int(f, 16).to_bytes(4, sys.byteorder)) for f in (fields[1], fields[7]))
         if int(mask):
-            routes.append(ipaddress.ip_network(f"{dest}/{mask}", strict=False))
+            routes.append((fields[0], ipaddress.ip_network(f"{dest}/{mask}", strict=False)))
     return routes
 
 
@@ -109,15 +119,18 @@ def subnets_in_use(bridge: str) -> tuple[list[ipaddress.IPv4Network], str | None
     """(subnets the bridge must avoid, the bridge's own subnet if it exists): the input make_plan needs."""
     try:
         docker_nets = network_subnets()
-    except BottleError:
-        docker_nets = {}      # no engine: preflight says so; the plan still loads for `doit list`
+    except (DockerUnreachable, ToolMissing):
+        docker_nets = {}      # no engine: preflight says so; the plan still loads for `doit list` and `clean`
     current = next((str(s) for s in docker_nets.get(bridge, []) if s.version == 4), None)
     taken = [s for name, subnets in docker_nets.items() if name != bridge for s in subnets if s.version == 4]
-    taken += [r for r in host_routes() if str(r) != current]
+    # docker's bridges (br-*, docker0) are in docker's own list; every other route is the host's
+    taken += [net for iface, net in host_routes() if not iface.startswith(("br-", "docker"))]
     return taken, current
 
 
 def preflight(plan: Plan) -> None:
+    if plan.network.problem:
+        raise BottleError(f"{plan.spec_path}: {plan.network.problem}")
     check_names_free(plan, (plan.bundle.container,))
     if not networks_ready(plan):
         check_subnet_clash(plan)
@@ -180,12 +193,21 @@ def machine_status(plan: Plan) -> dict | None:
 
 
 def _fetch_status(plan: Plan) -> dict | None:
-    result = _smolvm(plan, "machine", "status", "--name", plan.guest.container, "--json", check=False)
+    name = plan.guest.container
+    result = _smolvm(plan, "machine", "status", "--name", name, "--json", check=False)
     if result.ok:
-        return json.loads(result.stdout)
-    if "not found" in result.stderr:
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            raise BottleError(f"smolvm machine status --name {name} --json printed no JSON: {result.stdout[:200]!r}") from None
+    if _not_found(result, name):
         return None
     raise CommandError(result.argv, result.returncode, result.stderr)
+
+
+def _not_found(result: Result, name: str) -> bool:
+    """smolvm's own words for an unknown machine, not any 'not found' (a missing launcher says that too)."""
+    return f"vm not found: {name}" in result.stderr or f"machine '{name}' not found" in result.stderr
 
 
 def ensure_machine_owned(plan: Plan, status: Mapping) -> None:
@@ -196,7 +218,7 @@ def ensure_machine_owned(plan: Plan, status: Mapping) -> None:
 
 def delete_machine(plan: Plan) -> None:
     result = _smolvm(plan, "machine", "delete", "--name", plan.guest.container, "-f", check=False)
-    if not result.ok and "not found" not in result.stderr:
+    if not result.ok and not _not_found(result, plan.guest.container):
         raise CommandError(result.argv, result.returncode, result.stderr)
 
 
@@ -223,13 +245,18 @@ def start_guest(plan: Plan) -> None:
         plan.smol.smolvm, g.container, current_pack(plan), plan.network.bundle_ip, dict(g.env),
         labels=_machine_labels(plan), cpus=math.ceil(g.cpus) if g.cpus else None, mem_mib=memory_mib(g.memory),
         volumes=_prepare_workspace(plan))      # no -w: create --from ignores it; every exec passes its own
+    run(argv)       # a failure here (a name taken meanwhile) leaves whatever exists alone
     try:
-        run(argv)
+        # The stored policy is checked before the machine first boots, then proved from inside.
+        verify_fence(g.container, machine_record(g.container, state_db()), plan.network.bundle_ip)
         _smolvm(plan, "machine", "start", "--name", g.container, timeout=300)
         verify_fence(g.container, machine_record(g.container, state_db()), plan.network.bundle_ip)
         canary(plan)
-    except BaseException:
-        delete_machine(plan)
+    except BaseException as failure:
+        try:
+            delete_machine(plan)
+        except BottleError as cleanup:
+            raise BottleError(f"{failure}\nThe machine could not be deleted afterwards: {cleanup}") from failure
         raise
 
 
@@ -244,17 +271,24 @@ def guest_ready(plan: Plan) -> bool:
 
 
 def fence_epoch(plan: Plan) -> str | None:
-    """smolvm keeps the policy with the machine and applies it at every boot: the machine's identity
-    (its creation time) is what must not change between the fence check and use."""
+    """The boot the fence was proved on: the machine (its creation time) and its process. A machine started
+    by anything but the guest task is recreated and proved again, as a restarted docker guest is."""
     status = machine_status(plan)
-    return str(status.get("created_at")) if status and status.get("state") == "running" else None
+    if not status or status.get("state") != "running":
+        return None
+    return f"{status.get('created_at')}:{status.get('pid')}"
 
 
 def remove_guest(plan: Plan) -> None:
+    # Without smolvm, clean stops here: the bundle and the bridge stay until the machine is gone, so its
+    # allowlist can never point at an address a later bottle's bundle takes over.
     try:
         delete_machine(plan)
-    except ToolMissing as exc:   # clean still removes the bundle and the bridge, and says what it left
-        print(f"claude-bottle: machine {plan.guest.container} was not deleted: {exc}", file=sys.stderr)
+    except ToolMissing as exc:
+        raise BottleError(
+            f"cannot delete machine {plan.guest.container}: {exc}. Install smolvm or set BOTTLE_SMOLVM_BIN, or "
+            f"delete it yourself (smolvm machine delete --name {plan.guest.container} -f), then clean again; "
+            "the bundle and the bridge stay until then.") from None
 
 
 def remove_containers(plan: Plan) -> None:
@@ -275,21 +309,34 @@ def state_db(data_dir: str | None = None) -> Path:
 def machine_record(name: str, db: Path) -> dict:
     if not db.exists():
         raise BottleError(f"smolvm's state DB {db} does not exist; cannot verify machine {name!r}")
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        row = conn.execute("SELECT CAST(data AS TEXT) FROM vms WHERE name=?", (name,)).fetchone()
-    if row is None:
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute("SELECT CAST(data AS TEXT) FROM vms WHERE name=?", (name,)).fetchone()
+        finally:
+            conn.close()
+        record = json.loads(row[0]) if row else None
+    except (sqlite3.Error, ValueError) as exc:
+        raise BottleError(f"cannot read machine {name!r} from smolvm's state DB {db}: {exc}") from None
+    if record is None:
         raise BottleError(f"machine {name!r} is not in smolvm's state DB {db}")
-    return json.loads(row[0])
+    return record
 
 
 def verify_fence(name: str, record: Mapping, bundle_ip: str) -> None:
-    """The stored egress policy must be exactly the bundle; anything else aborts the start."""
+    """The stored egress policy must be exactly the bundle; anything else aborts the start. TSI enforces no
+    policy, --allow-host names are re-resolved into the allowlist at every boot, and a published port lets
+    traffic in past the policy: each of those fails the check too."""
     cidrs = record.get("allowed_cidrs")
-    if not record.get("network") or cidrs != [f"{bundle_ip}/32"]:
+    extra = {key: record.get(key) for key in ("dns_filter_hosts", "ports") if record.get(key)}
+    if record.get("network_backend") == "tsi":
+        extra["network_backend"] = "tsi"
+    if not record.get("network") or cidrs != [f"{bundle_ip}/32"] or extra:
         raise BottleError(
             f"machine {name!r} is not fenced: smolvm stored network={record.get('network')!r}, "
-            f"allowed_cidrs={cidrs!r}, but the bottle needs exactly ['{bundle_ip}/32']. The guest was not used; "
-            "check the smolvm version (>= 1.8.0 keeps --allow-cidr for create --from).")
+            f"allowed_cidrs={cidrs!r}{''.join(f', {k}={v!r}' for k, v in extra.items())}, but the bottle needs exactly "
+            f"['{bundle_ip}/32'] and nothing else. The guest was not used; check the smolvm version "
+            "(>= 1.8.0 keeps --allow-cidr for create --from).")
 
 
 CANARY_SCRIPT = r'''
@@ -312,12 +359,16 @@ def canary(plan: Plan) -> None:
     claim; this is the proof."""
     gateway = plan.network.internal_gateway
     with socket.socket() as listener:
-        listener.bind((gateway, 0))
+        try:
+            listener.bind((gateway, 0))
+        except OSError as exc:
+            raise BottleError(f"cannot open the fence canary's listener on the bridge gateway {gateway}: {exc}") from None
         listener.listen(4)
         listener.setblocking(False)
         port = listener.getsockname()[1]
-        result = SmolGuest(plan).exec(["python3", "-c", CANARY_SCRIPT, plan.network.bundle_ip, str(EGRESS_PORT),
-                                       gateway, str(port), str(CANARY_TIMEOUT)], user="root", check=False)
+        # -I and cwd /: nothing the agent left in /workspace (a json.py, say) is imported by root here.
+        result = SmolGuest(plan).exec(["python3", "-I", "-c", CANARY_SCRIPT, plan.network.bundle_ip, str(EGRESS_PORT),
+                                       gateway, str(port), str(CANARY_TIMEOUT)], user="root", check=False, timeout=120)
         try:
             front_door, outside = json.loads(result.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -350,15 +401,18 @@ class SmolGuest:
 
     def exec_argv(self, argv: list[str], *, user: str = GUEST_USER, tty: bool = False, stdin: bool = True,
                   env: Mapping[str, str] | None = None) -> list[str]:
-        flags = [*(["-i"] if stdin or tty else []), *(["-t"] if tty else []), "-w", GUEST_WORKSPACE]
+        # Root's commands run from /, never from the agent-writable workspace.
+        workdir = "/" if user == "root" else GUEST_WORKSPACE
+        flags = [*(["-i"] if stdin or tty else []), *(["-t"] if tty else []), "-w", workdir]
         for key, value in (env or {}).items():
             flags += ["-e", f"{key}={value}"]
         as_user = [] if user == "root" else ["runuser", "-u", user, "--"]
         return [self.plan.smol.smolvm, "machine", "exec", "--name", self.plan.guest.container, *flags, "--",
                 *as_user, *argv]
 
-    def exec(self, argv: list[str], *, user: str = GUEST_USER, input: str | None = None, check: bool = True):
-        return run(self.exec_argv(argv, user=user, stdin=input is not None), input=input, check=check)
+    def exec(self, argv: list[str], *, user: str = GUEST_USER, input: str | None = None, check: bool = True,
+             timeout: float | None = 600):
+        return run(self.exec_argv(argv, user=user, stdin=input is not None), input=input, check=check, timeout=timeout)
 
     def copy(self, source: Path, dest: str) -> None:
         """smolvm copies single files: a directory is walked, root-owned like docker cp leaves it."""
@@ -379,7 +433,8 @@ class SmolGuest:
 
     def identity(self) -> str | None:
         """Changes when the machine is replaced: provisioning is redone then."""
-        return fence_epoch(self.plan)
+        status = machine_status(self.plan)
+        return str(status.get("created_at")) if status and status.get("state") == "running" else None
 
 
 Guest = SmolGuest

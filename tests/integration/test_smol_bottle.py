@@ -77,6 +77,9 @@ def test_seed_probes(smol_a, host_listener):
     blocked = run_probes(smol_a, [
         Probe("guest dial to 127.0.0.1", "tcp", ("127.0.0.1", host_listener)),
         Probe("guest dial to the bundle's internal port", "tcp", (net.bundle_ip, 8888)),
+        # smolvm's gateway relays 100.96.0.1 to the host's loopback (reference/smolvm-1.9.md §6). The fake has no
+        # such gateway, so this one can only fail on a real smolvm, where it matters.
+        Probe("smolvm host gateway to a host port", "tcp", ("100.96.0.1", host_listener)),
     ])
     assert not any(r["reached"] for r in blocked.values()), blocked
     prompt = smol_a.exec("cat", "/home/agent/.claude-bottle/prompt.md")
@@ -235,7 +238,8 @@ def _start_fails(env, extra: dict, fault: str) -> str:
 
 
 def fault_env(fault: str) -> dict:
-    return {"SMOLVM_FAKE_VERSION": "0.8.0"} if fault == "0.8" else {"SMOLVM_FAKE_FAULT": fault}
+    versions = {"0.8": "0.8.0", "1.8": "1.8.3"}
+    return {"SMOLVM_FAKE_VERSION": versions[fault]} if fault in versions else {"SMOLVM_FAKE_FAULT": fault}
 
 
 def test_a_missing_fence_aborts_the_start_and_leaves_no_machine(faulty):
@@ -245,13 +249,20 @@ def test_a_missing_fence_aborts_the_start_and_leaves_no_machine(faulty):
     out = _start_fails(env, extra, "drop-policy")
     assert "is not fenced" in out and "allowed_cidrs=None" in out, out
     assert plan.guest.container not in _machines_of(env)
-    # smolvm stores the policy but enforces nothing: only the canary from inside can tell.
+    # smolvm stores the policy but enforces nothing: only the canary from inside can tell. The agent's
+    # workspace (it outlives machines) holds modules that would forge the canary's verdict if root's
+    # python imported from there.
+    forged = 'import sys\nprint(\'["connected", "timeout"]\')\nsys.exit(0)\n'
+    for module in ("json.py", "socket.py"):
+        (plan.state_dir / "workspace" / module).write_text(forged)
     out = _start_fails(env, extra, "no-enforce")
     assert "is not fenced" in out and "reached" in out and plan.network.internal_gateway in out, out
     assert plan.guest.container not in _machines_of(env)
     # A real 0.8: refused before anything is created, with the reason.
     out = _start_fails(env, extra, "0.8")
     assert "older than 1.8.0" in out and "--allow-cidr" in out, out
+    out = _start_fails(env, extra, "1.8")
+    assert "older than 1.9.0" in out and "machine cp" in out, out
     # The positive control: with an honest smolvm the same agent starts. A network the test made on the
     # bridge's first-choice subnet moves it to the next candidate, and start says so.
     env.doit("clean", f"agent={FAULTY}", extra_env=extra)      # the failed starts left the bundle and its bridge
@@ -263,7 +274,19 @@ def test_a_missing_fence_aborts_the_start_and_leaves_no_machine(faulty):
         assert moved.internal_subnet != plan.network.internal_subnet
         assert f"subnet {plan.network.internal_subnet} is in use" in started.stderr and moved.internal_subnet in started.stderr
         assert plan.guest.container in _machines_of(env)
+        # The second start finds everything current: the note about the move changes no fingerprint.
+        mark = len(_log_lines(env.smolvm_argv_log))
         assert env.doit("start", f"agent={FAULTY}", "command=echo up", extra_env=extra).stdout.strip().endswith("up")
+        assert not [c for c in _log_lines(env.smolvm_argv_log)[mark:] if c.startswith("machine create")]
+        # A machine restarted outside doit is recreated and proved again, canary included.
+        smolvm = [env.env["BOTTLE_SMOLVM_BIN"], "machine"]
+        for verb in ("stop", "start"):
+            subprocess.run([*smolvm, verb, "--name", plan.guest.container], env={**env.test_env, **extra},
+                           check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+        mark = len(_log_lines(env.smolvm_argv_log))
+        env.doit("start", f"agent={FAULTY}", "command=true", extra_env=extra)
+        again = _log_lines(env.smolvm_argv_log)[mark:]
+        assert any(c.startswith("machine create") for c in again) and any("-I -c" in c for c in again), again
         env.doit("clean", f"agent={FAULTY}", "purge=1", extra_env=extra)
     finally:
         docker("network", "rm", blocker, check=False)

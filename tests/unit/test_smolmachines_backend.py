@@ -34,8 +34,10 @@ def test_host_routes_are_read_from_proc_and_skip_the_default_route(tmp_path):
     table.write_text(
         "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
         "eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"       # default via 192.168.0.1
-        "eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")      # 192.168.0.0/24 (the LAN)
-    assert smol.host_routes(table) == [ipaddress.ip_network("192.168.0.0/24")]
+        "eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"       # 192.168.0.0/24 (the LAN)
+        "br-1a2b\t0037A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")    # a docker bridge
+    assert smol.host_routes(table) == [("eth0", ipaddress.ip_network("192.168.0.0/24")),
+                                       ("br-1a2b", ipaddress.ip_network("192.168.55.0/24"))]
 
 
 def test_an_existing_bridge_keeps_its_subnet_until_something_else_overlaps_it():
@@ -130,17 +132,61 @@ def test_a_machine_with_our_name_but_not_ours_is_refused_with_the_fix(tmp_path, 
     snapshot.stale()      # what the end of a doit action does: the probes' memo of the old state goes
     status = smol.machine_status(plan)
     assert status["name"] == plan.guest.container and status["state"] == "created"
-    with pytest.raises(BottleError, match=f"smolvm machine delete --name {plan.guest.container} -f"):
-        smol.ensure_machine_owned(plan, status)
-    owned = {**status, "labels": dict(plan.labels)}
-    smol.ensure_machine_owned(plan, owned)
+    try:
+        with pytest.raises(BottleError, match=f"smolvm machine delete --name {plan.guest.container} -f"):
+            smol.ensure_machine_owned(plan, status)
+        owned = {**status, "labels": dict(plan.labels)}
+        smol.ensure_machine_owned(plan, owned)
+    finally:
+        snapshot.stale()  # later tests must not read this test's machine
 
 
-def test_clean_without_smolvm_says_what_it_left_and_goes_on(tmp_path, capsys):
+def test_clean_without_smolvm_stops_before_the_bridge_and_says_how_to_go_on(tmp_path):
     from dataclasses import replace
 
     plan = _smol_plan(tmp_path)
     plan = replace(plan, smol=replace(plan.smol, smolvm=str(tmp_path / "no-smolvm-here")))
-    smol.remove_guest(plan)
-    err = capsys.readouterr().err
-    assert f"machine {plan.guest.container} was not deleted" in err and "not installed" in err
+    with pytest.raises(BottleError, match=f"cannot delete machine {plan.guest.container}.*BOTTLE_SMOLVM_BIN"):
+        smol.remove_guest(plan)
+
+
+@pytest.mark.parametrize("stored,why", [
+    ({"allowed_cidrs": ["192.168.40.2/32"], "network_backend": "tsi"}, "network_backend='tsi'"),
+    ({"allowed_cidrs": ["192.168.40.2/32"], "dns_filter_hosts": ["evil.test"]}, "dns_filter_hosts"),
+    ({"allowed_cidrs": ["192.168.40.2/32"], "ports": ["8080:80"]}, "ports"),
+    ({"allowed_cidrs": ["192.168.40.2/32", "0.0.0.0/0"]}, "0.0.0.0/0"),
+    ({"allowed_cidrs": None}, "allowed_cidrs=None"),
+])
+def test_the_stored_policy_must_be_the_bundle_and_nothing_else(stored, why):
+    with pytest.raises(BottleError, match="is not fenced") as caught:
+        smol.verify_fence("bottle-x", {"network": True, **stored}, "192.168.40.2")
+    assert why in str(caught.value)
+    smol.verify_fence("bottle-x", {"network": True, "allowed_cidrs": ["192.168.40.2/32"], "ports": [],
+                                   "network_backend": "virtio-net"}, "192.168.40.2")
+
+
+def test_a_host_with_no_free_subnet_still_loads_the_plan_and_preflight_refuses(tmp_path):
+    from tests.unit.test_plan import settings
+
+    from bottle_tasks.plan import make_plan
+    from bottle_tasks.spec import load_spec
+    everything = [ipaddress.ip_network("192.168.0.0/16")]      # a VPN that pushed the whole range
+    plan = make_plan(load_spec(ROOT / "agents" / "example.yaml"), settings(tmp_path, BOTTLE_BACKEND="smolmachines"),
+                     everything)
+    assert "no free /24" in plan.network.problem
+    with pytest.raises(BottleError, match="no free /24"):
+        smol.preflight(plan)
+
+
+def test_the_subnet_note_never_changes_a_fingerprint(tmp_path):
+    from dataclasses import replace
+
+    plan = _smol_plan(tmp_path)
+    noted = replace(plan, network=replace(plan.network, note="subnet x is in use; y instead"))
+    assert noted == plan and repr(noted) == repr(plan)
+
+
+def test_smolvm_1_8_is_refused_for_its_cp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLVM_FAKE_VERSION", "1.8.3")
+    with pytest.raises(BottleError, match="older than 1.9.0.*machine cp"):
+        smol.require_smolvm(str(FAKE))

@@ -91,7 +91,8 @@ class DockerGuest:
                   env: dict[str, str] | None = None) -> list[str]:
         flags = ["-i", *(["-t"] if tty else [])]
         env_args = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
-        return ["docker", "exec", *flags, "-u", user, "-w", GUEST_WORKSPACE, *env_args, self.plan.guest.container, *argv]
+        workdir = "/" if user == "root" else GUEST_WORKSPACE     # root never runs from the agent-writable workspace
+        return ["docker", "exec", *flags, "-u", user, "-w", workdir, *env_args, self.plan.guest.container, *argv]
 
     def exec(self, argv: list[str], *, user: str = GUEST_USER, input: str | None = None, check: bool = True):
         return docker(*self.exec_argv(argv, user=user)[1:], input=input, check=check)

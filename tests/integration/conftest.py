@@ -321,7 +321,7 @@ def real_smolvm_or_skip() -> str:
     found = shutil.which("smolvm")
     if found is None or not (os.path.exists("/dev/kvm") or sys.platform == "darwin"):
         pytest.skip("no real smolvm with KVM or HVF on this machine: the smolmachines suite ran against "
-                    "tests/fakes/smolvm; put smolvm >= 1.8 on PATH on a KVM/HVF host to run it for real")
+                    "tests/fakes/smolvm; put smolvm >= 1.9 on PATH on a KVM/HVF host to run it for real")
     return found
 
 

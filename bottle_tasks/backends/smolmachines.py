@@ -226,6 +226,8 @@ def _prepare_workspace(plan: Plan) -> list[str]:
     volumes = []
     for mount in plan.guest.mounts:
         path = Path(mount.source)
+        if ":" in str(path):
+            raise BottleError(f"{plan.spec_path}: workspace {path}: smolvm's -v reads ':' as a separator; use a path without ':'")
         if not path.exists():
             path.mkdir(parents=True, mode=0o700)
             if os.geteuid() == 0:     # the agent (uid 1000 in the guest) must own its new workspace
@@ -298,12 +300,17 @@ def remove_containers(plan: Plan) -> None:
 
 # ---- the fence, checked from outside --------------------------------------------------------------
 
-def state_db(data_dir: str | None = None) -> Path:
-    """smolvm's state DB: SMOLVM_DATA_DIR re-roots HOME; otherwise XDG data home."""
-    if data_dir or os.environ.get("SMOLVM_DATA_DIR"):
-        return Path(data_dir or os.environ["SMOLVM_DATA_DIR"]) / ".local/share/smolvm/server/smolvm.db"
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
-    return Path(base) / "smolvm/server/smolvm.db"
+def state_db(data_dir: str | None = None, platform: str = sys.platform) -> Path:
+    """smolvm's state DB (reference/smolvm-1.9.md §3a): dirs::data_local_dir()/smolvm/server/smolvm.db, where
+    SMOLVM_DATA_DIR re-roots HOME; macOS keeps it in Library/Application Support."""
+    root = data_dir or os.environ.get("SMOLVM_DATA_DIR")
+    if platform == "darwin":
+        local = Path(root or Path.home()) / "Library/Application Support"
+    elif root:
+        local = Path(root) / ".local/share"
+    else:
+        local = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share")
+    return local / "smolvm/server/smolvm.db"
 
 
 def machine_record(name: str, db: Path) -> dict:
@@ -415,16 +422,24 @@ class SmolGuest:
         return run(self.exec_argv(argv, user=user, stdin=input is not None), input=input, check=check, timeout=timeout)
 
     def copy(self, source: Path, dest: str) -> None:
-        """smolvm copies single files: a directory is walked, root-owned like docker cp leaves it."""
-        if source.is_file():
+        """smolvm copies single files: a directory is walked, root-owned like docker cp leaves it. A symlink
+        becomes a symlink in the guest, as docker cp makes it; what it points to on the host never travels."""
+        if source.is_file() and not source.is_symlink():
             self._copy_file(source, dest)
             return
-        dirs = [dest] + [f"{dest}/{p.relative_to(source)}" for p in sorted(source.rglob("*")) if p.is_dir()]
+        entries = sorted(source.rglob("*"))
+        dirs = [dest] + [f"{dest}/{p.relative_to(source)}" for p in entries if p.is_dir() and not p.is_symlink()]
         self.exec(["mkdir", "-p", *dirs], user="root")
-        for path in sorted(p for p in source.rglob("*") if p.is_file()):
-            self._copy_file(path, f"{dest}/{path.relative_to(source)}")
+        for path in entries:
+            target = f"{dest}/{path.relative_to(source)}"
+            if path.is_symlink():
+                self.exec(["ln", "-sfn", os.readlink(path), target], user="root")
+            elif path.is_file() and not any(p.is_symlink() for p in path.relative_to(source).parents if str(p) != "."):
+                self._copy_file(path, target)
 
     def _copy_file(self, source: Path, dest: str) -> None:
+        if ":" in str(source):
+            raise BottleError(f"{source}: smolvm cp reads a ':' in a host path as machine:path; rename it without ':'")
         run([self.plan.smol.smolvm, "machine", "cp", "--mode", f"{source.stat().st_mode & 0o777:o}",
              str(source), f"{self.plan.guest.container}:{dest}"])
 

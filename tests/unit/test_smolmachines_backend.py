@@ -190,3 +190,30 @@ def test_smolvm_1_8_is_refused_for_its_cp(tmp_path, monkeypatch):
     monkeypatch.setenv("SMOLVM_FAKE_VERSION", "1.8.3")
     with pytest.raises(BottleError, match="older than 1.9.0.*machine cp"):
         smol.require_smolvm(str(FAKE))
+
+
+def test_state_db_follows_smolvm_on_linux_and_macos(tmp_path, monkeypatch):
+    monkeypatch.delenv("SMOLVM_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert smol.state_db(platform="linux") == tmp_path / "xdg/smolvm/server/smolvm.db"
+    assert smol.state_db(str(tmp_path), platform="linux") == tmp_path / ".local/share/smolvm/server/smolvm.db"
+    assert smol.state_db(str(tmp_path), platform="darwin") == tmp_path / "Library/Application Support/smolvm/server/smolvm.db"
+
+
+def test_a_skill_symlink_is_recreated_as_a_link_and_its_host_target_never_copied(tmp_path, monkeypatch):
+    plan = _smol_plan(tmp_path)
+    secret = tmp_path / "host-secret"
+    secret.write_text("not for the guest")
+    skill = tmp_path / "skill"
+    (skill / "sub").mkdir(parents=True)
+    (skill / "SKILL.md").write_text("a skill")
+    (skill / "leak").symlink_to(secret)
+    (skill / "linked-dir").symlink_to(tmp_path)
+    calls = []
+    monkeypatch.setattr(smol, "run", lambda argv, **kw: calls.append(list(argv)))
+    smol.SmolGuest(plan).copy(skill, "/home/agent/.claude/skills/skill")
+    copied = [c[-2] for c in calls if c[1:3] == ["machine", "cp"]]
+    assert copied == [str(skill / "SKILL.md")]
+    links = [c[c.index("--") + 1:] for c in calls if "ln" in c]
+    assert ["ln", "-sfn", str(secret), "/home/agent/.claude/skills/skill/leak"] in links
+    assert ["ln", "-sfn", str(tmp_path), "/home/agent/.claude/skills/skill/linked-dir"] in links

@@ -14,28 +14,31 @@ from pathlib import Path
 
 from bottle_tasks.docker_cli import by_label, docker, ensure_owned, image_id, inspect, network_subnets, rm_containers
 from bottle_tasks.errors import BottleError
-from bottle_tasks.plan import LABEL, Plan
+from bottle_tasks.plan import LABEL, Bridge, Plan
 
 HEALTH_TIMEOUT = 60.0
 
 
 # ---- networks ------------------------------------------------------------------------------
 
+def _on_its_subnet(obj: dict, bridge: Bridge) -> bool:
+    return [c.get("Subnet") for c in obj["IPAM"]["Config"]] == [bridge.subnet]
+
+
 def networks_ready(plan: Plan) -> bool:
     for bridge in plan.network.bridges:
         obj = inspect("network", bridge.name)
-        if obj is None or obj.get("Labels", {}).get(f"{LABEL}.slug") != plan.slug:
-            return False
-        if [c.get("Subnet") for c in obj["IPAM"]["Config"]] != [bridge.subnet]:
+        if obj is None or obj.get("Labels", {}).get(f"{LABEL}.slug") != plan.slug or not _on_its_subnet(obj, bridge):
             return False
     return True
 
 
 def check_subnet_clash(plan: Plan) -> None:
     ours = {bridge.name for bridge in plan.network.bridges}
+    in_use = network_subnets()
     for bridge in plan.network.bridges:
         wanted = ipaddress.ip_network(bridge.subnet)
-        for name, subnets in network_subnets().items():
+        for name, subnets in in_use.items():
             if name in ours:
                 continue
             for subnet in subnets:
@@ -61,7 +64,7 @@ def create_networks(plan: Plan) -> None:
         for bridge in plan.network.bridges:
             existing = ensure_owned("network", bridge.name, plan)
             if existing is not None:
-                if [c.get("Subnet") for c in existing["IPAM"]["Config"]] == [bridge.subnet]:
+                if _on_its_subnet(existing, bridge):
                     continue
                 docker("network", "rm", bridge.name)
             docker("network", "create", "--driver", "bridge", *(["--internal"] if bridge.internal else []),

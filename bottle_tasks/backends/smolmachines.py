@@ -210,10 +210,13 @@ def _not_found(result: Result, name: str) -> bool:
     return f"vm not found: {name}" in result.stderr or f"machine '{name}' not found" in result.stderr
 
 
+def _delete_command(plan: Plan) -> str:
+    return f"smolvm machine delete --name {plan.guest.container} -f"
+
+
 def ensure_machine_owned(plan: Plan, status: Mapping) -> None:
-    name = plan.guest.container
-    refuse_unless_owned(status.get("labels") or {}, plan, f"smolvm machine {name!r}",
-                        f"smolvm machine delete --name {name} -f")
+    refuse_unless_owned(status.get("labels") or {}, plan, f"smolvm machine {plan.guest.container!r}",
+                        _delete_command(plan))
 
 
 def delete_machine(plan: Plan) -> None:
@@ -250,9 +253,9 @@ def start_guest(plan: Plan) -> None:
     run(argv)       # a failure here (a name taken meanwhile) leaves whatever exists alone
     try:
         # The stored policy is checked before the machine first boots, then proved from inside.
-        verify_fence(g.container, machine_record(g.container, state_db()), plan.network.bundle_ip)
+        check_stored_policy(plan)
         _smolvm(plan, "machine", "start", "--name", g.container, timeout=300)
-        verify_fence(g.container, machine_record(g.container, state_db()), plan.network.bundle_ip)
+        check_stored_policy(plan)
         canary(plan)
     except BaseException as failure:
         try:
@@ -268,7 +271,7 @@ def guest_ready(plan: Plan) -> bool:
         return False
     if (status.get("labels") or {}).get(f"{LABEL}.fingerprint") != guest_fingerprint(plan):
         return False
-    verify_fence(plan.guest.container, machine_record(plan.guest.container, state_db()), plan.network.bundle_ip)
+    check_stored_policy(plan)
     return True
 
 
@@ -289,7 +292,7 @@ def remove_guest(plan: Plan) -> None:
     except ToolMissing as exc:
         raise BottleError(
             f"cannot delete machine {plan.guest.container}: {exc}. Install smolvm or set BOTTLE_SMOLVM_BIN, or "
-            f"delete it yourself (smolvm machine delete --name {plan.guest.container} -f), then clean again; "
+            f"delete it yourself ({_delete_command(plan)}), then clean again; "
             "the bundle and the bridge stay until then.") from None
 
 
@@ -328,6 +331,11 @@ def machine_record(name: str, db: Path) -> dict:
     if record is None:
         raise BottleError(f"machine {name!r} is not in smolvm's state DB {db}")
     return record
+
+
+def check_stored_policy(plan: Plan) -> None:
+    """The machine's egress policy as smolvm stored it must be the bundle's address and nothing else."""
+    verify_fence(plan.guest.container, machine_record(plan.guest.container, state_db()), plan.network.bundle_ip)
 
 
 def verify_fence(name: str, record: Mapping, bundle_ip: str) -> None:
@@ -440,8 +448,8 @@ class SmolGuest:
     def _copy_file(self, source: Path, dest: str) -> None:
         if ":" in str(source):
             raise BottleError(f"{source}: smolvm cp reads a ':' in a host path as machine:path; rename it without ':'")
-        run([self.plan.smol.smolvm, "machine", "cp", "--mode", f"{source.stat().st_mode & 0o777:o}",
-             str(source), f"{self.plan.guest.container}:{dest}"])
+        _smolvm(self.plan, "machine", "cp", "--mode", f"{source.stat().st_mode & 0o777:o}",
+                str(source), f"{self.plan.guest.container}:{dest}")
 
     def attach_argv(self, argv: list[str], tty: bool) -> list[str]:
         return self.exec_argv(argv, tty=tty, env=dict(self.plan.guest.env))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -36,6 +36,24 @@ def pipelock_scan_token(environ: Mapping[str, str], pipelock_config: Path) -> st
         return str(tokens[0]) if tokens else ""
     except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
         return ""
+
+
+def config_failer(error: type[Exception], source: str) -> Callable[[str, str], Exception]:
+    """`fail(key, problem)`: the config's own error, worded `<file>: <key>: <problem>`."""
+    return lambda key, problem: error(f"{source}: {key}: {problem}")
+
+
+def top_level_mapping(data: Any, fail) -> dict:
+    if not isinstance(data, dict):
+        raise fail("(top level)", "must be a mapping")
+    return data
+
+
+def refuse_unknown_keys(mapping: dict, known: set[str], prefix: str, fail) -> None:
+    """Every key of mapping must be one of known; prefix places it in the file (`repos[0].`)."""
+    for key in mapping:
+        if key not in known:
+            raise fail(f"{prefix}{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
 
 
 def check_http_url(value: str, key: str, fail) -> str:

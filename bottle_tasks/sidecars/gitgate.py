@@ -51,7 +51,8 @@ from typing import IO, Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 
 from bottle_tasks.sidecars.configfile import (
-    PIPELOCK_TOKEN_ENV, check_http_url, list_of, pipelock_scan_token, read_yaml, refuse_duplicates,
+    PIPELOCK_TOKEN_ENV, check_http_url, config_failer, list_of, pipelock_scan_token, read_yaml, refuse_duplicates,
+    refuse_unknown_keys, top_level_mapping,
 )
 from bottle_tasks.sidecars import dlp
 
@@ -133,12 +134,9 @@ def load_config(path: str | Path) -> GateConfig:
 
 
 def parse_config(data: Any, *, source: str = "git-gate.yaml") -> GateConfig:
-    def fail(key: str, problem: str) -> GitGateConfigError:
-        return GitGateConfigError(f"{source}: {key}: {problem}")
-
-    if not isinstance(data, dict):
-        raise fail("(top level)", "must be a mapping")
-    _known_keys(data, {"version", "listen", "refresh_seconds", "mirrors_dir", "audit_log", "pipelock_scan_url",
+    fail = config_failer(GitGateConfigError, source)
+    top_level_mapping(data, fail)
+    refuse_unknown_keys(data, {"version", "listen", "refresh_seconds", "mirrors_dir", "audit_log", "pipelock_scan_url",
                        "repos"}, "", fail)
     if data.get("version") != SUPPORTED_VERSION:
         raise fail("version", f"must be {SUPPORTED_VERSION}, got {data.get('version')!r}")
@@ -158,12 +156,6 @@ def parse_config(data: Any, *, source: str = "git-gate.yaml") -> GateConfig:
     repos = tuple(_repo(item, f"repos[{i}]", fail) for i, item in enumerate(list_of(data, "repos", fail)))
     refuse_duplicates([repo.name for repo in repos], "repos", "name", fail)
     return GateConfig(host, int(port), float(refresh), Path(mirrors_dir), Path(audit_log), scan_url, repos)
-
-
-def _known_keys(mapping: dict, known: set[str], prefix: str, fail: Callable[[str, str], Exception]) -> None:
-    for key in mapping:
-        if key not in known:
-            raise fail(f"{prefix}{key}", f"unknown key (expected one of: {', '.join(sorted(known))})")
 
 
 def _string(mapping: dict, name: str, key: str, fail: Callable[[str, str], Exception], *,
@@ -190,7 +182,7 @@ def _bool(mapping: dict, name: str, key: str, fail: Callable[[str, str], Excepti
 def _repo(item: Any, key: str, fail: Callable[[str, str], Exception]) -> RepoConfig:
     if not isinstance(item, dict):
         raise fail(key, "must be a mapping with name, url, identity, push")
-    _known_keys(item, {"name", "url", "identity", "push"}, key + ".", fail)
+    refuse_unknown_keys(item, {"name", "url", "identity", "push"}, key + ".", fail)
     name = _string(item, "name", f"{key}.name", fail, required=True)
     if not _NAME.match(name) or name.endswith(".git"):
         raise fail(f"{key}.name", f"must be letters, digits, '.', '_' or '-' (no .git suffix), got {name!r}")
@@ -201,7 +193,7 @@ def _repo(item: Any, key: str, fail: Callable[[str, str], Exception]) -> RepoCon
     raw_identity = item.get("identity") or {"kind": "none"}
     if not isinstance(raw_identity, dict):
         raise fail(f"{key}.identity", "must be a mapping with kind")
-    _known_keys(raw_identity, {"kind", "token_env", "username", "ssh_key"}, f"{key}.identity.", fail)
+    refuse_unknown_keys(raw_identity, {"kind", "token_env", "username", "ssh_key"}, f"{key}.identity.", fail)
     kind = _string(raw_identity, "kind", f"{key}.identity.kind", fail) or "none"
     if kind not in ("token", "ssh", "none"):
         raise fail(f"{key}.identity.kind", f"must be token, ssh or none, got {kind!r}")
@@ -225,7 +217,7 @@ def _repo(item: Any, key: str, fail: Callable[[str, str], Exception]) -> RepoCon
     raw_push = item.get("push") or {}
     if not isinstance(raw_push, dict):
         raise fail(f"{key}.push", "must be a mapping")
-    _known_keys(raw_push, {"branches", "force", "delete", "tags"}, f"{key}.push.", fail)
+    refuse_unknown_keys(raw_push, {"branches", "force", "delete", "tags"}, f"{key}.push.", fail)
     branches = raw_push.get("branches") or []
     if not isinstance(branches, list) or not all(isinstance(b, str) and b for b in branches):
         raise fail(f"{key}.push.branches", "must be a list of non-empty fnmatch globs")

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 
-from bottle_tasks.sidecars.configfile import check_http_url, list_of, read_yaml, refuse_duplicates
+from bottle_tasks.sidecars.configfile import (
+    check_http_url, config_failer, list_of, read_yaml, refuse_duplicates, refuse_unknown_keys, top_level_mapping,
+)
 
 SUPPORTED_VERSION = 1
 VALUE_MARKER = "{value}"
@@ -93,15 +95,9 @@ def load_routes(path: str | Path) -> RoutesConfig:
 
 
 def parse_routes(data: Any, *, source: str = "routes.yaml") -> RoutesConfig:
-    def fail(key: str, problem: str) -> RoutesError:
-        return RoutesError(f"{source}: {key}: {problem}")
-
-    if not isinstance(data, dict):
-        raise fail("(top level)", "must be a mapping")
-    known = {"version", "agent", "listen", "upstream_proxy", "pipelock_scan_url", "routes"}
-    for key in data:
-        if key not in known:
-            raise fail(str(key), f"unknown key (expected one of: {', '.join(sorted(known))})")
+    fail = config_failer(RoutesError, source)
+    top_level_mapping(data, fail)
+    refuse_unknown_keys(data, {"version", "agent", "listen", "upstream_proxy", "pipelock_scan_url", "routes"}, "", fail)
     if data.get("version") != SUPPORTED_VERSION:
         raise fail("version", f"must be {SUPPORTED_VERSION}, got {data.get('version')!r}")
 
@@ -138,10 +134,7 @@ def _listen(value: str, fail) -> tuple[str, int]:
 def _route(item: Any, key: str, fail) -> Route:
     if not isinstance(item, dict):
         raise fail(key, "must be a mapping")
-    known = {"host", "methods", "paths", "private_network", "token"}
-    for name in item:
-        if name not in known:
-            raise fail(f"{key}.{name}", f"unknown key (expected one of: {', '.join(sorted(known))})")
+    refuse_unknown_keys(item, {"host", "methods", "paths", "private_network", "token"}, key + ".", fail)
 
     host = normalize_host(_string(item, "host", fail, required=True, prefix=key + "."))
     labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
@@ -179,10 +172,7 @@ def _string_list(item: dict, name: str, key: str, fail) -> list[str]:
 def _token(item: Any, key: str, fail) -> TokenSlot:
     if not isinstance(item, dict):
         raise fail(key, "must be a mapping with env, header, format, placeholder")
-    known = {"env", "header", "format", "placeholder"}
-    for name in item:
-        if name not in known:
-            raise fail(f"{key}.{name}", f"unknown key (expected one of: {', '.join(sorted(known))})")
+    refuse_unknown_keys(item, {"env", "header", "format", "placeholder"}, key + ".", fail)
     env = _string(item, "env", fail, required=True, prefix=key + ".")
     if not _ENV_NAME.match(env):
         raise fail(f"{key}.env", f"not an environment variable name: {env!r}")

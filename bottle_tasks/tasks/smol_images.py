@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bottle_tasks.backends.smolmachines import digest_key, image_digest, pack_path, require_smolvm
+from bottle_tasks.backends.smolmachines import current_pack, digest_key, image_digest, pack_path, require_smolvm
 from bottle_tasks.docker_cli import docker
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import Plan
@@ -36,11 +36,10 @@ def tarball_path(plan: Plan, digest: str) -> Path:
 
 
 def pack_current(plan: Plan) -> bool:
-    iid = plan.agent_image.iid_file
-    if not iid.exists():
+    try:
+        return current_pack(plan).exists()
+    except BottleError:      # no digest yet, or no pack for it
         return False
-    stub = pack_path(plan, iid.read_text().strip())
-    return stub.exists() and stub.with_name(stub.name + ".smolmachine").exists()
 
 
 def image_ref(plan: Plan, digest: str) -> str:

@@ -53,12 +53,8 @@ def _machines_of(env) -> list[str]:
     return [m["name"] for m in json.loads(proc.stdout)]
 
 
-def _machines(bottle) -> list[str]:
-    return _machines_of(bottle.env)
-
-
 def _assert_machine_gone(bottle) -> None:
-    assert bottle.plan.guest.container not in _machines(bottle)
+    assert bottle.plan.guest.container not in _machines_of(bottle.env)
     assert docker("ps", "-aq", "--filter", f"label=smolvm-fake.name={bottle.plan.guest.container}").stdout.strip() == ""
     for name in (b.name for b in bottle.plan.network.bridges):
         assert docker("network", "inspect", name, check=False).returncode != 0, f"network {name} left behind"
@@ -94,7 +90,7 @@ def test_seed_probes(smol_a, host_listener):
 
 def test_the_guest_is_a_machine_on_the_bottle_bridge(smol_a):
     plan = smol_a.plan
-    assert plan.guest.container in _machines(smol_a)
+    assert plan.guest.container in _machines_of(smol_a.env)
     bridge = json.loads(docker("network", "inspect", smol_bridge_name(AGENT)).stdout)[0]
     assert bridge["IPAM"]["Config"][0]["Subnet"] == plan.network.internal_subnet
     assert plan.network.internal_subnet.startswith("192.168.") and ".17.0/" not in plan.network.internal_subnet

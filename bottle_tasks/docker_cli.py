@@ -125,18 +125,13 @@ def by_label(kind: str, label: str) -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
-def network_subnets() -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
-    """Every docker network's subnets; the plan's load and preflight share one listing, an action lists afresh."""
-    return snapshot.memo("network-subnets", _list_network_subnets)
-
-
-def _list_network_subnets(attempts: int = 3) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+def network_subnets(attempts: int = 3) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
     ids = docker("network", "ls", "-q").stdout.split()
     if not ids:
         return {}
     inspected = docker("network", "inspect", *ids, check=attempts <= 1)
     if not inspected.ok:      # a network removed between ls and inspect: list again
-        return _list_network_subnets(attempts - 1)
+        return network_subnets(attempts - 1)
     found: dict[str, list] = {}
     for net in json.loads(inspected.stdout):
         for cfg in (net.get("IPAM") or {}).get("Config") or []:

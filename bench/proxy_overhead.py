@@ -25,7 +25,7 @@ import time
 
 from common import ROOT, BenchEnv, machine
 
-from bottle_tasks.plan import LABEL
+from bottle_tasks.labels import LABEL
 from bottle_tasks.settings import Settings
 from tests.integration.certs import mint_upstream_certs
 from tests.integration.conftest import UPSTREAM_IMAGE, UPSTREAM_NAMES
@@ -139,7 +139,7 @@ def run_client(container: str, job: dict, user: str | None = None) -> dict:
 def start_upstream(plan, name: str, certs) -> None:
     """The test upstream (tests/integration/upstream) on the bottle's egress network, same aliases."""
     docker("run", "-d", "--name", name, "--label", f"{LABEL}.test=bench-upstream",
-           "--network", plan.network.egress_name, *sum((["--network-alias", n] for n in UPSTREAM_NAMES), []),
+           "--network", plan.network.outbound.name, *sum((["--network-alias", n] for n in UPSTREAM_NAMES), []),
            "-v", f"{certs}:/certs:ro", UPSTREAM_IMAGE, "/certs/server.pem", "/certs/server-key.pem")
     for _ in range(100):
         if '"ready"' in docker("logs", name).stdout:
@@ -184,10 +184,10 @@ def main() -> None:
                str(ROOT / "tests" / "integration" / "upstream"))
         start_upstream(plan, upstream, certs)
         docker("run", "-d", "--name", direct, "--label", f"{LABEL}.test=bench-client",
-               "--network", plan.network.egress_name, "-v", f"{certs}:/certs:ro", "--env", "BENCH_CA=/certs/ca.pem",
+               "--network", plan.network.outbound.name, "-v", f"{certs}:/certs:ro", "--env", "BENCH_CA=/certs/ca.pem",
                "--entrypoint", "sleep", UPSTREAM_IMAGE, "infinity")
-        clients = {"chain": (plan.guest.container, "agent"), "direct": (direct, None)}
-        bundle, warmup = plan.bundle.container, 20
+        clients = {"chain": (plan.guest.name, "agent"), "direct": (direct, None)}
+        bundle, warmup = plan.bundle.name, 20
 
         def latency(via: str, n_clients: int, per_client: int, fresh: bool = False) -> list[float]:
             container, user = clients[via]

@@ -57,7 +57,7 @@ def seed_style(plan, digest: str, crane_img: str, env: dict, workdir: Path) -> N
     sh("docker", "save", "-o", str(tarball), digest)
     sh("docker", "network", "create", net)
     try:
-        sh("docker", "run", "-d", "--name", registry, "--network", net, "-p", ":5000", plan.smol.registry_image.tag)
+        sh("docker", "run", "-d", "--name", registry, "--network", net, "-p", ":5000", plan.image_pipeline.registry_image.tag)
         port = sh("docker", "port", registry, "5000/tcp").splitlines()[0].rsplit(":", 1)[1]
         for _ in range(100):
             if subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/v2/"], capture_output=True).returncode == 0:
@@ -88,7 +88,7 @@ def main() -> None:
         crane_img = crane_image(crane, plan.agent_image.build_args[0][1])
         ours, seed = [], []
         for _ in range(rounds):
-            shutil.rmtree(plan.smol.packs_dir, ignore_errors=True)
+            shutil.rmtree(plan.image_pipeline.packs_dir, ignore_errors=True)
             ours.append(timed(lambda: bench.doit(f"smol_pack:{AGENT}", f"agent={AGENT}")))
             seed.append(timed(lambda: seed_style(plan, digest, crane_img, {**os.environ, **extra}, work)))
         mark = len(bench.docker_calls())

@@ -21,7 +21,7 @@ from pathlib import Path
 from common import ROOT, BenchEnv, machine, summary, timed
 from smol_pipeline import crane_path
 
-from bottle_tasks.plan import smol_bridge_name
+from bottle_tasks.backends.smolmachines import bridge_name as smol_bridge_name
 
 SMOL, DOCKER = "bench-smol-start", "bench-docker-start"
 AGENT_BODY = "routes: []\nprompt: a bench agent\n"

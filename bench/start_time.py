@@ -29,33 +29,33 @@ def sh(*argv: str, input: str | None = None) -> str:
 def floor_up(plan) -> None:
     """The same bottle with plain docker calls: 2 networks, bundle (healthy), guest, fence, exec."""
     net, b, g = plan.network, plan.bundle, plan.guest
-    sh("docker", "network", "create", "--internal", "--subnet", net.internal_subnet, "--gateway", net.internal_gateway, net.internal_name)
-    sh("docker", "network", "create", "--subnet", net.egress_subnet, "--gateway", net.egress_gateway, net.egress_name)
+    sh("docker", "network", "create", "--internal", "--subnet", net.guest_side.subnet, "--gateway", net.guest_side.gateway, net.guest_side.name)
+    sh("docker", "network", "create", "--subnet", net.outbound.subnet, "--gateway", net.outbound.gateway, net.outbound.name)
     env = sum((["--env", f"{k}={v}"] for k, v in b.env), [])
     mounts = sum((["--mount", m.docker_arg()] for m in b.mounts), [])
-    sh("docker", "create", "--name", b.container, "--network", net.internal_name, "--ip", net.bundle_ip,
+    sh("docker", "create", "--name", b.name, "--network", net.guest_side.name, "--ip", net.bundle_ip,
        "--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE", "--cap-add", "SETUID", "--cap-add", "SETGID",
        "--cap-add", "DAC_OVERRIDE", *env, *mounts, plan.bundle_image.tag)
-    sh("docker", "network", "connect", net.egress_name, b.container)
-    sh("docker", "start", b.container)
-    while sh("docker", "inspect", "-f", "{{.State.Health.Status}}", b.container).strip() != "healthy":
+    sh("docker", "network", "connect", net.outbound.name, b.name)
+    sh("docker", "start", b.name)
+    while sh("docker", "inspect", "-f", "{{.State.Health.Status}}", b.name).strip() != "healthy":
         pass
-    sh("docker", "create", "--name", g.container, "--network", net.internal_name, "--ip", net.guest_ip,
-       "--dns", net.bundle_ip, "--cap-drop", "ALL", "--env-file", str(plan.guest_env_file),
+    sh("docker", "create", "--name", g.name, "--network", net.guest_side.name, "--ip", net.guest_ip,
+       "--dns", net.bundle_ip, "--cap-drop", "ALL", "--env-file", str(plan.guest.env_file.host_path),
        *sum((["--mount", m.docker_arg()] for m in g.mounts), []), plan.agent_image.tag, "sleep", "infinity")
-    sh("docker", "start", g.container)
+    sh("docker", "start", g.name)
     for tool, tpl in (("iptables-restore", "guest-fence.rules.j2"), ("ip6tables-restore", "guest-fence6.rules.j2")):
-        sh("docker", "run", "--rm", "-i", "--network", f"container:{g.container}", "--cap-drop", "ALL",
+        sh("docker", "run", "--rm", "-i", "--network", f"container:{g.name}", "--cap-drop", "ALL",
            "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW", "--entrypoint", tool, plan.bundle_image.tag,
            input=render(tpl, plan))
-    sh("docker", "cp", str(plan.ca_cert), f"{g.container}:/usr/local/share/ca-certificates/claude-bottle.crt")
-    sh("docker", "exec", "-u", "root", g.container, "update-ca-certificates")
-    sh("docker", "exec", g.container, "true")
+    sh("docker", "cp", str(plan.ca_cert), f"{g.name}:/usr/local/share/ca-certificates/claude-bottle.crt")
+    sh("docker", "exec", "-u", "root", g.name, "update-ca-certificates")
+    sh("docker", "exec", g.name, "true")
 
 
 def floor_down(plan) -> None:
-    subprocess.run(["docker", "rm", "-f", plan.guest.container, plan.bundle.container], capture_output=True)
-    subprocess.run(["docker", "network", "rm", plan.network.internal_name, plan.network.egress_name], capture_output=True)
+    subprocess.run(["docker", "rm", "-f", plan.guest.name, plan.bundle.name], capture_output=True)
+    subprocess.run(["docker", "network", "rm", plan.network.guest_side.name, plan.network.outbound.name], capture_output=True)
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
             # The floor reuses the rendered files and the CA; it does not time producing them.
             bench.doit("render:" + AGENT, "ca:" + AGENT, f"agent={AGENT}")
             floor_cold.append(timed(lambda: floor_up(plan)))
-            floor_warm.append(timed(lambda: sh("docker", "exec", plan.guest.container, "true")))
+            floor_warm.append(timed(lambda: sh("docker", "exec", plan.guest.name, "true")))
             floor_down(plan)
             cold.append(timed(lambda: bench.doit("start", f"agent={AGENT}", "command=true")))
             mark = len(bench.docker_calls())

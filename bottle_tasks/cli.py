@@ -8,6 +8,7 @@ from doit.cmd_base import ModuleTaskLoader
 from doit.doit_cmd import DoitMain
 
 from bottle_tasks import tasks
+from bottle_tasks.tasks.common import new_run
 
 
 class BottleMain(DoitMain):
@@ -15,6 +16,7 @@ class BottleMain(DoitMain):
 
 
 def main(argv: list[str] | None = None) -> int:
+    new_run()   # each command is its own run: fresh settings, docker client and plans
     return BottleMain(ModuleTaskLoader(tasks)).run(sys.argv[1:] if argv is None else argv)
 
 

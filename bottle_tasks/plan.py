@@ -1,27 +1,26 @@
 """The plan: a frozen description of one bottle, computed from the agent spec and settings without I/O.
 
 Every backend and task reads it; nothing else decides a name, an address, a path or an env var.
+What differs per backend (the network, the image pipeline, the workspace) comes from the backend's
+planning hooks (backends/base.py), which are pure too; what they need to know about the host (the
+subnets in use) is gathered before planning and passed in as `host_facts`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
-from bottle_tasks.errors import BottleError
+from bottle_tasks.bundle_plan import (
+    DAEMON_TABLE, EGRESS_PORT, GIT_GATE_PORT, SUPERVISE_PORT, BundleDaemon, BundleInputs, ConfigFile, StateDir,
+    bundle_daemons, shared_files,
+)
+from bottle_tasks.contract import GitRepo, Route, SupervisePolicy, TokenSlot
+from bottle_tasks.labels import LABEL, STATE_LABEL, SLUG_LABEL, label_args
 from bottle_tasks.settings import Settings
-from bottle_tasks.spec import AgentSpec, GitRepo, GitUser, Route, TokenSlot
+from bottle_tasks.spec import AgentSpec, GitUser
 
-LABEL = "dev.claude-bottle"
-EGRESS_PORT = 8080
-GIT_GATE_PORT = 8081
-SUPERVISE_PORT = 8082
-DNS_PORT = 53
-PIPELOCK_LISTEN = "127.0.0.1:8888"
-PIPELOCK_SCAN_LISTEN = "127.0.0.1:8889"
 # Paths inside the guest.
 GUEST_HOME = "/home/agent"
 GUEST_USER = "agent"
@@ -37,14 +36,8 @@ GUEST_SUPERVISE_DIR = "/etc/claude-bottle"
 GUEST_SUPERVISE_CONFIG = f"{GUEST_SUPERVISE_DIR}/supervise.json"
 GUEST_SUPERVISE_HOOK = f"{GUEST_SUPERVISE_DIR}/supervise_hook.py"
 GUEST_CLAUDE_MANAGED_SETTINGS = "/etc/claude-code/managed-settings.json"
-# Paths inside the bundle (docs/bundle-contract.md).
-BUNDLE_CONFIG_DIR = "/etc/bottle"
-BUNDLE_GIT_DIR = "/var/lib/bottle/git"
-BUNDLE_SUPERVISE_DIR = "/var/lib/bottle/supervise"
-# Never route these around the proxy; the guest's NO_PROXY is empty on purpose.
-RESERVED_SUBNETS = (ipaddress.ip_network("192.168.17.0/24"),)
-# smolmachines: the guest's own address on smolvm's virtio-net gateway (reference/smolvm-1.9.md §6).
-SMOL_GUEST_IP = "100.96.0.2"
+# Where git-gate sees a repo's SSH key.
+BUNDLE_SSH_KEY = "/etc/bottle/git/{repo}/ssh_key"
 
 
 @dataclass(frozen=True)
@@ -71,27 +64,29 @@ class Bridge:
 
 @dataclass(frozen=True)
 class NetworkPlan:
-    """docker: an --internal network (guest, bundle) plus an egress network (bundle only).
-    smolmachines: one bridge the bundle sits on at .2; the microVM reaches it through the host, so
-    the internal_* and egress_* fields both name that bridge."""
-    internal_name: str
-    internal_subnet: str
-    internal_gateway: str
+    """The bottle's docker networks. The bundle sits on the first at bundle_ip, where the guest meets it,
+    and joins the others; the last is where it reaches out. docker: an --internal network plus an egress
+    network. smolmachines: one bridge, both guest side and outbound."""
+    bridges: tuple[Bridge, ...]
     bundle_ip: str
     guest_ip: str
-    egress_name: str
-    egress_subnet: str
-    egress_gateway: str
-    bridges: tuple[Bridge, ...]
     # Said, never compared: the wording differs between the run that moves a subnet and later ones, and
     # it must not change a container's fingerprint.
     note: str = field(default="", compare=False, repr=False)      # why the subnet is not the slug's first choice
     problem: str = field(default="", compare=False, repr=False)   # why no subnet fits; preflight raises it
 
+    @property
+    def guest_side(self) -> Bridge:
+        return self.bridges[0]
+
+    @property
+    def outbound(self) -> Bridge:
+        return self.bridges[-1]
+
 
 @dataclass(frozen=True)
 class ImagePlan:
-    kind: str                 # "agent" or "bundle"
+    kind: str                 # "agent", "bundle" or "registry"
     tag: str
     dockerfile_dir: Path      # the checked-in Dockerfile and its files
     context_dir: Path         # staged build context (adds extra CA, code, binaries)
@@ -101,18 +96,42 @@ class ImagePlan:
 
 @dataclass(frozen=True)
 class BundlePlan:
-    container: str
-    daemons: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]          # non-secret
+    name: str                                  # the bundle container
+    daemons: tuple[BundleDaemon, ...]          # bundle_plan.py: the one list
+    shared_files: tuple[ConfigFile, ...]       # read by several daemons (CA, daemon table)
+    env: tuple[tuple[str, str], ...]           # non-secret
     secret_env_names: tuple[str, ...]          # passed by name; values come from the host env
-    mounts: tuple[Mount, ...]
     egress_url: str
+
+    @property
+    def daemon_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.daemons)
+
+    @property
+    def files(self) -> tuple[ConfigFile, ...]:
+        """Every file the bundle reads, mounted read-only."""
+        return (*self.shared_files, *(f for d in self.daemons for f in d.files))
+
+    @property
+    def state_dirs(self) -> tuple[StateDir, ...]:
+        return tuple(s for d in self.daemons for s in d.state)
+
+    @property
+    def mounts(self) -> tuple[Mount, ...]:
+        return (*(Mount(str(f.host_path), f.target) for f in self.files),
+                *(Mount(str(s.host_path), s.target, readonly=False) for s in self.state_dirs))
+
+    @property
+    def guest_ports(self) -> tuple[tuple[str, int], ...]:
+        """(protocol, port) of the bundle the guest may reach; the guest's fence admits exactly these."""
+        return tuple(port for d in self.daemons for port in d.guest_ports)
 
 
 @dataclass(frozen=True)
 class GuestPlan:
-    container: str
+    name: str                                  # the guest's container or machine name
     env: tuple[tuple[str, str], ...]
+    env_file: ConfigFile                       # the same env as a file (docker --env-file)
     mounts: tuple[Mount, ...]
     workspace_volume: str | None
     command: tuple[str, ...]
@@ -130,7 +149,8 @@ class SecretEnv:
 @dataclass(frozen=True)
 class GitPlan:
     user: GitUser
-    repos: tuple[GitRepo, ...]          # branches filled with the default when the file gives none
+    repos: tuple[GitRepo, ...]          # as git-gate sees them: default branches filled, ssh keys at their bundle path
+    ssh_key_sources: tuple[str, ...]    # per repo: the host key file ("" for none)
     config_file: Path                    # rendered git-gate.yaml
     mirrors_dir: Path                    # host state dir: mirrors, audit log; kept by clean
     url: str                             # http://<bundle-ip>:8081 as the guest sees it
@@ -138,26 +158,13 @@ class GitPlan:
 
 @dataclass(frozen=True)
 class SupervisePlan:
-    tools: tuple[str, ...]
-    timeout: int
+    policy: SupervisePolicy
+    hook_matcher: str                    # Claude Code's PreToolUse matcher: the tools the rules name
     config_file: Path                    # rendered supervise.yaml (bundle)
-    guest_config_file: Path              # rendered supervise.json (guest hook)
-    claude_settings_file: Path           # rendered managed-settings.json (registers the hook)
+    guest_config: ConfigFile             # rendered supervise.json (the guest hook)
+    claude_settings: ConfigFile          # rendered managed-settings.json (registers the hook)
     state_dir: Path                      # host: requests, decisions, history; kept by clean
     url: str
-
-
-@dataclass(frozen=True)
-class SmolPlan:
-    """The smolmachines image pipeline: docker save -> throwaway registry -> crane push -> smolvm pack."""
-    registry_image: ImagePlan
-    registry_container: str
-    registry_port_file: Path           # the host port docker picked, for this run only
-    repository: str                    # <registry>/<repository>:<digest tag>
-    tarball_dir: Path                  # per-digest docker save output; removed once pushed
-    packs_dir: Path                    # <packs_dir>/<digest16> (+ .smolmachine), cached across runs
-    smolvm: str
-    crane: str
 
 
 @dataclass(frozen=True)
@@ -171,10 +178,7 @@ class Plan:
     cache_dir: Path           # per bottle, transient
     ca_cert: Path
     ca_key: Path
-    routes_file: Path
-    pipelock_file: Path
-    prompt_file: Path
-    guest_env_file: Path
+    prompt_file: ConfigFile
     upstream_ca: Path | None
     pipelock_enabled: bool
     network: NetworkPlan
@@ -189,110 +193,27 @@ class Plan:
     skills: tuple[Path, ...]
     git: GitPlan | None
     supervise: SupervisePlan | None
-    smol: SmolPlan | None
+    image_pipeline: Any | None   # the backend's own stages between the image and the guest (smolmachines: packs)
 
     @property
-    def guest_ports(self) -> tuple[int, ...]:
-        """TCP ports of the bundle the guest may reach (the firewall admits these and DNS)."""
-        return (EGRESS_PORT, *((GIT_GATE_PORT,) if self.git else ()), *((SUPERVISE_PORT,) if self.supervise else ()))
+    def rendered_files(self) -> tuple[ConfigFile, ...]:
+        """Every file the render task writes, bundle's and guest's."""
+        guest = [self.guest.env_file, self.prompt_file]
+        if self.supervise:
+            guest += [self.supervise.guest_config, self.supervise.claude_settings]
+        return tuple(f for f in (*self.bundle.files, *guest) if f.rendered)
+
+    @property
+    def guest_files(self) -> tuple[ConfigFile, ...]:
+        """Rendered files provisioning copies into the guest."""
+        return (self.prompt_file, *((self.supervise.guest_config, self.supervise.claude_settings) if self.supervise else ()))
 
     def label_args(self, role: str) -> list[str]:
-        args = []
-        for key, value in (*self.labels, (f"{LABEL}.role", role)):
-            args += ["--label", f"{key}={value}"]
-        return args
+        return label_args(self.labels, role)
 
     @property
     def slug_label(self) -> str:
-        return f"{LABEL}.slug={self.slug}"
-
-
-def slug_for(agent: str) -> str:
-    """DNS-safe and stable: agent names are already restricted to [a-z0-9-] (spec.AGENT_NAME)."""
-    return agent
-
-
-def bottle_subnet(slug: str, pool: str, explicit: str | None = None) -> ipaddress.IPv4Network:
-    """A /23 for the bottle: derived from the slug hash, or the agent file's network.subnet."""
-    if explicit:
-        try:
-            return ipaddress.ip_network(explicit, strict=True)
-        except ValueError:
-            fixed = ipaddress.ip_network(explicit, strict=False)
-            raise BottleError(f"network.subnet {explicit!r} has host bits set; write {fixed}") from None
-    pool_net = ipaddress.ip_network(pool)
-    if pool_net.prefixlen > 23:
-        raise BottleError(f"BOTTLE_SUBNET_POOL {pool} is smaller than a /23; use a /16 such as 10.243.0.0/16")
-    blocks = list(pool_net.subnets(new_prefix=23))
-    start = int.from_bytes(hashlib.sha256(slug.encode()).digest()[:4], "big") % len(blocks)
-    for offset in range(len(blocks)):
-        candidate = blocks[(start + offset) % len(blocks)]
-        if not any(candidate.overlaps(r) for r in RESERVED_SUBNETS):
-            return candidate
-    raise BottleError(f"BOTTLE_SUBNET_POOL {pool} has no usable /23")
-
-
-def _network(slug: str, subnet: ipaddress.IPv4Network) -> NetworkPlan:
-    internal, egress = subnet.subnets(new_prefix=24)
-    names = (f"bottle-{slug}-internal", f"bottle-{slug}-egress")
-    gateways = (str(internal.network_address + 1), str(egress.network_address + 1))
-    return NetworkPlan(
-        internal_name=names[0],
-        internal_subnet=str(internal),
-        internal_gateway=gateways[0],
-        bundle_ip=str(internal.network_address + 2),
-        guest_ip=str(internal.network_address + 3),
-        egress_name=names[1],
-        egress_subnet=str(egress),
-        egress_gateway=gateways[1],
-        bridges=(Bridge(names[0], str(internal), gateways[0], internal=True),
-                 Bridge(names[1], str(egress), gateways[1], internal=False)),
-    )
-
-
-def smol_bridge_subnet(slug: str, taken: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
-                       current: str | None = None) -> tuple[ipaddress.IPv4Network, str]:
-    """The smolmachines bridge: 192.168.<hash>.0/24 from the slug, skipping the reserved .17. A subnet
-    in use moves to the next candidate, deterministically; the note says so (empty when nothing moved).
-    The bridge this bottle already has keeps its subnet while nothing else overlaps it."""
-    taken = [t for t in taken if t.version == 4]
-    if current and not any(ipaddress.ip_network(current).overlaps(t) for t in taken):
-        first = _smol_candidates(slug)[0]
-        chosen = ipaddress.ip_network(current)
-        return chosen, "" if chosen == first else f"bottle {slug!r} keeps its bridge subnet {chosen} (first choice {first} was in use when it was made)"
-    candidates = _smol_candidates(slug)
-    for candidate in candidates:
-        if not any(candidate.overlaps(t) for t in taken):
-            note = "" if candidate == candidates[0] else (
-                f"subnet {candidates[0]} is in use; bottle {slug!r} uses {candidate} instead")
-            return candidate, note
-    raise BottleError(f"no free /24 in 192.168.0.0/16 for bottle {slug!r}; remove unused docker networks")
-
-
-def _smol_candidates(slug: str) -> list[ipaddress.IPv4Network]:
-    start = int.from_bytes(hashlib.sha256(slug.encode()).digest()[:4], "big") % 254 + 1
-    octets = ((start - 1 + offset) % 254 + 1 for offset in range(254))
-    return [ipaddress.ip_network(f"192.168.{o}.0/24") for o in octets
-            if not any(ipaddress.ip_network(f"192.168.{o}.0/24").overlaps(r) for r in RESERVED_SUBNETS)]
-
-
-def smol_bridge_name(slug: str) -> str:
-    return f"bottle-{slug}-bridge"
-
-
-def _smol_network(slug: str, subnet: ipaddress.IPv4Network, note: str, problem: str = "") -> NetworkPlan:
-    name = smol_bridge_name(slug)
-    gateway, bundle_ip = str(subnet.network_address + 1), str(subnet.network_address + 2)
-    # Dynamic addresses come from the upper half, so nothing else ever takes the bundle's .2.
-    ip_range = str(list(subnet.subnets(new_prefix=subnet.prefixlen + 1))[1])
-    return NetworkPlan(
-        internal_name=name, internal_subnet=str(subnet), internal_gateway=gateway,
-        bundle_ip=bundle_ip, guest_ip=SMOL_GUEST_IP,
-        egress_name=name, egress_subnet=str(subnet), egress_gateway=gateway,
-        bridges=(Bridge(name, str(subnet), gateway, internal=False, ip_range=ip_range),),
-        note=note,
-        problem=problem,
-    )
+        return f"{SLUG_LABEL}={self.slug}"
 
 
 def _guest_env(spec: AgentSpec, proxy_url: str) -> tuple[tuple[str, str], ...]:
@@ -320,34 +241,38 @@ def agent_command(argv: tuple[str, ...], prompt: str) -> tuple[str, ...]:
     return argv
 
 
-def backend_of(spec: AgentSpec, settings: Settings) -> str:
+def backend_name(spec: AgentSpec, settings: Settings) -> str:
     return settings.backend or spec.backend or "docker"
 
 
-def make_plan(spec: AgentSpec, settings: Settings, host_subnets: Iterable[ipaddress.IPv4Network] = (),
-              current_bridge: str | None = None) -> Plan:
-    """host_subnets and current_bridge matter to smolmachines only: the networks and routes already on
-    the host, and the subnet of the bridge this bottle already has (the caller gathers both)."""
-    slug = slug_for(spec.name)
-    backend = backend_of(spec, settings)
+def hook_matcher(patterns: tuple[str, ...]) -> str:
+    """The settings.json ``matcher`` (a regex on tool_name) that sends exactly the tools the
+    patterns can match to the hook: ``["Bash(git push:*)", "WebFetch"]`` -> ``Bash|WebFetch``."""
+    tools: list[str] = []
+    for pattern in patterns:
+        tool = pattern.split("(", 1)[0].strip()
+        if tool == "*":
+            return "*"
+        if tool.startswith("mcp__") and tool.count("__") == 1:
+            tool += "__.*"
+        if tool not in tools:
+            tools.append(tool)
+    return "|".join(tools)
+
+
+def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Plan:
+    """host_facts: what the backend gathered about the host before planning (backends/base.py)."""
+    from bottle_tasks.backends import backend_class
+
+    slug = spec.name                # agent names are already DNS-safe (spec.AGENT_NAME)
+    backend = backend_name(spec, settings)
+    kind = backend_class(backend)
     state = settings.state_dir / slug
     cache = settings.cache_dir / slug
-    if backend == "smolmachines":
-        if spec.subnet:
-            explicit = bottle_subnet(slug, settings.subnet_pool, spec.subnet)
-            if explicit.prefixlen > 24:
-                raise BottleError(f"{spec.path}: network.subnet {spec.subnet} is smaller than a /24; the smolmachines "
-                                  "bridge needs a /24 (e.g. 192.168.77.0/24)")
-            network = _smol_network(slug, next(explicit.subnets(new_prefix=24)), "")
-        else:
-            try:
-                network = _smol_network(slug, *smol_bridge_subnet(slug, host_subnets, current_bridge))
-            except BottleError as exc:   # the plan still loads (clean, list); preflight refuses to start
-                network = _smol_network(slug, _smol_candidates(slug)[0], "", problem=str(exc))
-    else:
-        network = _network(slug, bottle_subnet(slug, settings.subnet_pool, spec.subnet))
+    config = state / "config"
+    network = kind.plan_network(slug, spec, settings, host_facts)
     pipelock = settings.pipelock_bin is not None
-    labels = ((f"{LABEL}.slug", slug), (f"{LABEL}.agent", spec.name), (f"{LABEL}.state", str(state)))
+    labels = ((SLUG_LABEL, slug), (f"{LABEL}.agent", spec.name), (STATE_LABEL, str(state)))
     images_cache = settings.cache_dir / "images"
     common_args = (("BASE_IMAGE", settings.base_image),)
     agent_image = ImagePlan(
@@ -356,10 +281,7 @@ def make_plan(spec: AgentSpec, settings: Settings, host_subnets: Iterable[ipaddr
         dockerfile_dir=settings.images_dir / "agent",
         context_dir=cache / "agent-context",
         iid_file=cache / "agent.iid",
-        # smolvm's exec has no --user: the smolmachines image defaults to root, and the host drops to
-        # the agent user per command (backends/smolmachines.py).
-        build_args=(*common_args, ("CLAUDE_CODE_VERSION", settings.claude_code_version),
-                    *((("EXEC_USER", "root"),) if backend == "smolmachines" else ())),
+        build_args=(*common_args, ("CLAUDE_CODE_VERSION", settings.claude_code_version), *kind.agent_build_args),
     )
     bundle_tag = f"{settings.image_prefix}/bundle:latest"
     bundle_key = bundle_tag.replace("/", "_").replace(":", "_")   # one digest file per tag
@@ -371,56 +293,40 @@ def make_plan(spec: AgentSpec, settings: Settings, host_subnets: Iterable[ipaddr
         iid_file=images_cache / f"{bundle_key}.iid",
         build_args=common_args,
     )
-    config = state / "config"
-    upstream_ca = settings.upstream_ca_certs
-    mounts = [
-        Mount(str(config / "routes.yaml"), f"{BUNDLE_CONFIG_DIR}/routes.yaml"),
-        Mount(str(state / "ca"), f"{BUNDLE_CONFIG_DIR}/ca"),
-    ]
-    daemons = ["egress", "dns"]
-    if pipelock:
-        mounts.append(Mount(str(config / "pipelock.yaml"), f"{BUNDLE_CONFIG_DIR}/pipelock.yaml"))
-        daemons.insert(1, "pipelock")
-    if upstream_ca:
-        mounts.append(Mount(str(upstream_ca), f"{BUNDLE_CONFIG_DIR}/upstream-ca.pem"))
+    egress_url = f"http://{network.bundle_ip}:{EGRESS_PORT}"
     git = _git_plan(spec, state, config, network) if spec.git_repos else None
-    if git:
-        daemons.append("git-gate")
-        mounts.append(Mount(str(git.config_file), f"{BUNDLE_CONFIG_DIR}/git-gate.yaml"))
-        mounts.append(Mount(str(git.mirrors_dir), BUNDLE_GIT_DIR, readonly=False))
-        mounts += [Mount(str(r.ssh_key), f"{BUNDLE_CONFIG_DIR}/git/{r.name}/ssh_key") for r in git.repos if r.ssh_key]
-    supervise = None
-    if spec.supervise:
-        supervise = SupervisePlan(
-            tools=spec.supervise.tools, timeout=spec.supervise.timeout,
-            config_file=config / "supervise.yaml", guest_config_file=config / "supervise.json",
-            claude_settings_file=config / "claude-managed-settings.json",
-            state_dir=state / "supervise", url=f"http://{network.bundle_ip}:{SUPERVISE_PORT}")
-        daemons.append("supervise")
-        mounts.append(Mount(str(supervise.config_file), f"{BUNDLE_CONFIG_DIR}/supervise.yaml"))
-        mounts.append(Mount(str(supervise.state_dir), BUNDLE_SUPERVISE_DIR, readonly=False))
+    supervise = _supervise_plan(spec.supervise, state, config, network) if spec.supervise else None
+    inputs = BundleInputs(
+        bundle_ip=network.bundle_ip, config_dir=config, pipelock=pipelock, upstream_ca=settings.upstream_ca_certs,
+        git_config=git.config_file if git else None, git_mirrors=git.mirrors_dir if git else None,
+        ssh_keys=tuple(ConfigFile(Path(source), repo.identity.ssh_key, origin=f"git.repos[{i}].identity.ssh_key")
+                       for i, (repo, source) in enumerate(zip(git.repos, git.ssh_key_sources)) if source) if git else (),
+        supervise_config=supervise.config_file if supervise else None,
+        supervise_state=supervise.state_dir if supervise else None)
+    daemons = bundle_daemons(inputs)
+
     secret_envs = tuple(
         [SecretEnv(r.token.env, f"routes[{i}].token.env") for i, r in enumerate(spec.routes) if r.token]
-        + [SecretEnv(r.token_env, f"git.repos[{i}].identity.token_env") for i, r in enumerate(spec.git_repos) if r.token_env])
-    egress_url = f"http://{network.bundle_ip}:{EGRESS_PORT}"
+        + [SecretEnv(r.identity.token_env, f"git.repos[{i}].identity.token_env")
+           for i, r in enumerate(spec.git_repos) if r.identity.kind == "token"])
     bundle = BundlePlan(
-        container=f"bottle-{slug}-bundle",
-        daemons=tuple(daemons),
-        env=(("BUNDLE_DAEMONS", ",".join(daemons)), ("BOTTLE_DNS_LISTEN", f"{network.bundle_ip}:{DNS_PORT}")),
+        name=f"bottle-{slug}-bundle",
+        daemons=daemons,
+        shared_files=shared_files(inputs, state / "ca"),
+        env=(("BUNDLE_DAEMONS", ",".join(d.name for d in daemons)), ("BOTTLE_DAEMON_TABLE", DAEMON_TABLE)),
         secret_env_names=tuple(sorted({s.name for s in secret_envs})),
-        mounts=tuple(mounts),
         egress_url=egress_url,
     )
-    # A microVM mounts host directories only, so its default workspace is a dir in the state dir.
-    workspace_host = spec.workspace_host_path or (state / "workspace" if backend == "smolmachines" else None)
+    workspace_host = spec.workspace_host_path or kind.default_workspace(state)
     workspace_volume = None if workspace_host else f"bottle-{slug}-workspace"
     guest_mounts = (
         Mount(str(workspace_host), GUEST_WORKSPACE, readonly=False) if workspace_host
         else Mount(workspace_volume, GUEST_WORKSPACE, readonly=False, volume=True),
     )
     guest = GuestPlan(
-        container=f"bottle-{slug}-guest",
+        name=f"bottle-{slug}-guest",
         env=_guest_env(spec, egress_url),
+        env_file=ConfigFile(config / "guest.env", "", "guest.env.j2", 0o600),
         mounts=guest_mounts,
         workspace_volume=workspace_volume,
         command=agent_command(spec.command, spec.prompt),
@@ -438,11 +344,8 @@ def make_plan(spec: AgentSpec, settings: Settings, host_subnets: Iterable[ipaddr
         cache_dir=cache,
         ca_cert=state / "ca" / "ca.pem",
         ca_key=state / "ca" / "ca-key.pem",
-        routes_file=config / "routes.yaml",
-        pipelock_file=config / "pipelock.yaml",
-        prompt_file=config / "prompt.md",
-        guest_env_file=config / "guest.env",
-        upstream_ca=upstream_ca,
+        prompt_file=ConfigFile(config / "prompt.md", GUEST_PROMPT_PATH, "prompt.md.j2", 0o600),
+        upstream_ca=settings.upstream_ca_certs,
         pipelock_enabled=pipelock,
         network=network,
         agent_image=agent_image,
@@ -456,34 +359,29 @@ def make_plan(spec: AgentSpec, settings: Settings, host_subnets: Iterable[ipaddr
         skills=spec.skills,
         git=git,
         supervise=supervise,
-        smol=_smol_plan(slug, settings, cache, common_args) if backend == "smolmachines" else None,
-    )
-
-
-def _smol_plan(slug: str, settings: Settings, cache: Path, build_args: tuple[tuple[str, str], ...]) -> SmolPlan:
-    images_cache = settings.cache_dir / "images"
-    registry = ImagePlan(
-        kind="registry",
-        tag=f"{settings.image_prefix}/registry:latest",
-        dockerfile_dir=settings.images_dir / "registry",
-        context_dir=images_cache / "registry-context",
-        iid_file=images_cache / f"{settings.image_prefix.replace('/', '_')}_registry.iid",
-        build_args=build_args,
-    )
-    return SmolPlan(
-        registry_image=registry,
-        registry_container=f"bottle-{slug}-registry",
-        registry_port_file=cache / "registry.port",
-        repository=f"claude-bottle/agent-{slug}",
-        tarball_dir=cache / "image-tarballs",
-        packs_dir=settings.cache_dir / "smolmachines",
-        smolvm=settings.smolvm_bin,
-        crane=settings.crane_bin,
+        image_pipeline=kind.image_pipeline(slug, settings, cache, common_args),
     )
 
 
 def _git_plan(spec: AgentSpec, state: Path, config: Path, network: NetworkPlan) -> GitPlan:
     default_branches = (f"bottle/{spec.name}/*",)
-    repos = tuple(replace(r, branches=r.branches or default_branches) for r in spec.git_repos)
-    return GitPlan(user=spec.git_user, repos=repos, config_file=config / "git-gate.yaml",
-                   mirrors_dir=state / "git", url=f"http://{network.bundle_ip}:{GIT_GATE_PORT}")
+    repos = tuple(
+        replace(r, push=replace(r.push, branches=r.push.branches or default_branches),
+                identity=replace(r.identity, ssh_key=BUNDLE_SSH_KEY.format(repo=r.name) if r.identity.ssh_key else ""))
+        for r in spec.git_repos)
+    return GitPlan(user=spec.git_user, repos=repos, ssh_key_sources=tuple(r.identity.ssh_key for r in spec.git_repos),
+                   config_file=config / "git-gate.yaml", mirrors_dir=state / "git",
+                   url=f"http://{network.bundle_ip}:{GIT_GATE_PORT}")
+
+
+def _supervise_plan(policy: SupervisePolicy, state: Path, config: Path, network: NetworkPlan) -> SupervisePlan:
+    return SupervisePlan(
+        policy=policy,
+        hook_matcher=hook_matcher(policy.tools),
+        config_file=config / "supervise.yaml",
+        guest_config=ConfigFile(config / "supervise.json", GUEST_SUPERVISE_CONFIG, "supervise.json.j2"),
+        claude_settings=ConfigFile(config / "claude-managed-settings.json", GUEST_CLAUDE_MANAGED_SETTINGS,
+                                   "claude-managed-settings.json.j2"),
+        state_dir=state / "supervise",
+        url=f"http://{network.bundle_ip}:{SUPERVISE_PORT}",
+    )

@@ -1,24 +1,17 @@
-"""Provisioning, backend-neutral: CA trust, the prompt file, skills. Runs against a guest handle
-with exec/copy (DockerGuest today, the smolvm guest later)."""
+"""Provisioning, backend-neutral: CA trust, the prompt file, skills, git clones, the supervise hook.
+Runs against the backend's Guest handle (exec and copy)."""
 
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Protocol
 
+from bottle_tasks.backends.base import Guest
 from bottle_tasks.plan import (
-    GUEST_CA_BUNDLE, GUEST_CA_PATH, GUEST_CLAUDE_MANAGED_SETTINGS, GUEST_PROMPT_PATH, GUEST_SKILLS_DIR,
-    GUEST_SUPERVISE_CONFIG, GUEST_SUPERVISE_DIR, GUEST_SUPERVISE_HOOK, GUEST_WORKSPACE, Plan,
+    GUEST_CA_BUNDLE, GUEST_CA_PATH, GUEST_SKILLS_DIR, GUEST_SUPERVISE_DIR, GUEST_SUPERVISE_HOOK, GUEST_WORKSPACE, Plan,
 )
 
-
 SUPERVISE_HOOK_SOURCE = Path(__file__).parent / "guest" / "supervise_hook.py"
-
-
-class Guest(Protocol):
-    def exec(self, argv: list[str], *, user: str = ..., input: str | None = ..., check: bool = ...): ...
-    def copy(self, source: Path, dest: str) -> None: ...
 
 
 def provision_ca(plan: Plan, guest: Guest) -> None:
@@ -27,10 +20,10 @@ def provision_ca(plan: Plan, guest: Guest) -> None:
 
 
 def provision_prompt(plan: Plan, guest: Guest) -> None:
-    target_dir = str(Path(GUEST_PROMPT_PATH).parent)
-    guest.exec(["mkdir", "-p", target_dir])
+    target = plan.prompt_file.target
+    guest.exec(["mkdir", "-p", str(Path(target).parent)])
     # Through stdin as the agent user: the file ends up owned by the agent, mode 0600.
-    guest.exec(["sh", "-c", f"umask 077 && cat > {shlex.quote(GUEST_PROMPT_PATH)}"], input=plan.prompt)
+    guest.exec(["sh", "-c", f"umask 077 && cat > {shlex.quote(target)}"], input=plan.prompt)
 
 
 def provision_skills(plan: Plan, guest: Guest) -> None:
@@ -77,8 +70,9 @@ def provision_supervise(plan: Plan, guest: Guest) -> None:
     """Install the PreToolUse hook as root-owned policy the agent cannot edit or switch off."""
     if not plan.supervise:
         return
-    guest.exec(["mkdir", "-p", GUEST_SUPERVISE_DIR, str(Path(GUEST_CLAUDE_MANAGED_SETTINGS).parent)], user="root")
+    files = (plan.supervise.guest_config, plan.supervise.claude_settings)
+    guest.exec(["mkdir", "-p", GUEST_SUPERVISE_DIR, *(str(Path(f.target).parent) for f in files)], user="root")
     guest.copy(SUPERVISE_HOOK_SOURCE, GUEST_SUPERVISE_HOOK)
-    guest.copy(plan.supervise.guest_config_file, GUEST_SUPERVISE_CONFIG)
-    guest.copy(plan.supervise.claude_settings_file, GUEST_CLAUDE_MANAGED_SETTINGS)
-    guest.exec(["chmod", "0644", GUEST_SUPERVISE_HOOK, GUEST_SUPERVISE_CONFIG, GUEST_CLAUDE_MANAGED_SETTINGS], user="root")
+    for file in files:
+        guest.copy(file.host_path, file.target)
+    guest.exec(["chmod", "0644", GUEST_SUPERVISE_HOOK, *(f.target for f in files)], user="root")

@@ -1,16 +1,20 @@
-"""Render config files from the Jinja templates in templates/. Python never builds YAML by hand."""
+"""Render config files from the Jinja templates in templates/. Python never builds YAML by hand.
+
+Every template sees the plan and the same context: the bundle's ports and paths, the guest's paths,
+and the scan API token (minted once per bottle, in its state dir).
+"""
 
 from __future__ import annotations
 
-import os
+import secrets
 from functools import cache
 from pathlib import Path
 
-from bottle_tasks.plan import (
-    BUNDLE_GIT_DIR, BUNDLE_SUPERVISE_DIR, EGRESS_PORT, GIT_GATE_PORT, PIPELOCK_LISTEN, PIPELOCK_SCAN_LISTEN,
-    SUPERVISE_PORT, Plan,
-)
+from bottle_tasks import bundle_plan, plan as plan_module
+from bottle_tasks.bundle_plan import ConfigFile
+from bottle_tasks.plan import Plan
 from bottle_tasks.settings import ROOT
+from bottle_tasks.sidecars.files import atomic_write
 
 TEMPLATES_DIR = ROOT / "templates"
 
@@ -19,34 +23,35 @@ TEMPLATES_DIR = ROOT / "templates"
 def _environment():
     import jinja2  # imported on first render: an up-to-date start never renders
 
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+    # The bundle's ports and paths, and the guest's paths, by their Python names (EGRESS_PORT, GUEST_...).
+    for module in (bundle_plan, plan_module):
+        env.globals.update({k: v for k, v in vars(module).items() if k.isupper() and isinstance(v, (str, int))})
+    return env
+
+
+def scan_token(plan: Plan) -> str:
+    """The bundle-internal bearer token between egress and pipelock's scan API; stable per bottle."""
+    path = plan.state_dir / "pipelock-scan-token"
+    if not path.exists():
+        write_atomic(path, secrets.token_urlsafe(32), mode=0o600)
+    return path.read_text().strip()
 
 
 def render(template: str, plan: Plan, **extra: object) -> str:
-    return _environment().get_template(template).render(
-        **extra,
-        plan=plan,
-        egress_port=EGRESS_PORT,
-        git_gate_port=GIT_GATE_PORT,
-        supervise_port=SUPERVISE_PORT,
-        bundle_git_dir=BUNDLE_GIT_DIR,
-        bundle_supervise_dir=BUNDLE_SUPERVISE_DIR,
-        pipelock_listen=PIPELOCK_LISTEN,
-        pipelock_scan_listen=PIPELOCK_SCAN_LISTEN,
-    )
+    return _environment().get_template(template).render(plan=plan, **extra)
+
+
+def render_file(file: ConfigFile, plan: Plan) -> None:
+    extra = {"scan_token": scan_token(plan)} if plan.pipelock_enabled else {}
+    write_atomic(file.host_path, render(file.template, plan, **extra), mode=file.mode)
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     """Write via a temp file and rename, so an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write(path, text, mode=mode)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from bottle_tasks.contract import GitIdentity, GitRepo, PushPolicy, Route, SupervisePolicy, TokenSlot
 from bottle_tasks.errors import BottleError
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "agent.schema.json"
@@ -30,53 +31,9 @@ class SpecError(BottleError):
 
 
 @dataclass(frozen=True)
-class TokenSlot:
-    env: str
-    header: str
-    format: str = "{value}"
-
-    @property
-    def placeholder(self) -> str:
-        # Makes clients send the header at all; egress swaps it for the real value.
-        return f"bottle-placeholder-{self.env}"
-
-
-@dataclass(frozen=True)
-class Route:
-    host: str
-    methods: tuple[str, ...] = ()
-    paths: tuple[str, ...] = ()
-    private_network: bool = False
-    token: TokenSlot | None = None
-
-
-@dataclass(frozen=True)
-class GitRepo:
-    name: str
-    url: str
-    ssh_key: Path | None = None          # host file; mounted into the bundle only
-    token_env: str | None = None         # host env var; passed to the bundle by name
-    username: str = "x-access-token"
-    branches: tuple[str, ...] = ()       # empty: the default bottle/<agent>/*
-    force: bool = False
-    delete: bool = False
-    tags: bool = False
-
-    @property
-    def identity_kind(self) -> str:
-        return "ssh" if self.ssh_key else "token" if self.token_env else "none"
-
-
-@dataclass(frozen=True)
 class GitUser:
     name: str = "claude-bottle agent"
     email: str = "agent@claude-bottle.invalid"
-
-
-@dataclass(frozen=True)
-class Supervise:
-    tools: tuple[str, ...]
-    timeout: int = 300
 
 
 @dataclass(frozen=True)
@@ -102,7 +59,7 @@ class AgentSpec:
     subnet: str | None = None
     git_user: GitUser = field(default_factory=GitUser)
     git_repos: tuple[GitRepo, ...] = ()
-    supervise: Supervise | None = None
+    supervise: SupervisePolicy | None = None
 
     @property
     def token_slots(self) -> tuple[TokenSlot, ...]:
@@ -264,7 +221,13 @@ def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
     git_user, git_repos = _git(path, data.get("git", {}))
     supervise = None
     if "supervise" in data and data["supervise"].get("tools"):
-        supervise = Supervise(tools=tuple(data["supervise"]["tools"]), timeout=data["supervise"].get("timeout", 300))
+        supervise = SupervisePolicy(tools=tuple(data["supervise"]["tools"]), timeout=data["supervise"].get("timeout", 300))
+    backend = data.get("backend")
+    if backend is not None:
+        from bottle_tasks.backends import BACKENDS
+
+        if backend not in BACKENDS:
+            raise SpecError(path, "backend", f"{backend!r} is not a backend", f"Use {' or '.join(BACKENDS)}")
     res = data.get("resources", {})
     workspace = data.get("workspace", {})
     host_path = None
@@ -281,7 +244,7 @@ def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
         command=tuple(data.get("command", DEFAULT_COMMAND)),
         routes=tuple(routes),
         env=tuple(sorted(data.get("env", {}).items())),
-        backend=data.get("backend"),
+        backend=backend,
         resources=Resources(cpus=res.get("cpus"), memory=res.get("memory"), pids=res.get("pids", 512)),
         workspace_host_path=host_path,
         subnet=data.get("network", {}).get("subnet"),
@@ -310,9 +273,18 @@ def _git(path: Path, raw: dict[str, Any]) -> tuple[GitUser, tuple[GitRepo, ...]]
             if not repo["url"].startswith("ssh://") and "@" not in repo["url"].split("/")[0]:
                 raise SpecError(path, f"{key}.identity.ssh_key", "an SSH key needs an ssh:// or user@host:path url", "Use token_env for https:// urls")
         push = repo.get("push", {})
+        if ssh_key:
+            kind = "ssh"
+        elif "token_env" in identity:
+            kind = "token"
+        else:
+            kind = "none"
         repos.append(GitRepo(
-            name=repo["name"], url=repo["url"], ssh_key=ssh_key, token_env=identity.get("token_env"),
-            username=identity.get("username", "x-access-token"), branches=tuple(push.get("branches", ())),
-            force=push.get("force", False), delete=push.get("delete", False), tags=push.get("tags", False),
+            name=repo["name"], url=repo["url"],
+            identity=GitIdentity(kind=kind, token_env=identity.get("token_env", ""),
+                                 username=identity.get("username", "x-access-token"),
+                                 ssh_key=str(ssh_key) if ssh_key else ""),
+            push=PushPolicy(branches=tuple(push.get("branches", ())), force=push.get("force", False),
+                            delete=push.get("delete", False), tags=push.get("tags", False)),
         ))
     return user, tuple(repos)

@@ -125,21 +125,6 @@ def watch(state_dir: Path | str, interval: float = 2.0, notify: bool = True, *, 
         pass
 
 
-def hook_matcher(patterns: Iterable[str]) -> str:
-    """The settings.json ``matcher`` (a regex on tool_name) that sends exactly the tools the
-    patterns can match to the hook: ``["Bash(git push:*)", "WebFetch"]`` -> ``Bash|WebFetch``."""
-    tools: list[str] = []
-    for pattern in patterns:
-        tool = pattern.split("(", 1)[0].strip()
-        if tool == "*":
-            return "*"
-        if tool.startswith("mcp__") and tool.count("__") == 1:
-            tool += "__.*"
-        if tool not in tools:
-            tools.append(tool)
-    return "|".join(tools)
-
-
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bottle_tasks.supervise_cli", description=__doc__.split("\n")[0])
     parser.add_argument("--state-dir", required=True, type=Path, help="the bottle's supervise state dir")

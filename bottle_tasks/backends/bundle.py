@@ -1,7 +1,10 @@
-"""What both backends share: the bottle's docker networks and the sidecar bundle container.
+"""What the docker and smolmachines backends share: the bottle's docker networks and the sidecar bundle
+container. Only the guest differs (a container fenced from outside its namespace, or a smolvm microVM
+whose egress policy admits only the bundle).
 
-The bundle is a docker container in either backend; only the guest differs (a container fenced from
-outside its namespace, or a smolvm microVM whose egress policy admits only the bundle).
+A container is current when its fingerprint label matches what would be created now: the bundle's
+fingerprint covers its image, its plan and the content of every file it reads (bundle_plan.py's list),
+so an edited policy recreates it.
 """
 
 from __future__ import annotations
@@ -11,79 +14,15 @@ import ipaddress
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
-from bottle_tasks.docker_cli import by_label, docker, ensure_owned, image_id, inspect, network_subnets, rm_containers
+from bottle_tasks.backends.base import Backend
 from bottle_tasks.errors import BottleError
-from bottle_tasks.plan import LABEL, Bridge, Plan
+from bottle_tasks.labels import FINGERPRINT_LABEL, SLUG_LABEL
+from bottle_tasks.plan import Bridge, Mount, Plan
 
 HEALTH_TIMEOUT = 60.0
 
-
-# ---- networks ------------------------------------------------------------------------------
-
-def _on_its_subnet(obj: dict, bridge: Bridge) -> bool:
-    return [c.get("Subnet") for c in obj["IPAM"]["Config"]] == [bridge.subnet]
-
-
-def networks_ready(plan: Plan) -> bool:
-    for bridge in plan.network.bridges:
-        obj = inspect("network", bridge.name)
-        if obj is None or obj.get("Labels", {}).get(f"{LABEL}.slug") != plan.slug or not _on_its_subnet(obj, bridge):
-            return False
-    return True
-
-
-def check_subnet_clash(plan: Plan) -> None:
-    ours = {bridge.name for bridge in plan.network.bridges}
-    in_use = network_subnets()
-    for bridge in plan.network.bridges:
-        wanted = ipaddress.ip_network(bridge.subnet)
-        for name, subnets in in_use.items():
-            if name in ours:
-                continue
-            for subnet in subnets:
-                if subnet.version == 4 and subnet.overlaps(wanted):
-                    raise BottleError(
-                        f"bottle {plan.slug!r} needs subnet {wanted}, but docker network {name!r} already uses {subnet}. "
-                        f"Set network.subnet in {plan.spec_path} to a free one (e.g. another 10.x.y.0/23), "
-                        f"or remove that network, then start again.")
-
-
-def check_names_free(plan: Plan, containers: tuple[str, ...]) -> None:
-    """Refuse to start when a container or network with one of our names belongs to someone else."""
-    for kind, name in (*(("container", c) for c in containers), *(("network", b.name) for b in plan.network.bridges)):
-        ensure_owned(kind, name, plan)
-
-
-def create_networks(plan: Plan) -> None:
-    check_subnet_clash(plan)
-    if plan.network.note:
-        print(f"claude-bottle: {plan.network.note}", file=sys.stderr)
-    created = []
-    try:
-        for bridge in plan.network.bridges:
-            existing = ensure_owned("network", bridge.name, plan)
-            if existing is not None:
-                if _on_its_subnet(existing, bridge):
-                    continue
-                docker("network", "rm", bridge.name)
-            docker("network", "create", "--driver", "bridge", *(["--internal"] if bridge.internal else []),
-                   "--subnet", bridge.subnet, "--gateway", bridge.gateway,
-                   *(["--ip-range", bridge.ip_range] if bridge.ip_range else []),
-                   *plan.label_args(f"network-{'internal' if bridge.internal else 'bridge'}"), bridge.name)
-            created.append(bridge.name)
-    except BaseException:
-        for name in created:
-            docker("network", "rm", name, check=False)
-        raise
-
-
-def remove_networks(plan: Plan) -> None:
-    for name in by_label("network", plan.slug_label):
-        docker("network", "rm", name, check=False)
-
-
-# ---- fingerprints: a container is current when its label matches what we would create now ---
 
 def digest_of(*parts: object) -> str:
     h = hashlib.sha256()
@@ -93,79 +32,157 @@ def digest_of(*parts: object) -> str:
     return h.hexdigest()[:20]
 
 
-def file_digest(path: Path | None) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.exists() else "-"
+def content_digest(path: Path | None) -> str:
+    """A file's bytes, or every file under a directory with its relative name; "-" when absent."""
+    if path is None or not path.exists():
+        return "-"
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        h.update(str(file.relative_to(path) if file != path else "").encode() + b"\0")
+        h.update(file.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
-def bundle_fingerprint(plan: Plan) -> str:
-    return digest_of(image_id(plan.bundle_image.tag), plan.bundle, plan.network,
-                   file_digest(plan.routes_file), file_digest(plan.pipelock_file if plan.pipelock_enabled else None),
-                   file_digest(plan.ca_cert), file_digest(plan.upstream_ca))
-
-
-def running_with(container: str, fingerprint: str, need_healthy: bool = False) -> bool:
-    obj = inspect("container", container)
-    if obj is None or not obj["State"].get("Running"):
-        return False
-    if need_healthy and (obj["State"].get("Health") or {}).get("Status") != "healthy":
-        return False
-    return obj["Config"]["Labels"].get(f"{LABEL}.fingerprint") == fingerprint
-
-
-def bundle_ready(plan: Plan) -> bool:
-    return running_with(plan.bundle.container, bundle_fingerprint(plan), need_healthy=True)
-
-
-# ---- bundle ----------------------------------------------------------------------------------
-
-def start_bundle(plan: Plan, token_env: dict[str, str]) -> None:
-    """(Re)create the bundle and wait until it is healthy; on any failure remove it again."""
-    b, net = plan.bundle, plan.network
-    if ensure_owned("container", b.container, plan) is not None:
-        docker("rm", "-f", b.container)
-    env_args: list[str] = []
-    for key, value in b.env:
-        env_args += ["--env", f"{key}={value}"]
-    for name in b.secret_env_names:
-        env_args += ["--env", name]          # value comes from our environment, never argv
-    try:
-        docker("create", "--name", b.container, *plan.label_args("bundle"),
-               "--label", f"{LABEL}.fingerprint={bundle_fingerprint(plan)}",
-               "--network", net.internal_name, "--ip", net.bundle_ip,
-               "--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE", "--cap-add", "SETUID", "--cap-add", "SETGID",
-               "--cap-add", "DAC_OVERRIDE",  # reads the 0600 CA key owned by the host user
-               "--security-opt", "no-new-privileges", "--restart", "unless-stopped",
-               *env_args, *mount_args(b.mounts), plan.bundle_image.tag, env=token_env)
-        if net.egress_name != net.internal_name:
-            docker("network", "connect", net.egress_name, b.container)
-        docker("start", b.container)
-        wait_healthy(b.container)
-    except BaseException:
-        docker("rm", "-f", b.container, check=False)
-        raise
-
-
-def wait_healthy(container: str, timeout: float = HEALTH_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        obj = inspect("container", container)
-        state = (obj or {}).get("State", {})
-        status = (state.get("Health") or {}).get("Status")
-        if status == "healthy":
-            return
-        if not state.get("Running") or time.monotonic() > deadline:
-            logs = docker("logs", "--tail", "30", container, check=False)
-            raise BottleError(
-                f"container {container} did not become healthy (state: {state.get('Status')}, health: {status}).\n"
-                f"Last log lines:\n{logs.stdout}{logs.stderr}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
-
-
-def mount_args(mounts) -> list[str]:
+def mount_args(mounts: tuple[Mount, ...]) -> list[str]:
     return [arg for mount in mounts for arg in ("--mount", mount.docker_arg())]
 
 
-def remove_bundle(plan: Plan) -> None:
-    rm_containers([plan.bundle.container])
+def _on_its_subnet(obj: dict, bridge: Bridge) -> bool:
+    return [c.get("Subnet") for c in obj["IPAM"]["Config"]] == [bridge.subnet]
+
+
+class DockerBundle(Backend):
+    """Networks and the bundle as docker objects; subclasses bring the guest."""
+
+    # ---- networks ---------------------------------------------------------------------------
+
+    def networks_ready(self, plan: Plan) -> bool:
+        for bridge in plan.network.bridges:
+            obj = self.docker.inspect("network", bridge.name)
+            if obj is None or obj.get("Labels", {}).get(SLUG_LABEL) != plan.slug or not _on_its_subnet(obj, bridge):
+                return False
+        return True
+
+    def check_subnet_clash(self, plan: Plan) -> None:
+        ours = {bridge.name for bridge in plan.network.bridges}
+        in_use = self.docker.network_subnets()
+        for bridge in plan.network.bridges:
+            wanted = ipaddress.ip_network(bridge.subnet)
+            for name, subnets in in_use.items():
+                if name in ours:
+                    continue
+                for subnet in subnets:
+                    if subnet.version == 4 and subnet.overlaps(wanted):
+                        raise BottleError(
+                            f"bottle {plan.slug!r} needs subnet {wanted}, but docker network {name!r} already uses {subnet}. "
+                            f"Set network.subnet in {plan.spec_path} to a free one (e.g. another 10.x.y.0/23), "
+                            f"or remove that network, then start again.")
+
+    def check_names_free(self, plan: Plan, containers: tuple[str, ...]) -> None:
+        """Refuse to start when a container or network with one of our names belongs to someone else."""
+        for kind, name in (*(("container", c) for c in containers), *(("network", b.name) for b in plan.network.bridges)):
+            self.docker.ensure_owned(kind, name, plan.slug, plan.state_dir)
+
+    def check_network_preconditions(self, plan: Plan, containers: tuple[str, ...]) -> None:
+        self.check_names_free(plan, containers)
+        if not self.networks_ready(plan):
+            self.check_subnet_clash(plan)
+
+    def create_networks(self, plan: Plan) -> None:
+        self.check_subnet_clash(plan)
+        if plan.network.note:
+            print(f"claude-bottle: {plan.network.note}", file=sys.stderr)
+        created = []
+        try:
+            for bridge in plan.network.bridges:
+                existing = self.docker.ensure_owned("network", bridge.name, plan.slug, plan.state_dir)
+                if existing is not None:
+                    if _on_its_subnet(existing, bridge):
+                        continue
+                    self.docker("network", "rm", bridge.name)
+                self.docker("network", "create", "--driver", "bridge", *(["--internal"] if bridge.internal else []),
+                            "--subnet", bridge.subnet, "--gateway", bridge.gateway,
+                            *(["--ip-range", bridge.ip_range] if bridge.ip_range else []),
+                            *plan.label_args(f"network-{'internal' if bridge.internal else 'bridge'}"), bridge.name)
+                created.append(bridge.name)
+        except BaseException:
+            for name in created:
+                self.docker("network", "rm", name, check=False)
+            raise
+
+    def remove_networks(self, plan: Plan) -> None:
+        for name in self.docker.by_label("network", plan.slug_label):
+            self.docker("network", "rm", name, check=False)
+
+    # ---- the bundle -------------------------------------------------------------------------
+
+    def bundle_fingerprint(self, plan: Plan) -> str:
+        return digest_of(self.docker.image_id(plan.bundle_image.tag), plan.bundle, plan.network,
+                         *(content_digest(f.host_path) for f in plan.bundle.files))
+
+    def running_with(self, container: str, fingerprint: str, need_healthy: bool = False) -> bool:
+        obj = self.docker.inspect("container", container)
+        if obj is None or not obj["State"].get("Running"):
+            return False
+        if need_healthy and (obj["State"].get("Health") or {}).get("Status") != "healthy":
+            return False
+        return obj["Config"]["Labels"].get(FINGERPRINT_LABEL) == fingerprint
+
+    def bundle_ready(self, plan: Plan) -> bool:
+        return self.running_with(plan.bundle.name, self.bundle_fingerprint(plan), need_healthy=True)
+
+    def bundle_create_argv(self, plan: Plan) -> list[str]:
+        """`docker create` of the bundle: secrets by name only (values come from the environment)."""
+        b, net = plan.bundle, plan.network
+        env_args: list[str] = []
+        for key, value in b.env:
+            env_args += ["--env", f"{key}={value}"]
+        for name in b.secret_env_names:
+            env_args += ["--env", name]
+        return ["create", "--name", b.name, *plan.label_args("bundle"),
+                "--label", f"{FINGERPRINT_LABEL}={self.bundle_fingerprint(plan)}",
+                "--network", net.guest_side.name, "--ip", net.bundle_ip,
+                "--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE", "--cap-add", "SETUID", "--cap-add", "SETGID",
+                "--cap-add", "DAC_OVERRIDE",  # reads the 0600 CA key owned by the host user
+                "--security-opt", "no-new-privileges", "--restart", "unless-stopped",
+                *env_args, *mount_args(b.mounts), plan.bundle_image.tag]
+
+    def start_bundle(self, plan: Plan, secrets: Mapping[str, str]) -> None:
+        """(Re)create the bundle and wait until it is healthy; on any failure remove it again."""
+        name = plan.bundle.name
+        if self.docker.ensure_owned("container", name, plan.slug, plan.state_dir) is not None:
+            self.docker("rm", "-f", name)
+        try:
+            self.docker(*self.bundle_create_argv(plan), env=secrets)
+            for bridge in plan.network.bridges[1:]:
+                self.docker("network", "connect", bridge.name, name)
+            self.docker("start", name)
+            self.wait_healthy(name)
+        except BaseException:
+            self.docker("rm", "-f", name, check=False)
+            raise
+
+    def wait_healthy(self, container: str, timeout: float = HEALTH_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            obj = self.docker.inspect("container", container, fresh=True)
+            state = (obj or {}).get("State", {})
+            status = (state.get("Health") or {}).get("Status")
+            if status == "healthy":
+                return
+            if not state.get("Running") or time.monotonic() > deadline:
+                logs = self.docker.query("logs", "--tail", "30", container, check=False)
+                raise BottleError(
+                    f"container {container} did not become healthy (state: {state.get('Status')}, health: {status}).\n"
+                    f"Last log lines:\n{logs.stdout}{logs.stderr}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def remove_bundle(self, plan: Plan) -> None:
+        self.docker.remove_containers([plan.bundle.name])
+
+    def remove_all(self, plan: Plan) -> None:
+        self.docker.remove_containers(self.docker.by_label("container", plan.slug_label))

@@ -1,6 +1,5 @@
 """The smolmachines backend: the bundle on a per-bottle docker bridge (pinned at .2), the guest a smolvm
-microVM created from the agent's pack, whose egress policy admits only the bundle. Same shape as
-backends/docker.py.
+microVM created from the agent's pack, whose egress policy admits only the bundle.
 
 smolvm 0.8.x dropped `--allow-cidr` for `create --from`, and no smolvm output shows a machine's CIDRs,
 so after every start the fence is checked twice before anything runs in the guest: the stored policy
@@ -18,22 +17,26 @@ import re
 import socket
 import sqlite3
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from bottle_tasks.backends.bundle import (  # noqa: F401  (the backend interface both modules expose)
-    bundle_ready, check_names_free, check_subnet_clash, create_networks, digest_of, file_digest, networks_ready,
-    remove_bundle, remove_networks, start_bundle,
-)
-from bottle_tasks.docker_cli import (
-    DockerUnreachable, by_label, docker, network_subnets, refuse_unless_owned, rm_containers, snapshot,
-)
+from bottle_tasks.backends.base import Guest
+from bottle_tasks.backends.bundle import DockerBundle, content_digest, digest_of
+from bottle_tasks.bundle_plan import EGRESS_PORT
+from bottle_tasks.docker_cli import Docker, DockerUnreachable, refuse_unless_owned
 from bottle_tasks.errors import BottleError
-from bottle_tasks.plan import EGRESS_PORT, GUEST_AGENT_UID, GUEST_USER, GUEST_WORKSPACE, LABEL, Plan
+from bottle_tasks.labels import FINGERPRINT_LABEL, ROLE_LABEL
+from bottle_tasks.plan import GUEST_AGENT_UID, GUEST_USER, GUEST_WORKSPACE, Bridge, ImagePlan, NetworkPlan, Plan
 from bottle_tasks.runner import CommandError, Result, ToolMissing, run
+from bottle_tasks.settings import Settings
+from bottle_tasks.spec import AgentSpec
+from bottle_tasks.subnets import bridge_candidates, bridge_subnet, explicit_subnet
 
 MIN_SMOLVM = (1, 9, 0)   # 1.8.0 keeps --allow-cidr for create --from (PR #892); 1.9.0 brings cp into the workload
 CANARY_TIMEOUT = 1.0     # a blocked dial must time out; an open one completes in milliseconds
+# The guest's own address on smolvm's virtio-net gateway (reference/smolvm-1.9.md §6).
+GUEST_IP = "100.96.0.2"
 
 
 # ---- smolvm itself ---------------------------------------------------------------------------
@@ -60,16 +63,60 @@ def require_smolvm(smolvm: str) -> None:
             "(or set BOTTLE_SMOLVM_BIN).")
 
 
-def docker_desktop() -> bool:
-    """The seed's test: Docker Desktop names itself in OperatingSystem; a native engine gives the host OS."""
-    return "Docker Desktop" in docker("info", "--format", "{{.OperatingSystem}}").stdout
+def _not_found(result: Result, name: str) -> bool:
+    """smolvm's own words for an unknown machine, not any 'not found' (a missing launcher says that too)."""
+    return f"vm not found: {name}" in result.stderr or f"machine '{name}' not found" in result.stderr
 
 
-def _smolvm(plan: Plan, *args: str, check: bool = True, input: str | None = None, timeout: float | None = None) -> Result:
-    return run([plan.smol.smolvm, *args], check=check, input=input, timeout=timeout)
+class Smolvm:
+    """The smolvm CLI for one run: `machine status` answers are cached per machine until a command
+    through this client (create, start, delete, exec, cp) may have changed them."""
+
+    def __init__(self, binary: str, runner: Callable[..., Result] = run) -> None:
+        self.binary = binary
+        self._run = runner
+        self._status: dict[str, dict | None] = {}
+
+    def __call__(self, *args: str, check: bool = True, input: str | None = None, timeout: float | None = None) -> Result:
+        self._status.clear()
+        return self._run([self.binary, *args], check=check, input=input, timeout=timeout)
+
+    def status(self, name: str) -> dict | None:
+        """`machine status --json`, or None when there is no such machine."""
+        if name not in self._status:
+            result = self._run([self.binary, "machine", "status", "--name", name, "--json"], check=False)
+            if result.ok:
+                try:
+                    self._status[name] = json.loads(result.stdout)
+                except ValueError:
+                    raise BottleError(f"smolvm machine status --name {name} --json printed no JSON: "
+                                      f"{result.stdout[:200]!r}") from None
+            elif _not_found(result, name):
+                self._status[name] = None
+            else:
+                raise CommandError(result.argv, result.returncode, result.stderr)
+        return self._status[name]
+
+    def delete(self, name: str) -> None:
+        result = self("machine", "delete", "--name", name, "-f", check=False)
+        if not result.ok and not _not_found(result, name):
+            raise CommandError(result.argv, result.returncode, result.stderr)
 
 
-# ---- the pack: `smolvm pack create` output for the agent image's digest ------------------------
+# ---- the image pipeline: docker save -> throwaway registry -> crane push -> smolvm pack ----------
+
+@dataclass(frozen=True)
+class SmolPackPipeline:
+    """How the agent image becomes a smolvm pack (tasks/smol_images.py runs it)."""
+    registry_image: ImagePlan
+    registry_container: str
+    registry_port_file: Path           # the host port docker picked, for this run only
+    repository: str                    # <registry>/<repository>:<digest tag>
+    tarball_dir: Path                  # per-digest docker save output; removed once pushed
+    packs_dir: Path                    # <packs_dir>/<digest16> (+ .smolmachine), cached across runs
+    smolvm: str
+    crane: str
+
 
 def image_digest(plan: Plan) -> str:
     iid = plan.agent_image.iid_file
@@ -84,7 +131,7 @@ def digest_key(digest: str) -> str:
 
 def pack_path(plan: Plan, digest: str) -> Path:
     """The pack stub; smolvm writes the sidecar next to it as <stub>.smolmachine."""
-    return plan.smol.packs_dir / digest_key(digest)
+    return plan.image_pipeline.packs_dir / digest_key(digest)
 
 
 def current_pack(plan: Plan) -> Path:
@@ -95,6 +142,10 @@ def current_pack(plan: Plan) -> Path:
 
 
 # ---- networks: one bridge, chosen around what the host already uses -----------------------------
+
+def bridge_name(slug: str) -> str:
+    return f"bottle-{slug}-bridge"
+
 
 def host_routes(table: Path = Path("/proc/net/route")) -> list[tuple[str, ipaddress.IPv4Network]]:
     """(interface, subnet) of the IPv4 routes on this host (Linux, main table), so a bridge never shadows the
@@ -115,34 +166,31 @@ def host_routes(table: Path = Path("/proc/net/route")) -> list[tuple[str, ipaddr
     return routes
 
 
-def subnets_in_use(bridge: str) -> tuple[list[ipaddress.IPv4Network], str | None]:
-    """(subnets the bridge must avoid, the bridge's own subnet if it exists): the input make_plan needs."""
+@dataclass(frozen=True)
+class HostSubnets:
+    """What the bridge must step around, gathered before planning."""
+    taken: tuple[ipaddress.IPv4Network, ...] = ()
+    current: str | None = None           # the subnet of the bridge this bottle already has
+
+
+def subnets_in_use(bridge: str, docker: Docker) -> HostSubnets:
     try:
-        docker_nets = network_subnets()
+        docker_nets = docker.network_subnets()
     except (DockerUnreachable, ToolMissing):
         docker_nets = {}      # no engine: preflight says so; the plan still loads for `doit list` and `clean`
     current = next((str(s) for s in docker_nets.get(bridge, []) if s.version == 4), None)
     taken = [s for name, subnets in docker_nets.items() if name != bridge for s in subnets if s.version == 4]
     # docker's bridges (br-*, docker0) are in docker's own list; every other route is the host's
     taken += [net for iface, net in host_routes() if not iface.startswith(("br-", "docker"))]
-    return taken, current
+    return HostSubnets(tuple(taken), current)
 
 
-def preflight(plan: Plan) -> None:
-    if plan.network.problem:
-        raise BottleError(f"{plan.spec_path}: {plan.network.problem}")
-    check_names_free(plan, (plan.bundle.container,))
-    if not networks_ready(plan):
-        check_subnet_clash(plan)
-    require_smolvm(plan.smol.smolvm)
-    if docker_desktop():
-        raise BottleError(
-            f"{plan.spec_path}: backend smolmachines needs the bundle's bridge ({plan.network.internal_subnet}) routed "
-            "from this host, and Docker Desktop keeps container networks inside its own VM. Use a native Docker "
-            "engine, or backend: docker (BOTTLE_BACKEND=docker).")
-    status = machine_status(plan)
-    if status is not None:
-        ensure_machine_owned(plan, status)
+def bridge_network(slug: str, subnet: ipaddress.IPv4Network, note: str = "", problem: str = "") -> NetworkPlan:
+    gateway, bundle_ip = str(subnet.network_address + 1), str(subnet.network_address + 2)
+    # Dynamic addresses come from the upper half, so nothing else ever takes the bundle's .2.
+    ip_range = str(list(subnet.subnets(new_prefix=subnet.prefixlen + 1))[1])
+    return NetworkPlan(bridges=(Bridge(bridge_name(slug), str(subnet), gateway, internal=False, ip_range=ip_range),),
+                       bundle_ip=bundle_ip, guest_ip=GUEST_IP, note=note, problem=problem)
 
 
 # ---- the machine ---------------------------------------------------------------------------------
@@ -179,53 +227,16 @@ def memory_mib(memory: str | None) -> int | None:
     return max(64, int(match.group(1)) * scale // 1024 ** 2)
 
 
-def guest_fingerprint(plan: Plan) -> str:
-    return digest_of(image_digest(plan), plan.guest, plan.network, file_digest(plan.guest_env_file))
-
-
-def _machine_labels(plan: Plan) -> dict[str, str]:
-    return {**dict(plan.labels), f"{LABEL}.role": "guest", f"{LABEL}.fingerprint": guest_fingerprint(plan)}
-
-
-def machine_status(plan: Plan) -> dict | None:
-    """`machine status --json`, or None when there is no such machine; probes of one run share it."""
-    return snapshot.memo(f"smolvm:{plan.guest.container}", lambda: _fetch_status(plan))
-
-
-def _fetch_status(plan: Plan) -> dict | None:
-    name = plan.guest.container
-    result = _smolvm(plan, "machine", "status", "--name", name, "--json", check=False)
-    if result.ok:
-        try:
-            return json.loads(result.stdout)
-        except ValueError:
-            raise BottleError(f"smolvm machine status --name {name} --json printed no JSON: {result.stdout[:200]!r}") from None
-    if _not_found(result, name):
-        return None
-    raise CommandError(result.argv, result.returncode, result.stderr)
-
-
-def _not_found(result: Result, name: str) -> bool:
-    """smolvm's own words for an unknown machine, not any 'not found' (a missing launcher says that too)."""
-    return f"vm not found: {name}" in result.stderr or f"machine '{name}' not found" in result.stderr
-
-
-def _delete_command(plan: Plan) -> str:
-    return f"smolvm machine delete --name {plan.guest.container} -f"
+def delete_command(plan: Plan) -> str:
+    return f"smolvm machine delete --name {plan.guest.name} -f"
 
 
 def ensure_machine_owned(plan: Plan, status: Mapping) -> None:
-    refuse_unless_owned(status.get("labels") or {}, plan, f"smolvm machine {plan.guest.container!r}",
-                        _delete_command(plan))
+    refuse_unless_owned(status.get("labels") or {}, plan.slug, plan.state_dir, f"smolvm machine {plan.guest.name!r}",
+                        delete_command(plan))
 
 
-def delete_machine(plan: Plan) -> None:
-    result = _smolvm(plan, "machine", "delete", "--name", plan.guest.container, "-f", check=False)
-    if not result.ok and not _not_found(result, plan.guest.container):
-        raise CommandError(result.argv, result.returncode, result.stderr)
-
-
-def _prepare_workspace(plan: Plan) -> list[str]:
+def prepare_workspace(plan: Plan) -> list[str]:
     volumes = []
     for mount in plan.guest.mounts:
         path = Path(mount.source)
@@ -239,66 +250,191 @@ def _prepare_workspace(plan: Plan) -> list[str]:
     return volumes
 
 
-def start_guest(plan: Plan) -> None:
-    """(Re)create the machine from the current pack, start it, and prove the fence; on any failure delete it."""
-    status = machine_status(plan)
-    if status is not None:
-        ensure_machine_owned(plan, status)
-        delete_machine(plan)
-    g = plan.guest
-    argv = machine_create_argv(
-        plan.smol.smolvm, g.container, current_pack(plan), plan.network.bundle_ip, dict(g.env),
-        labels=_machine_labels(plan), cpus=math.ceil(g.cpus) if g.cpus else None, mem_mib=memory_mib(g.memory),
-        volumes=_prepare_workspace(plan))      # no -w: create --from ignores it; every exec passes its own
-    run(argv)       # a failure here (a name taken meanwhile) leaves whatever exists alone
-    try:
-        # The stored policy is checked before the machine first boots, then proved from inside.
-        check_stored_policy(plan)
-        _smolvm(plan, "machine", "start", "--name", g.container, timeout=300)
-        check_stored_policy(plan)
-        canary(plan)
-    except BaseException as failure:
+def docker_desktop(docker: Docker) -> bool:
+    """The seed's test: Docker Desktop names itself in OperatingSystem; a native engine gives the host OS."""
+    return "Docker Desktop" in docker.query("info", "--format", "{{.OperatingSystem}}").stdout
+
+
+class SmolmachinesBackend(DockerBundle):
+    name = "smolmachines"
+    # smolvm's exec has no --user: the image defaults to root, and each command drops to the agent.
+    agent_build_args = (("EXEC_USER", "root"),)
+    task_module = "bottle_tasks.tasks.smol_images"      # docker save -> registry -> crane push -> smolvm pack
+
+    def __init__(self, docker: Docker, smolvm: Smolvm | None = None) -> None:
+        super().__init__(docker)
+        self._smolvm = smolvm
+
+    def smolvm(self, plan: Plan) -> Smolvm:
+        if self._smolvm is None:
+            self._smolvm = Smolvm(plan.image_pipeline.smolvm)
+        return self._smolvm
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    @classmethod
+    def host_facts(cls, slug: str, docker: Docker) -> HostSubnets:
+        return subnets_in_use(bridge_name(slug), docker)
+
+    @classmethod
+    def plan_network(cls, slug: str, spec: AgentSpec, settings: Settings, host_facts: Any) -> NetworkPlan:
+        if spec.subnet:
+            explicit = explicit_subnet(spec.subnet)
+            if explicit.prefixlen > 24:
+                raise BottleError(f"{spec.path}: network.subnet {spec.subnet} is smaller than a /24; the smolmachines "
+                                  "bridge needs a /24 (e.g. 192.168.77.0/24)")
+            return bridge_network(slug, next(explicit.subnets(new_prefix=24)))
+        facts = host_facts or HostSubnets()
         try:
-            delete_machine(plan)
-        except BottleError as cleanup:
-            raise BottleError(f"{failure}\nThe machine could not be deleted afterwards: {cleanup}") from failure
-        raise
+            return bridge_network(slug, *bridge_subnet(slug, facts.taken, facts.current))
+        except BottleError as exc:   # the plan still loads (clean, list); preflight refuses to start
+            return bridge_network(slug, bridge_candidates(slug)[0], problem=str(exc))
 
+    @classmethod
+    def default_workspace(cls, state_dir: Path) -> Path:
+        # A microVM mounts host directories only.
+        return state_dir / "workspace"
 
-def guest_ready(plan: Plan) -> bool:
-    status = machine_status(plan)
-    if status is None or status.get("state") != "running":
-        return False
-    if (status.get("labels") or {}).get(f"{LABEL}.fingerprint") != guest_fingerprint(plan):
-        return False
-    check_stored_policy(plan)
-    return True
+    @classmethod
+    def image_pipeline(cls, slug: str, settings: Settings, cache_dir: Path,
+                       build_args: tuple[tuple[str, str], ...]) -> SmolPackPipeline:
+        images_cache = settings.cache_dir / "images"
+        registry = ImagePlan(
+            kind="registry",
+            tag=f"{settings.image_prefix}/registry:latest",
+            dockerfile_dir=settings.images_dir / "registry",
+            context_dir=images_cache / "registry-context",
+            iid_file=images_cache / f"{settings.image_prefix.replace('/', '_')}_registry.iid",
+            build_args=build_args,
+        )
+        return SmolPackPipeline(
+            registry_image=registry, registry_container=f"bottle-{slug}-registry",
+            registry_port_file=cache_dir / "registry.port", repository=f"claude-bottle/agent-{slug}",
+            tarball_dir=cache_dir / "image-tarballs", packs_dir=settings.cache_dir / "smolmachines",
+            smolvm=settings.smolvm_bin, crane=settings.crane_bin)
 
+    @classmethod
+    def guest_image_task(cls, agent: str) -> str:
+        return f"smol_pack:{agent}"
 
-def fence_epoch(plan: Plan) -> str | None:
-    """The boot the fence was proved on: the machine (its creation time) and its process. A machine started
-    by anything but the guest task is recreated and proved again, as a restarted docker guest is."""
-    status = machine_status(plan)
-    if not status or status.get("state") != "running":
-        return None
-    return f"{status.get('created_at')}:{status.get('pid')}"
+    # ---- the bottle --------------------------------------------------------------------------
 
+    def preflight(self, plan: Plan) -> None:
+        if plan.network.problem:
+            raise BottleError(f"{plan.spec_path}: {plan.network.problem}")
+        self.check_network_preconditions(plan, (plan.bundle.name,))
+        require_smolvm(plan.image_pipeline.smolvm)
+        if docker_desktop(self.docker):
+            raise BottleError(
+                f"{plan.spec_path}: backend smolmachines needs the bundle's bridge ({plan.network.guest_side.subnet}) "
+                "routed from this host, and Docker Desktop keeps container networks inside its own VM. Use a native "
+                "Docker engine, or backend: docker (BOTTLE_BACKEND=docker).")
+        status = self.smolvm(plan).status(plan.guest.name)
+        if status is not None:
+            ensure_machine_owned(plan, status)
 
-def remove_guest(plan: Plan) -> None:
-    # Without smolvm, clean stops here: the bundle and the bridge stay until the machine is gone, so its
-    # allowlist can never point at an address a later bottle's bundle takes over.
-    try:
-        delete_machine(plan)
-    except ToolMissing as exc:
-        raise BottleError(
-            f"cannot delete machine {plan.guest.container}: {exc}. Install smolvm or set BOTTLE_SMOLVM_BIN, or "
-            f"delete it yourself ({_delete_command(plan)}), then clean again; "
-            "the bundle and the bridge stay until then.") from None
+    def guest_fingerprint(self, plan: Plan) -> str:
+        return digest_of(image_digest(plan), plan.guest, plan.network, content_digest(plan.guest.env_file.host_path))
 
+    def machine_labels(self, plan: Plan) -> dict[str, str]:
+        return {**dict(plan.labels), ROLE_LABEL: "guest", FINGERPRINT_LABEL: self.guest_fingerprint(plan)}
 
-def remove_containers(plan: Plan) -> None:
-    remove_guest(plan)
-    rm_containers(by_label("container", plan.slug_label))
+    def start_guest(self, plan: Plan) -> None:
+        """(Re)create the machine from the current pack, start it, and prove the fence; on any failure delete it."""
+        smolvm, g = self.smolvm(plan), plan.guest
+        status = smolvm.status(g.name)
+        if status is not None:
+            ensure_machine_owned(plan, status)
+            smolvm.delete(g.name)
+        argv = machine_create_argv(
+            plan.image_pipeline.smolvm, g.name, current_pack(plan), plan.network.bundle_ip, dict(g.env),
+            labels=self.machine_labels(plan), cpus=math.ceil(g.cpus) if g.cpus else None, mem_mib=memory_mib(g.memory),
+            volumes=prepare_workspace(plan))      # no -w: create --from ignores it; every exec passes its own
+        smolvm(*argv[1:])       # a failure here (a name taken meanwhile) leaves whatever exists alone
+        try:
+            # The stored policy is checked before the machine first boots, then proved from inside.
+            check_stored_policy(plan)
+            smolvm("machine", "start", "--name", g.name, timeout=300)
+            check_stored_policy(plan)
+            self.canary(plan)
+        except BaseException as failure:
+            try:
+                smolvm.delete(g.name)
+            except BottleError as cleanup:
+                raise BottleError(f"{failure}\nThe machine could not be deleted afterwards: {cleanup}") from failure
+            raise
+
+    def guest_ready(self, plan: Plan) -> bool:
+        status = self.smolvm(plan).status(plan.guest.name)
+        if status is None or status.get("state") != "running":
+            return False
+        if (status.get("labels") or {}).get(FINGERPRINT_LABEL) != self.guest_fingerprint(plan):
+            return False
+        check_stored_policy(plan)
+        return True
+
+    def fence_epoch(self, plan: Plan) -> str | None:
+        """The boot the fence was proved on: the machine (its creation time) and its process. A machine started
+        by anything but the guest task is recreated and proved again, as a restarted docker guest is."""
+        status = self.smolvm(plan).status(plan.guest.name)
+        if not status or status.get("state") != "running":
+            return None
+        return f"{status.get('created_at')}:{status.get('pid')}"
+
+    def remove_guest(self, plan: Plan) -> None:
+        # Without smolvm, clean stops here: the bundle and the bridge stay until the machine is gone, so its
+        # allowlist can never point at an address a later bottle's bundle takes over.
+        try:
+            self.smolvm(plan).delete(plan.guest.name)
+        except ToolMissing as exc:
+            raise BottleError(
+                f"cannot delete machine {plan.guest.name}: {exc}. Install smolvm or set BOTTLE_SMOLVM_BIN, or "
+                f"delete it yourself ({delete_command(plan)}), then clean again; "
+                "the bundle and the bridge stay until then.") from None
+
+    def remove_all(self, plan: Plan) -> None:
+        self.remove_guest(plan)
+        super().remove_all(plan)
+
+    def guest(self, plan: Plan) -> "SmolGuest":
+        return SmolGuest(plan, self.smolvm(plan))
+
+    def canary(self, plan: Plan) -> None:
+        """From inside the guest: the bundle's front door must answer (the probe works), and a listener the
+        bottle owns on its bridge gateway, outside the allowlist, must not. The policy smolvm stored is its
+        claim; this is the proof."""
+        gateway = plan.network.guest_side.gateway
+        name = plan.guest.name
+        with socket.socket() as listener:
+            try:
+                listener.bind((gateway, 0))
+            except OSError as exc:
+                raise BottleError(f"cannot open the fence canary's listener on the bridge gateway {gateway}: {exc}") from None
+            listener.listen(4)
+            listener.setblocking(False)
+            port = listener.getsockname()[1]
+            # -I and cwd /: nothing the agent left in /workspace (a json.py, say) is imported by root here.
+            result = self.guest(plan).exec(
+                ["python3", "-I", "-c", CANARY_SCRIPT, plan.network.bundle_ip, str(EGRESS_PORT), gateway, str(port),
+                 str(CANARY_TIMEOUT)], user="root", check=False, timeout=120)
+            try:
+                front_door, outside = json.loads(result.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                raise BottleError(f"the fence canary could not run in machine {name!r} "
+                                  f"(exit {result.returncode}): {result.stderr.strip()[-300:]}") from None
+            try:
+                listener.accept()[0].close()
+                arrived = True
+            except BlockingIOError:
+                arrived = False
+        if front_door != "connected":
+            raise BottleError(f"the fence canary could not reach the bundle at {plan.network.bundle_ip}:{EGRESS_PORT} "
+                              f"from machine {name!r} ({front_door}); the guest was not used.")
+        if outside == "connected" or arrived:
+            raise BottleError(
+                f"machine {name!r} is not fenced: from inside it reached {gateway}:{port}, which is outside "
+                f"its allowlist ({plan.network.bundle_ip}/32). smolvm is not enforcing the egress policy; the guest was "
+                "deleted and not used.")
 
 
 # ---- the fence, checked from outside --------------------------------------------------------------
@@ -335,7 +471,7 @@ def machine_record(name: str, db: Path) -> dict:
 
 def check_stored_policy(plan: Plan) -> None:
     """The machine's egress policy as smolvm stored it must be the bundle's address and nothing else."""
-    verify_fence(plan.guest.container, machine_record(plan.guest.container, state_db()), plan.network.bundle_ip)
+    verify_fence(plan.guest.name, machine_record(plan.guest.name, state_db()), plan.network.bundle_ip)
 
 
 def verify_fence(name: str, record: Mapping, bundle_ip: str) -> None:
@@ -368,66 +504,30 @@ print(json.dumps([dial(sys.argv[1], sys.argv[2], 10), dial(sys.argv[3], sys.argv
 '''
 
 
-def canary(plan: Plan) -> None:
-    """From inside the guest: the bundle's front door must answer (the probe works), and a listener the
-    bottle owns on its bridge gateway, outside the allowlist, must not. The policy smolvm stored is its
-    claim; this is the proof."""
-    gateway = plan.network.internal_gateway
-    with socket.socket() as listener:
-        try:
-            listener.bind((gateway, 0))
-        except OSError as exc:
-            raise BottleError(f"cannot open the fence canary's listener on the bridge gateway {gateway}: {exc}") from None
-        listener.listen(4)
-        listener.setblocking(False)
-        port = listener.getsockname()[1]
-        # -I and cwd /: nothing the agent left in /workspace (a json.py, say) is imported by root here.
-        result = SmolGuest(plan).exec(["python3", "-I", "-c", CANARY_SCRIPT, plan.network.bundle_ip, str(EGRESS_PORT),
-                                       gateway, str(port), str(CANARY_TIMEOUT)], user="root", check=False, timeout=120)
-        try:
-            front_door, outside = json.loads(result.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise BottleError(f"the fence canary could not run in machine {plan.guest.container!r} "
-                              f"(exit {result.returncode}): {result.stderr.strip()[-300:]}") from None
-        try:
-            listener.accept()[0].close()
-            arrived = True
-        except BlockingIOError:
-            arrived = False
-    if front_door != "connected":
-        raise BottleError(f"the fence canary could not reach the bundle at {plan.network.bundle_ip}:{EGRESS_PORT} "
-                          f"from machine {plan.guest.container!r} ({front_door}); the guest was not used.")
-    if outside == "connected" or arrived:
-        raise BottleError(
-            f"machine {plan.guest.container!r} is not fenced: from inside it reached {gateway}:{port}, which is outside "
-            f"its allowlist ({plan.network.bundle_ip}/32). smolvm is not enforcing the egress policy; the guest was "
-            "deleted and not used.")
-
-
 # ---- the guest handle ----------------------------------------------------------------------------
 
-class SmolGuest:
-    """The backend-neutral guest handle: exec, copy, attach, through `smolvm machine exec/cp`.
+class SmolGuest(Guest):
+    """exec, copy, attach through `smolvm machine exec/cp`. exec has no user flag; the smolmachines image
+    runs as root and drops to the agent with runuser."""
 
-    exec has no user flag; the smolmachines image runs as root and drops to the agent with runuser."""
-
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, smolvm: Smolvm) -> None:
         self.plan = plan
+        self.smolvm = smolvm
 
-    def exec_argv(self, argv: list[str], *, user: str = GUEST_USER, tty: bool = False, stdin: bool = True,
-                  env: Mapping[str, str] | None = None) -> list[str]:
+    def exec_argv(self, argv: list[str], *, user: str = GUEST_USER, tty: bool = False,
+                  env: Mapping[str, str] | None = None, stdin: bool = True) -> list[str]:
         # Root's commands run from /, never from the agent-writable workspace.
         workdir = "/" if user == "root" else GUEST_WORKSPACE
         flags = [*(["-i"] if stdin or tty else []), *(["-t"] if tty else []), "-w", workdir]
         for key, value in (env or {}).items():
             flags += ["-e", f"{key}={value}"]
         as_user = [] if user == "root" else ["runuser", "-u", user, "--"]
-        return [self.plan.smol.smolvm, "machine", "exec", "--name", self.plan.guest.container, *flags, "--",
-                *as_user, *argv]
+        return [self.smolvm.binary, "machine", "exec", "--name", self.plan.guest.name, *flags, "--", *as_user, *argv]
 
     def exec(self, argv: list[str], *, user: str = GUEST_USER, input: str | None = None, check: bool = True,
-             timeout: float | None = 600):
-        return run(self.exec_argv(argv, user=user, stdin=input is not None), input=input, check=check, timeout=timeout)
+             timeout: float | None = 600) -> Result:
+        return self.smolvm(*self.exec_argv(argv, user=user, stdin=input is not None)[1:], input=input, check=check,
+                           timeout=timeout)
 
     def copy(self, source: Path, dest: str) -> None:
         """smolvm copies single files: a directory is walked, root-owned like docker cp leaves it. A symlink
@@ -448,16 +548,12 @@ class SmolGuest:
     def _copy_file(self, source: Path, dest: str) -> None:
         if ":" in str(source):
             raise BottleError(f"{source}: smolvm cp reads a ':' in a host path as machine:path; rename it without ':'")
-        _smolvm(self.plan, "machine", "cp", "--mode", f"{source.stat().st_mode & 0o777:o}",
-                str(source), f"{self.plan.guest.container}:{dest}")
+        self.smolvm("machine", "cp", "--mode", f"{source.stat().st_mode & 0o777:o}",
+                    str(source), f"{self.plan.guest.name}:{dest}")
 
     def attach_argv(self, argv: list[str], tty: bool) -> list[str]:
         return self.exec_argv(argv, tty=tty, env=dict(self.plan.guest.env))
 
     def identity(self) -> str | None:
-        """Changes when the machine is replaced: provisioning is redone then."""
-        status = machine_status(self.plan)
+        status = self.smolvm.status(self.plan.guest.name)
         return str(status.get("created_at")) if status and status.get("state") == "running" else None
-
-
-Guest = SmolGuest

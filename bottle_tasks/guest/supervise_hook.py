@@ -329,7 +329,7 @@ def ask(config: Mapping[str, Any], tool_name: str, tool_input: Mapping[str, Any]
             raise HookError(f"the approval service answered an unknown status {str(answer.get('status'))[:50]!r}")
 
 
-# --------------------------------------------------------------------------- verdicts
+# --------------------------------------------------------------------------- decisions to exit codes
 
 
 def block(message: str) -> int:
@@ -343,7 +343,9 @@ def allow(reason: str) -> int:
     return 0
 
 
-def verdict(answer: Mapping[str, Any], tool_name: str, pattern: str, timeout_seconds: int) -> int:
+def exit_for_decision(answer: Mapping[str, Any], tool_name: str, pattern: str, timeout_seconds: int) -> int:
+    """Tell Claude Code what the human decided (``answer`` is the daemon's final status, or a
+    synthetic timeout); returns the hook's exit code: 0 allows the call, EXIT_BLOCK blocks it."""
     status = answer.get("status")
     who = str(answer.get("by") or "a human")
     why = str(answer.get("reason") or "").strip()
@@ -388,7 +390,7 @@ def main(argv: Sequence[str] | None = None, stdin: Any = None) -> int:
         answer = ask(config, tool_name, tool_input, cwd)
     except HookError as error:
         return block(f"{error}; the {tool_name} call was blocked")
-    return verdict(answer, tool_name, pattern, config["timeout_seconds"])
+    return exit_for_decision(answer, tool_name, pattern, config["timeout_seconds"])
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
+from bottle_tasks.sidecars.daemon import split_host_port
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # an environment variable name
 PIPELOCK_TOKEN_ENV = "BOTTLE_PIPELOCK_SCAN_TOKEN"  # overrides scan_api.auth.bearer_tokens[0] of pipelock.yaml
 
 
@@ -49,6 +53,23 @@ def top_level_mapping(data: Any, fail) -> dict:
     return data
 
 
+def versioned_document(data: Any, known: set[str], version: int, fail) -> dict:
+    """The top-level mapping of a config file: only known keys, and ``version`` equal to version."""
+    top_level_mapping(data, fail)
+    refuse_unknown_keys(data, known | {"version"}, "", fail)
+    if data.get("version") != version:
+        raise fail("version", f"must be {version}, got {data.get('version')!r}")
+    return data
+
+
+def nested_mapping(value: Any, known: set[str], key: str, fail, problem: str = "must be a mapping") -> dict:
+    """value, a mapping at key with only known keys; otherwise fail(key, problem)."""
+    if not isinstance(value, dict):
+        raise fail(key, problem)
+    refuse_unknown_keys(value, known, key + ".", fail)
+    return value
+
+
 def refuse_unknown_keys(mapping: dict, known: set[str], prefix: str, fail) -> None:
     """Every key of mapping must be one of known; prefix places it in the file (`repos[0].`)."""
     for key in mapping:
@@ -79,3 +100,45 @@ def refuse_duplicates(names: list[str], key: str, field: str, fail) -> None:
         if name in seen:
             raise fail(f"{key}[{i}].{field}", f"duplicate of {key}[{seen[name]}].{field} ({name})")
         seen[name] = i
+
+
+def string_value(mapping: dict, name: str, key: str, fail, *, required: bool = False) -> str:
+    """mapping[name] as a string ("" when absent or null); key names it in the error."""
+    value = mapping.get(name)
+    if value is None:
+        if required:
+            raise fail(key, "is required")
+        return ""
+    if not isinstance(value, str):
+        raise fail(key, f"must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise fail(key, "must not be empty")
+    return value
+
+
+def bool_value(mapping: dict, name: str, key: str, fail) -> bool:
+    """mapping[name] as true/false, false when absent."""
+    value = mapping.get(name, False)
+    if not isinstance(value, bool):
+        raise fail(key, "must be true or false")
+    return value
+
+
+def string_list(value: Any, key: str, fail, what: str = "strings") -> list[str]:
+    """value as a list of non-empty strings; None is empty. what names the items in the error."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise fail(key, f"must be a list of non-empty {what}")
+    return value
+
+
+def listen_address(value: str, key: str, fail, *, allow_port_zero: bool = True) -> tuple[str, int]:
+    """An "ip:port" (or "[v6]:port") a daemon binds; port 0 (any free port) only when allowed."""
+    try:
+        host, port = split_host_port(value)
+    except ValueError:
+        host, port = "", 0
+    if not host or (port == 0 and not allow_port_zero):
+        raise fail(key, f"must be \"ip:port\", got {value!r}")
+    return host, port

@@ -64,13 +64,16 @@ def decoded_views(text: str) -> list[str]:
     return views
 
 
+def matching_pattern_names(text: str) -> list[str]:
+    """Names of the built-in patterns found in text or its URL-decoded forms (decoded once: a git
+    diff can be megabytes)."""
+    views = decoded_views(text)
+    return [name for name, pattern in BUILTIN_PATTERNS if any(pattern.search(view) for view in views)]
+
+
 def scan_text(text: str, where: str) -> list[DlpMatch]:
     """Built-in patterns over text and its URL-decoded forms; at most one match per pattern."""
-    found: list[DlpMatch] = []
-    for name, pattern in BUILTIN_PATTERNS:
-        if any(pattern.search(view) for view in decoded_views(text)):
-            found.append(DlpMatch(name, where))
-    return found
+    return [DlpMatch(name, where) for name in matching_pattern_names(text)]
 
 
 def redact(text: str) -> str:

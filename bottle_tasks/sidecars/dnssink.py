@@ -1,10 +1,11 @@
 """A DNS sink: every name is NXDOMAIN, nothing is ever forwarded.
 
-    python -m bottle_tasks.sidecars.dnssink
+    python -m bottle_tasks.sidecars.dnssink [--listen ip:port]
 
-Listens on UDP and TCP at ``BOTTLE_DNS_LISTEN`` (``ip:port``, default ``0.0.0.0:53``; IPv6
-as ``[::]:53``). A guest pointed here (smolvm ``--dns``) resolves nothing, so a name can
-neither leak data through the lookup nor reach an address outside the bundle.
+Listens on UDP and TCP at ``--listen`` (``ip:port``; IPv6 as ``[::]:53``), else at
+``BOTTLE_DNS_LISTEN``, else at ``0.0.0.0:53``. A guest pointed here (smolvm ``--dns``)
+resolves nothing, so a name can neither leak data through the lookup nor reach an address
+outside the bundle.
 
 A well-formed standard query (QR=0, one question, no answer/authority records) gets the
 question echoed back with RCODE NXDOMAIN and no records; other opcodes get NOTIMP. Anything
@@ -14,14 +15,18 @@ as root, it drops to nobody once its sockets are bound. Standard library only.
 
 from __future__ import annotations
 
+import argparse
 import os
-import signal
 import socket
 import socketserver
 import struct
 import sys
 import threading
-from typing import Any
+from typing import Any, Mapping, Sequence
+
+from bottle_tasks.sidecars.daemon import (
+    BoundedThreadingMixIn, install_stop_handlers, split_host_port, wait_for_stop_signal,
+)
 
 DEFAULT_LISTEN = "0.0.0.0:53"
 HEADER = struct.Struct("!HHHHHH")  # id, flags, qdcount, ancount, nscount, arcount
@@ -117,35 +122,22 @@ def address_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-class UdpServer(socketserver.UDPServer):
+class _BindsIpv4OrIpv6:
+    """A socketserver whose family (IPv4 or IPv6) follows the host it binds."""
+
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handler: Any) -> None:
         self.address_family = address_family(address[0])  # read by the base __init__
-        super().__init__(address, handler)
+        super().__init__(address, handler)  # type: ignore[call-arg]
 
 
-class TcpServer(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
+class UdpServer(_BindsIpv4OrIpv6, socketserver.UDPServer):
+    pass
 
-    def __init__(self, address: tuple[str, int], handler: Any) -> None:
-        self.address_family = address_family(address[0])  # read by the base __init__
-        super().__init__(address, handler)
-        self._slots = threading.BoundedSemaphore(MAX_TCP_CONNECTIONS)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        # A cap on connections so an idle flood cannot exhaust the bundle's threads.
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+class TcpServer(_BindsIpv4OrIpv6, BoundedThreadingMixIn, socketserver.TCPServer):
+    max_connections = MAX_TCP_CONNECTIONS
 
 
 class DnsSink:
@@ -180,11 +172,18 @@ class DnsSink:
             server.server_close()
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"BOTTLE_DNS_LISTEN must be ip:port, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+def listen_address(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, int]:
+    """--listen, else BOTTLE_DNS_LISTEN, else 0.0.0.0:53; an empty host is 0.0.0.0."""
+    parser = argparse.ArgumentParser(prog="python -m bottle_tasks.sidecars.dnssink",
+                                     description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--listen", help=f"ip:port (default: $BOTTLE_DNS_LISTEN, else {DEFAULT_LISTEN})")
+    args = parser.parse_args(list(argv))
+    source, address = ("--listen", args.listen) if args.listen is not None else \
+        ("BOTTLE_DNS_LISTEN", environ.get("BOTTLE_DNS_LISTEN", DEFAULT_LISTEN))
+    try:
+        return split_host_port(address, default_host="0.0.0.0")
+    except ValueError:
+        parser.exit(2, f"dnssink: {source} must be ip:port, got {address!r}\n")
 
 
 def drop_root() -> None:
@@ -199,18 +198,15 @@ def drop_root() -> None:
         print(f"dnssink: could not drop root ({error}); continuing as root", flush=True)
 
 
-def main() -> int:
-    host, port = split_host_port(os.environ.get("BOTTLE_DNS_LISTEN", DEFAULT_LISTEN))
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    host, port = listen_address(sys.argv[1:] if argv is None else argv, environ)
     sink = DnsSink(host, port)
     drop_root()
-    stopped = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopped.set())
+    stopped = install_stop_handlers()
     sink.start()
     print(f"dnssink: answering NXDOMAIN on {host}:{sink.port} (udp, tcp); forwarding nothing",
           flush=True)
-    while not stopped.wait(1.0):
-        pass
+    wait_for_stop_signal(stopped)
     sink.stop()
     return 0
 

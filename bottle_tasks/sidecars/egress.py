@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -42,9 +40,12 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, TextIO
 from mitmproxy import connection, http, tcp, tls, websocket
 from mitmproxy.proxy import server_hooks
 
-from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token
+from bottle_tasks.contract import Route, TokenSlot, normalize_host
 from bottle_tasks.sidecars import dlp
-from bottle_tasks.sidecars.routes import Route, RoutesConfig, RoutesError, TokenSlot, load_routes, normalize_host
+from bottle_tasks.sidecars.addresses import is_public_address, resolve_host
+from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token
+from bottle_tasks.sidecars.routes import RoutesConfig, RoutesError, load_routes
+from bottle_tasks.sidecars.scrub import SecretScrubber
 
 BLOCK_HEADER = "X-Bottle-Block-Reason"
 DEFAULT_UPSTREAM_CA = "/etc/bottle/upstream-ca.pem"
@@ -53,14 +54,6 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Responses up to this size (with a Content-Length) are buffered and redacted whole; larger or
 # length-less ones (server-sent events) are streamed and redacted chunk by chunk.
 BUFFER_LIMIT = 8 << 20
-
-# Ranges Python's ipaddress still calls global but that must never be reachable from a bottle.
-_EXTRA_NON_GLOBAL = (
-    ipaddress.ip_network("100.64.0.0/10"),  # carrier-grade NAT (is_global already False on 3.11)
-    ipaddress.ip_network("224.0.0.0/4"),  # multicast
-    ipaddress.ip_network("ff00::/8"),
-)
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 Emit = Callable[[dict[str, Any]], None]
@@ -76,106 +69,7 @@ class Block:
 
 
 # ---------------------------------------------------------------------------------------------
-# addresses
-
-
-def is_public_address(ip: str) -> bool:
-    """True only for globally routable unicast addresses (IPv4-in-IPv6 forms are unwrapped)."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address):
-        embedded = addr.ipv4_mapped or addr.sixtofour
-        if embedded is None and addr in _NAT64:
-            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
-        if embedded is not None and not is_public_address(str(embedded)):
-            return False
-    if any(addr in net for net in _EXTRA_NON_GLOBAL if net.version == addr.version):
-        return False
-    return addr.is_global
-
-
-async def resolve_host(host: str, port: int) -> list[str]:
-    """Every address host resolves to (getaddrinfo, TCP), IPv4 first; [] when it does not resolve."""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return []
-    addresses: list[str] = []
-    for family, *_rest, sockaddr in infos:
-        ip = str(sockaddr[0])
-        if ip not in addresses:
-            addresses.append(ip)
-    # IPv4 first: bundle networks rarely route IPv6, and the pin dials only one address.
-    return sorted(addresses, key=lambda ip: ":" in ip)
-
-
-# ---------------------------------------------------------------------------------------------
-# secrets in responses and logs
-
-
-class SecretScrubber:
-    """Replaces real token values by their placeholders (bytes and text)."""
-
-    def __init__(self, secret_to_placeholder: Mapping[str, str]):
-        # Longest first, so a token that contains another is replaced whole.
-        pairs = sorted(((s, p) for s, p in secret_to_placeholder.items() if s), key=lambda sp: -len(sp[0]))
-        self.text_pairs: tuple[tuple[str, str], ...] = tuple(pairs)
-        self.byte_pairs: tuple[tuple[bytes, bytes], ...] = tuple((s.encode(), p.encode()) for s, p in pairs)
-
-    def __bool__(self) -> bool:
-        return bool(self.text_pairs)
-
-    def text(self, value: str) -> str:
-        for secret, placeholder in self.text_pairs:
-            value = value.replace(secret, placeholder)
-        return value
-
-    def data(self, value: bytes) -> bytes:
-        for secret, placeholder in self.byte_pairs:
-            value = value.replace(secret, placeholder)
-        return value
-
-    def stream(self) -> StreamRedactor:
-        return StreamRedactor(self)
-
-    def same_length(self) -> SecretScrubber:
-        """A scrubber whose placeholders are padded ("_") or cut to each token's length."""
-        return SecretScrubber({s: p.ljust(len(s), "_")[: len(s)] for s, p in self.text_pairs})
-
-
-class StreamRedactor:
-    """A ``response.stream`` callable that redacts tokens even when a chunk boundary splits one.
-
-    It holds back only the longest chunk tail that could be the start of a token (usually
-    nothing), and flushes it when mitmproxy signals the end of the body with b"". Limitation: an
-    *empty* chunk in the middle of a stream is taken as the end too, so a token split around one
-    is not caught; tokens that are encoded (base64, JSON-escaped) by the upstream are not caught.
-    """
-
-    def __init__(self, scrubber: SecretScrubber):
-        self.scrubber = scrubber
-        self.held = b""
-
-    def __call__(self, chunk: bytes) -> bytes:
-        data = self.scrubber.data(self.held + chunk)
-        if not chunk:  # end of body
-            self.held = b""
-            return data
-        keep = self._possible_token_start(data)
-        self.held = data[len(data) - keep :] if keep else b""
-        return data[: len(data) - keep]
-
-    def _possible_token_start(self, data: bytes) -> int:
-        longest = 0
-        for secret, _ in self.scrubber.byte_pairs:
-            for size in range(min(len(secret) - 1, len(data)), longest, -1):
-                if data.endswith(secret[:size]):
-                    longest = size
-                    break
-        return longest
+# logs
 
 
 def json_line_emitter(out: TextIO, scrubber: SecretScrubber) -> Emit:
@@ -209,7 +103,7 @@ class Egress:
             raise ValueError(f"token env vars not set: {', '.join(sorted(set(missing)))}")
         self.config = config
         self.secrets = {slot.env: secrets[slot.env] for slot in config.token_slots()}
-        self.scrubber = SecretScrubber({secrets[slot.env]: slot.placeholder for slot in config.token_slots()})
+        self.scrubber = SecretScrubber.placeholders({secrets[slot.env]: slot.placeholder for slot in config.token_slots()})
         self.emit = emit or json_line_emitter(sys.stdout, self.scrubber)
         self.pipelock = pipelock
         self.resolve = resolve

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bottle_tasks.sidecars.init import parse_daemon_names
+from bottle_tasks.sidecars.daemon_table import parse_daemon_names
 
 DEFAULT_RUN_DIR = "/run/bottle"
 DEFAULT_MAX_AGE_S = 5.0
@@ -34,7 +34,7 @@ def read_status(path: Path) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
-def verdict(
+def bundle_health(
     status: Mapping[str, Any] | None,
     selected: Sequence[str] | None,
     now: float,
@@ -67,7 +67,7 @@ def main(env: Mapping[str, str] = os.environ) -> int:
     status_path = Path(env.get("BOTTLE_RUN_DIR", DEFAULT_RUN_DIR)) / "status.json"
     selected = parse_daemon_names(env["BUNDLE_DAEMONS"]) if "BUNDLE_DAEMONS" in env else None
     max_age_s = float(env.get("BOTTLE_STATUS_MAX_AGE", DEFAULT_MAX_AGE_S))
-    healthy, reason = verdict(read_status(status_path), selected, time.time(), max_age_s)
+    healthy, reason = bundle_health(read_status(status_path), selected, time.time(), max_age_s)
     print(reason)
     return 0 if healthy else 1
 

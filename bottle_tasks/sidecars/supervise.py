@@ -7,6 +7,7 @@ supervise.yaml (docs/bundle-contract.md, "supervise")::
     listen: "10.243.7.2:8082"               # plain HTTP on the internal network
     state_dir: "/var/lib/bottle/supervise"   # the host state dir, mounted read-write
     default_timeout_seconds: 300             # when a request gives none (1..3600)
+    tools: ["Bash(git push:*)", "WebFetch"]  # the supervised rule patterns (optional, default [])
 
 API (JSON in, JSON out):
 
@@ -29,18 +30,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-
-from bottle_tasks.sidecars.configfile import read_yaml
+from bottle_tasks.contract import SupervisePolicy
+from bottle_tasks.sidecars.configfile import config_failer, read_yaml, string_list
+from bottle_tasks.sidecars.daemon import (
+    BoundedThreadingMixIn, install_stop_handlers, read_chunks, split_host_port, wait_for_stop_signal,
+)
 from bottle_tasks.sidecars.supervise_store import (
     MAX_TIMEOUT_S, MIN_TIMEOUT_S, InvalidArgument, Request, Store, SuperviseError, UnknownRequest,
     validate_request_fields,
@@ -75,32 +78,29 @@ class Config:
     host: str
     port: int
     state_dir: Path
-    default_timeout_seconds: int = DEFAULT_TIMEOUT_S
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = str(address).strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"listen must be ip:port, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    policy: SupervisePolicy = SupervisePolicy(tools=(), timeout=DEFAULT_TIMEOUT_S)
 
 
 def parse_config(data: Any, source: str = "supervise.yaml") -> Config:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with listen, state_dir, default_timeout_seconds")
-    unknown = set(data) - {"version", "listen", "state_dir", "default_timeout_seconds"}
+        raise ConfigError(f"{source}: expected a mapping with listen, state_dir, default_timeout_seconds, tools")
+    unknown = set(data) - {"version", "listen", "state_dir", "default_timeout_seconds", "tools"}
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     if "listen" not in data:
         raise ConfigError(f"{source}: listen is required (ip:port)")
-    host, port = split_host_port(data["listen"])
+    try:
+        host, port = split_host_port(data["listen"], default_host="0.0.0.0")
+    except ValueError:
+        raise ConfigError(f"{source}: listen must be ip:port, got {data['listen']!r}") from None
     state_dir = data.get("state_dir", DEFAULT_STATE_DIR)
     if not isinstance(state_dir, str) or not state_dir:
         raise ConfigError(f"{source}: state_dir must be a path")
     timeout = data.get("default_timeout_seconds", DEFAULT_TIMEOUT_S)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or not MIN_TIMEOUT_S <= timeout <= MAX_TIMEOUT_S:
         raise ConfigError(f"{source}: default_timeout_seconds must be an integer from {MIN_TIMEOUT_S} to {MAX_TIMEOUT_S}")
-    return Config(host, port, Path(state_dir), timeout)
+    tools = string_list(data.get("tools"), "tools", config_failer(ConfigError, source))
+    return Config(host, port, Path(state_dir), SupervisePolicy(tools=tuple(tools), timeout=timeout))
 
 
 def load_config(path: Path) -> Config:
@@ -241,18 +241,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def drain(self, length: int) -> None:
         """Read (and drop) an oversized body, so the client gets its 400 instead of a reset."""
-        remaining = min(length, MAX_DRAIN_BYTES)
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 65536))
-            if not chunk:
-                return
-            remaining -= len(chunk)
+        for _chunk in read_chunks(self.rfile, min(length, MAX_DRAIN_BYTES)):
+            pass
 
     def post(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         if path != REQUEST_PATH:
             raise BadRequest(f"no such endpoint {path[:100]}", status=404)
-        tool, payload, summary, timeout = parse_request_body(self.read_body(), self.server.config.default_timeout_seconds)
+        tool, payload, summary, timeout = parse_request_body(self.read_body(), self.server.config.policy.timeout)
         request = self.server.store.create_request(tool, payload, summary, timeout)
         log({"event": "request", "id": request.id, "tool": tool, "summary": truncate(summary),
              "input": truncate(payload), "timeout_seconds": timeout, "expires_at": request.expires_at,
@@ -291,37 +287,20 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(str(error), status=500) from None
 
 
-class SuperviseServer(ThreadingHTTPServer):
+class SuperviseServer(BoundedThreadingMixIn, HTTPServer):
     allow_reuse_address = True
-    daemon_threads = True
+    max_connections = MAX_CONNECTIONS
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.store = store or Store(config.state_dir)
         self.stopping = threading.Event()
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread: threading.Thread | None = None
         super().__init__((config.host, config.port), Handler)
 
     @property
     def port(self) -> int:
         return int(self.server_address[1])
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
 
     def start(self) -> "SuperviseServer":
         """Serve in a background thread (tests, embedding)."""
@@ -348,14 +327,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     except (ConfigError, OSError) as error:
         print(f"supervise: {error}", file=sys.stderr, flush=True)
         return 2
-    stopped = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopped.set())
+    stopped = install_stop_handlers()
     server.start()
     log({"event": "listening", "listen": f"{config.host}:{server.port}", "state_dir": str(config.state_dir),
-         "default_timeout_seconds": config.default_timeout_seconds})
-    while not stopped.wait(1.0):
-        pass
+         "default_timeout_seconds": config.policy.timeout, "tools": list(config.policy.tools)})
+    wait_for_stop_signal(stopped)
     server.stop()
     log({"event": "stopped"})
     return 0

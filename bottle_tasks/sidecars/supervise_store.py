@@ -31,12 +31,13 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
+
+from bottle_tasks.sidecars.files import atomic_write_json
 
 Decision = Literal["approve", "deny"]
 Status = Literal["pending", "approved", "denied", "expired"]
@@ -96,33 +97,9 @@ def parse_iso(text: str) -> datetime:
 # --------------------------------------------------------------------------- files
 
 
-def write_json_atomic(path: Path, document: Mapping[str, Any], *, exclusive: bool = False) -> None:
-    """Write path whole or not at all. exclusive=True: raise FileExistsError if path exists."""
-    data = (json.dumps(document, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, FILE_MODE)
-        if not exclusive:
-            os.replace(temp_name, path)
-            return
-        try:
-            os.link(temp_name, path)  # atomic, never replaces
-        except FileExistsError:
-            raise
-        except OSError:
-            # Filesystems without hard links (some host mounts): best effort check-then-rename.
-            if path.exists():
-                raise FileExistsError(str(path)) from None
-            os.replace(temp_name, path)
-    finally:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
+def publish_json(path: Path, document: Mapping[str, Any]) -> None:
+    """Write path whole, on disk, readable by both uids; FileExistsError if it exists (first writer wins)."""
+    atomic_write_json(path, document, exclusive=True, fsync=True, mode=FILE_MODE)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -277,7 +254,7 @@ class Store:
         )
         document = {key: value for key, value in request.as_dict().items()
                     if key in ("id", "tool", "input", "summary", "timeout_seconds", "created_at", "expires_at")}
-        write_json_atomic(self.requests_dir / f"{request.id}.json", document, exclusive=True)
+        publish_json(self.requests_dir / f"{request.id}.json", document)
         self.append_history({"event": "request", "id": request.id, "at": request.created_at, "tool": tool,
                              "summary": summary, "timeout_seconds": timeout_seconds,
                              "expires_at": request.expires_at})
@@ -322,7 +299,7 @@ class Store:
             return request
         try:
             self.expired_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(marker, {"expired_at": request.expires_at}, exclusive=True)
+            publish_json(marker, {"expired_at": request.expires_at})
         except FileExistsError:
             pass  # another process recorded it
         else:
@@ -376,7 +353,7 @@ class Store:
         record = {"decision": decision, "by": by.strip(), "reason": reason.strip(), "decided_at": iso(now)}
         self.ensure_layout()
         try:
-            write_json_atomic(self.decisions_dir / f"{request_id}.json", record, exclusive=True)
+            publish_json(self.decisions_dir / f"{request_id}.json", record)
         except FileExistsError:
             current = self.get(request_id)
             raise AlreadyDecided(f"request {request_id} was already {current.status} by {current.by or 'someone'}"

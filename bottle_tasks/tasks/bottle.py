@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import shutil
 
 from doit.tools import config_changed
 
-from bottle_tasks.docker_cli import docker
 from bottle_tasks.errors import BottleError
-from bottle_tasks.plan import GUEST_SUPERVISE_CONFIG, GUEST_SUPERVISE_HOOK, Plan
-from bottle_tasks.sidecars.supervise_store import Store
-from bottle_tasks.supervise_cli import hook_matcher
+from bottle_tasks.plan import Plan
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
-from bottle_tasks.render import TEMPLATES_DIR, render, write_atomic
-from bottle_tasks.tasks.common import action, backend, files_under, plans, probe, purge_requested, settings
+from bottle_tasks.render import TEMPLATES_DIR, render_file
+from bottle_tasks.sidecars.supervise_store import Store
+from bottle_tasks.tasks.common import action, backend, current_run, files_under, plans, probe, purge_requested, settings
 from bottle_tasks.tasks.images import pipelock_ok
 
 __all__ = ["task_preflight", "task_render", "task_ca", "task_networks", "task_bundle", "task_guest", "task_provision"]
 
 
-def token_env(plan: Plan) -> dict[str, str]:
+def secret_values(plan: Plan) -> dict[str, str]:
     """The host values of the secrets the bundle needs; a missing one stops start before anything is built."""
     values: dict[str, str] = {}
     for secret in plan.secret_envs:
@@ -36,7 +33,7 @@ def token_env(plan: Plan) -> dict[str, str]:
 
 
 def preflight(plan: Plan) -> None:
-    token_env(plan)
+    secret_values(plan)
     pipelock_ok(plan, settings())
     for key, value in plan.guest.env:
         if "\n" in value:
@@ -47,32 +44,16 @@ def preflight(plan: Plan) -> None:
 def task_preflight():
     """Check what start needs before anything is built: tokens, pipelock, docker, free names and subnet."""
     for plan in plans():
-        yield {"name": plan.agent, "actions": [(action(preflight, read_only=True), [plan])], "uptodate": [False]}
-
-
-def _scan_token(plan: Plan) -> str:
-    """The bundle-internal bearer token between egress and pipelock's scan API; stable per bottle."""
-    path = plan.state_dir / "pipelock-scan-token"
-    if not path.exists():
-        write_atomic(path, secrets.token_urlsafe(32), mode=0o600)
-    return path.read_text().strip()
+        yield {"name": plan.agent, "actions": [(action(preflight), [plan])], "uptodate": [False]}
 
 
 def render_configs(plan: Plan) -> None:
-    write_atomic(plan.routes_file, render("routes.yaml.j2", plan))
-    if plan.pipelock_enabled:
-        write_atomic(plan.pipelock_file, render("pipelock.yaml.j2", plan, scan_token=_scan_token(plan)), mode=0o600)
-    write_atomic(plan.guest_env_file, render("guest.env.j2", plan), mode=0o600)
-    write_atomic(plan.prompt_file, plan.prompt, mode=0o600)
+    """Every file of plan.rendered_files (the bundle's list and the guest's), from its template."""
+    for file in plan.rendered_files:
+        render_file(file, plan)
     if plan.git:
-        write_atomic(plan.git.config_file, render("git-gate.yaml.j2", plan))
         plan.git.mirrors_dir.mkdir(parents=True, exist_ok=True)
     if plan.supervise:
-        write_atomic(plan.supervise.config_file, render("supervise.yaml.j2", plan))
-        write_atomic(plan.supervise.guest_config_file, render("supervise.json.j2", plan))
-        write_atomic(plan.supervise.claude_settings_file, render(
-            "claude-managed-settings.json.j2", plan, hook_matcher=hook_matcher(plan.supervise.tools),
-            guest_supervise_hook=GUEST_SUPERVISE_HOOK, guest_supervise_config=GUEST_SUPERVISE_CONFIG))
         # Created by the host user, so decisions written from the host never meet root-owned dirs.
         Store(plan.supervise.state_dir).ensure_layout()
 
@@ -83,13 +64,9 @@ def _remove_files(paths) -> None:
 
 
 def task_render():
-    """Render routes.yaml, pipelock.yaml and the guest env from the Jinja templates."""
+    """Render every config file the bundle and the guest read from the Jinja templates."""
     for plan in plans():
-        targets = [plan.routes_file, plan.guest_env_file, plan.prompt_file]
-        targets += [plan.pipelock_file] if plan.pipelock_enabled else []
-        targets += [plan.git.config_file] if plan.git else []
-        targets += ([plan.supervise.config_file, plan.supervise.guest_config_file, plan.supervise.claude_settings_file]
-                    if plan.supervise else [])
+        targets = [f.host_path for f in plan.rendered_files]
         yield {
             "name": plan.agent,
             "file_dep": [str(plan.spec_path), *files_under(TEMPLATES_DIR)],
@@ -118,64 +95,67 @@ def task_ca():
 
 
 def task_networks():
-    """Create the internal network (guest + bundle) and the egress network (bundle only)."""
+    """Create the bottle's docker networks (docker: internal and egress; smolmachines: the bridge)."""
     for plan in plans():
+        be = backend(plan)
         yield {
             "name": plan.agent,
             "task_dep": [f"preflight:{plan.agent}"],
-            "actions": [(action(backend(plan).create_networks), [plan])],
-            "uptodate": [(probe(backend(plan).networks_ready), [plan])],
-            "clean": [(action(backend(plan).remove_networks), [plan])],
+            "actions": [(action(be.create_networks), [plan])],
+            "uptodate": [(probe(be.networks_ready), [plan])],
+            "clean": [(action(be.remove_networks), [plan])],
         }
 
 
 def start_bundle(plan: Plan) -> None:
-    backend(plan).start_bundle(plan, token_env(plan))
+    backend(plan).start_bundle(plan, secret_values(plan))
 
 
 def task_bundle():
     """Start the sidecar bundle and wait until it reports healthy."""
     for plan in plans():
+        be = backend(plan)
         yield {
             "name": plan.agent,
             "task_dep": [f"preflight:{plan.agent}", "bundle_build", f"render:{plan.agent}", f"ca:{plan.agent}", f"networks:{plan.agent}"],
             "actions": [(action(start_bundle), [plan])],
-            "uptodate": [(probe(backend(plan).bundle_ready), [plan])],
-            "clean": [(action(backend(plan).remove_bundle), [plan])],
+            "uptodate": [(probe(be.bundle_ready), [plan])],
+            "clean": [(action(be.remove_bundle), [plan])],
         }
 
 
 def _start_guest(plan: Plan) -> dict:
-    backend(plan).start_guest(plan)
-    return {"fenced_start": backend(plan).fence_epoch(plan)}
+    be = backend(plan)
+    be.start_guest(plan)
+    return {"fenced_start": be.fence_epoch(plan)}
 
 
 def _guest_current(task, values, plan: Plan) -> bool:
-    # docker: the firewall lives in the guest's network namespace, which a restart replaces, so a guest
-    # started by anything but this task is recreated and fenced again. smolmachines: the same for a
-    # machine replaced behind our back.
+    # The fence is proved at start; a guest started by anything but this task (a restart of the
+    # container, a machine replaced behind our back) is recreated and fenced again.
     be = backend(plan)
     return be.guest_ready(plan) and values.get("fenced_start") == be.fence_epoch(plan)
 
 
 def task_guest():
-    """Create and start the guest, fenced to the bundle's front door (a container, or a smolvm microVM)."""
+    """Create and start the guest, fenced to the bundle's guest ports (a container, or a smolvm microVM)."""
     for plan in plans():
-        image = f"smol_pack:{plan.agent}" if plan.smol else f"image_build:{plan.agent}"
+        be = backend(plan)
         yield {
             "name": plan.agent,
-            "task_dep": [image, f"bundle:{plan.agent}"],
+            "task_dep": [be.guest_image_task(plan.agent), f"bundle:{plan.agent}"],
             "actions": [(action(_start_guest), [plan])],
             "uptodate": [(probe(_guest_current), [plan])],
-            "clean": [(action(backend(plan).remove_guest), [plan])],
+            "clean": [(action(be.remove_guest), [plan])],
         }
 
 
-def _provision_inputs(plan: Plan) -> str:
+def provision_inputs(plan: Plan) -> str:
+    """Everything provisioning puts into the guest: a change to any of it provisions again."""
     h = hashlib.sha256(repr((plan.prompt, plan.skills, plan.git, plan.supervise)).encode())
     h.update(plan.ca_cert.read_bytes() if plan.ca_cert.exists() else b"-")
-    extra = [SUPERVISE_HOOK_SOURCE, plan.supervise.guest_config_file, plan.supervise.claude_settings_file] if plan.supervise else []
-    for path in files_under(*plan.skills, *extra):
+    extra = [SUPERVISE_HOOK_SOURCE] if plan.supervise else []
+    for path in files_under(*plan.skills, *extra, *(f.host_path for f in plan.guest_files)):
         h.update(path.encode())
         with open(path, "rb") as fh:
             h.update(fh.read())
@@ -183,18 +163,18 @@ def _provision_inputs(plan: Plan) -> str:
 
 
 def _provisioned(task, values, plan: Plan) -> bool:
-    guest = backend(plan).Guest(plan)
-    return values.get("container") == guest.identity() and values.get("inputs") == _provision_inputs(plan)
+    guest = backend(plan).guest(plan)
+    return values.get("container") == guest.identity() and values.get("inputs") == provision_inputs(plan)
 
 
 def _provision(plan: Plan) -> dict:
-    guest = backend(plan).Guest(plan)
+    guest = backend(plan).guest(plan)
     provision(plan, guest)
-    return {"container": guest.identity(), "inputs": _provision_inputs(plan)}
+    return {"container": guest.identity(), "inputs": provision_inputs(plan)}
 
 
 def task_provision():
-    """Put the CA, the prompt and the skills into the guest."""
+    """Put the CA, the prompt, the skills, the git clones and the supervise hook into the guest."""
     for plan in plans():
         yield {
             "name": plan.agent,
@@ -209,6 +189,6 @@ def purge_state(plan: Plan) -> None:
     if not purge_requested():
         return
     if plan.guest.workspace_volume:
-        docker("volume", "rm", "-f", plan.guest.workspace_volume, check=False)
+        current_run().docker("volume", "rm", "-f", plan.guest.workspace_volume, check=False)
     shutil.rmtree(plan.state_dir, ignore_errors=True)
     shutil.rmtree(plan.cache_dir, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""What every task module shares: which agents are selected, their plans, and the action wrapper
-that turns a BottleError into a clean doit failure (a message, never a traceback)."""
+"""What every task module shares: the run (settings, the docker client, plans and backends), which agents
+are selected, and the action wrapper that turns a BottleError into a clean doit failure (a message,
+never a traceback)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,59 @@ from typing import Callable, Iterator
 from doit import get_var
 from doit.exceptions import TaskFailed
 
-from bottle_tasks.docker_cli import snapshot
+from bottle_tasks.backends import backend_class
+from bottle_tasks.backends.base import Backend
+from bottle_tasks.docker_cli import Docker
 from bottle_tasks.errors import BottleError
-from bottle_tasks.plan import Plan, backend_of, make_plan, slug_for, smol_bridge_name
+from bottle_tasks.plan import Plan, backend_name, make_plan
 from bottle_tasks.settings import Settings
 from bottle_tasks.spec import load_spec
 
 
+class Run:
+    """One doit run: its settings, one docker client (inspect results cached until a command changes
+    state), and each agent's plan and backend, computed once."""
+
+    def __init__(self, settings: Settings | None = None, docker: Docker | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.docker = docker or Docker()
+        self._plans: dict[Path, Plan] = {}
+        self._backends: dict[str, Backend] = {}
+
+    def plan(self, path: Path) -> Plan:
+        if path not in self._plans:
+            self._plans[path] = load_plan(path, self.settings, self.docker)
+        return self._plans[path]
+
+    def backend(self, plan: Plan) -> Backend:
+        if plan.backend not in self._backends:
+            self._backends[plan.backend] = backend_class(plan.backend)(self.docker)
+        return self._backends[plan.backend]
+
+
+_run: Run | None = None
+
+
+def current_run() -> Run:
+    global _run
+    if _run is None:
+        _run = Run()
+    return _run
+
+
+def new_run() -> Run:
+    """Start a fresh run (the `bottle` command does, before each command it runs)."""
+    global _run
+    _run = Run()
+    return _run
+
+
 def settings() -> Settings:
-    return Settings.from_env()
+    return current_run().settings
+
+
+def backend(plan: Plan) -> Backend:
+    return current_run().backend(plan)
 
 
 def selected_agent() -> str | None:
@@ -33,62 +78,44 @@ def agent_files(s: Settings) -> list[Path]:
 
 def plans() -> Iterator[Plan]:
     """The plan of agent=<name>, or of every valid agent file when none is chosen (doit list)."""
-    s = settings()
+    run = current_run()
     agent = selected_agent()
     if agent:
-        path = s.agents_dir / f"{agent}.yaml"
-        plan = _plan_or_exit(path, s)
-        snapshot.watch(plan.guest.container, plan.bundle.container, *(b.name for b in plan.network.bridges),
-                       plan.agent_image.tag, plan.bundle_image.tag)
+        plan = _plan_or_exit(run, run.settings.agents_dir / f"{agent}.yaml")
+        run.docker.watch(plan.guest.name, plan.bundle.name, *(b.name for b in plan.network.bridges),
+                         plan.agent_image.tag, plan.bundle_image.tag)
         yield plan
         return
-    for path in agent_files(s):
+    for path in agent_files(run.settings):
         try:
-            yield _plan_cached(path, s)
+            yield run.plan(path)
         except BottleError:
             continue  # `doit list` shows the valid agents; `agent=<bad>` reports the error
 
 
-@functools.cache
-def _plan_cached(path: Path, s: Settings) -> Plan:
-    return load_plan(path, s)
-
-
-def load_plan(path: Path, s: Settings) -> Plan:
+def load_plan(path: Path, s: Settings, docker: Docker | None = None) -> Plan:
+    """The agent file's plan, with what its backend must know about the host gathered first."""
     spec = load_spec(path, cache_dir=s.cache_dir)
-    if backend_of(spec, s) == "smolmachines":
-        # The bridge's subnet steps around networks and routes already on the host (I/O kept out of the plan).
-        from bottle_tasks.backends.smolmachines import subnets_in_use
-
-        taken, current = subnets_in_use(smol_bridge_name(slug_for(spec.name)))
-        return make_plan(spec, s, taken, current)
-    return make_plan(spec, s)
+    kind = backend_class(backend_name(spec, s))
+    return make_plan(spec, s, kind.host_facts(spec.name, docker or Docker()))
 
 
-def _plan_or_exit(path: Path, s: Settings) -> Plan:
+def _plan_or_exit(run: Run, path: Path) -> Plan:
     try:
-        return _plan_cached(path, s)
+        return run.plan(path)
     except BottleError as exc:
         print(f"claude-bottle: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def action(fn: Callable[..., object], *, read_only: bool = False) -> Callable[..., object]:
-    """Wrap a python action: BottleError becomes TaskFailed with its message.
-
-    An action that changes docker state must not read the probes' snapshot; a read-only one may.
-    """
+def action(fn: Callable[..., object]) -> Callable[..., object]:
+    """Wrap a python action: BottleError becomes TaskFailed with its message."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        snapshot.paused += 0 if read_only else 1
         try:
             result = fn(*args, **kwargs)
         except BottleError as exc:
             return TaskFailed(str(exc))
-        finally:
-            if not read_only:
-                snapshot.paused -= 1
-                snapshot.stale()
         return result if isinstance(result, dict) else None
     return wrapped
 
@@ -117,14 +144,9 @@ def files_under(*roots: Path) -> list[str]:
     return out
 
 
-def backend(plan: Plan):
-    """The module that runs this plan's guest; both expose the same functions."""
-    if plan.backend == "smolmachines":
-        from bottle_tasks.backends import smolmachines
-        return smolmachines
-    from bottle_tasks.backends import docker
-    return docker
+def flag(name: str) -> bool:
+    return (get_var(name, "") or "").lower() in ("1", "yes", "true")
 
 
 def purge_requested() -> bool:
-    return (get_var("purge", "") or "").lower() in ("1", "yes", "true")
+    return flag("purge")

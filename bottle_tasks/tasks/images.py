@@ -8,11 +8,10 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from bottle_tasks.docker_cli import docker, image_id
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import ImagePlan, Plan
 from bottle_tasks.settings import PACKAGE_DIR, Settings
-from bottle_tasks.tasks.common import action, files_under, plans, probe, purge_requested, settings
+from bottle_tasks.tasks.common import action, current_run, files_under, plans, probe, purge_requested, settings
 
 __all__ = ["task_image_build", "task_bundle_build"]
 
@@ -22,6 +21,7 @@ def _extra_files(image: ImagePlan, s: Settings) -> dict[str, Path | None]:
     extras: dict[str, Path | None] = {"extra-ca.pem": s.build_ca_certs}
     if image.kind == "bundle":
         extras["bottle_tasks/__init__.py"] = PACKAGE_DIR / "__init__.py"
+        extras["bottle_tasks/contract.py"] = PACKAGE_DIR / "contract.py"
         extras["bottle_tasks/sidecars"] = PACKAGE_DIR / "sidecars"
         extras["bin/pipelock"] = s.pipelock_bin
     return extras
@@ -57,14 +57,14 @@ def build_image(image: ImagePlan, s: Settings) -> None:
     for key, value in image.build_args:
         args += ["--build-arg", f"{key}={value}"]
     print(f"building {image.tag} (the first build takes minutes; later ones reuse the layer cache)")
-    docker("build", "--iidfile", str(tmp), "-t", image.tag, *args, str(image.context_dir), timeout=3600)
+    current_run().docker("build", "--iidfile", str(tmp), "-t", image.tag, *args, str(image.context_dir), timeout=3600)
     tmp.replace(image.iid_file)
 
 
 def image_current(image: ImagePlan) -> bool:
     if not image.iid_file.exists():
         return False
-    return image_id(image.tag) == image.iid_file.read_text().strip()
+    return current_run().docker.image_id(image.tag) == image.iid_file.read_text().strip()
 
 
 def image_task(image: ImagePlan, s: Settings) -> dict:
@@ -85,7 +85,7 @@ def _purge_image(image: ImagePlan) -> None:
     # Images are cache, not work: `clean` keeps them so the next start is fast; `purge=1` removes the
     # agent's own image. The bundle image is shared by every bottle, so no agent's purge removes it.
     if purge_requested() and image.kind == "agent":
-        docker("rmi", "-f", image.tag, check=False)
+        current_run().docker("rmi", "-f", image.tag, check=False)
         image.iid_file.unlink(missing_ok=True)
 
 

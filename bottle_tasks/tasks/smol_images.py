@@ -16,23 +16,24 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bottle_tasks.backends.smolmachines import current_pack, digest_key, image_digest, pack_path, require_smolvm
-from bottle_tasks.docker_cli import docker
+from bottle_tasks.backends.smolmachines import (
+    SmolPackPipeline, current_pack, digest_key, image_digest, pack_path, require_smolvm,
+)
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import Plan
 from bottle_tasks.runner import run
-from bottle_tasks.tasks.common import action, plans, settings
+from bottle_tasks.tasks.common import action, current_run, plans, settings
 from bottle_tasks.tasks.images import image_task
 
 __all__ = ["task_registry_build", "task_registry_up", "task_smol_save", "task_crane_push", "task_smol_pack"]
 
 
 def _smol_plans():
-    return [plan for plan in plans() if plan.smol is not None]
+    return [plan for plan in plans() if isinstance(plan.image_pipeline, SmolPackPipeline)]
 
 
 def tarball_path(plan: Plan, digest: str) -> Path:
-    return plan.smol.tarball_dir / f"{digest_key(digest)}.tar"
+    return plan.image_pipeline.tarball_dir / f"{digest_key(digest)}.tar"
 
 
 def pack_current(plan: Plan) -> bool:
@@ -43,8 +44,8 @@ def pack_current(plan: Plan) -> bool:
 
 
 def image_ref(plan: Plan, digest: str) -> str:
-    port = plan.smol.registry_port_file.read_text().strip()
-    return f"127.0.0.1:{port}/{plan.smol.repository}:{digest_key(digest)}"
+    port = plan.image_pipeline.registry_port_file.read_text().strip()
+    return f"127.0.0.1:{port}/{plan.image_pipeline.repository}:{digest_key(digest)}"
 
 
 # ---- stages ------------------------------------------------------------------------------------
@@ -54,19 +55,20 @@ def save(plan: Plan) -> None:
     out = tarball_path(plan, digest)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    docker("save", "-o", str(tmp), digest, timeout=1800)
+    current_run().docker("save", "-o", str(tmp), digest, timeout=1800)
     tmp.replace(out)
 
 
 def registry_up(plan: Plan) -> None:
-    name = plan.smol.registry_container
+    docker = current_run().docker
+    name = plan.image_pipeline.registry_container
     docker("rm", "-f", name, check=False)
     # Loopback only: crane and smolvm run on this host; nothing else needs the registry.
     docker("run", "-d", "--name", name, *plan.label_args("registry"), "-p", "127.0.0.1::5000",
-           plan.smol.registry_image.tag)
-    port = docker("port", name, "5000/tcp").stdout.split(":")[-1].strip()
-    plan.smol.registry_port_file.parent.mkdir(parents=True, exist_ok=True)
-    plan.smol.registry_port_file.write_text(port)
+           plan.image_pipeline.registry_image.tag)
+    port = docker.query("port", name, "5000/tcp").stdout.split(":")[-1].strip()
+    plan.image_pipeline.registry_port_file.parent.mkdir(parents=True, exist_ok=True)
+    plan.image_pipeline.registry_port_file.write_text(port)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -77,15 +79,15 @@ def registry_up(plan: Plan) -> None:
         except OSError:
             pass
         if time.monotonic() > deadline:
-            logs = docker("logs", "--tail", "20", name, check=False)
+            logs = docker.query("logs", "--tail", "20", name, check=False)
             registry_down(plan)
             raise BottleError(f"the temporary registry {name} did not answer on 127.0.0.1:{port}:\n{logs.stderr}")
         time.sleep(0.1)
 
 
 def registry_down(plan: Plan) -> None:
-    docker("rm", "-f", plan.smol.registry_container, check=False)
-    plan.smol.registry_port_file.unlink(missing_ok=True)
+    current_run().docker("rm", "-f", plan.image_pipeline.registry_container, check=False)
+    plan.image_pipeline.registry_port_file.unlink(missing_ok=True)
 
 
 def push(plan: Plan) -> None:
@@ -93,24 +95,24 @@ def push(plan: Plan) -> None:
     tarball = tarball_path(plan, digest)
     if not tarball.exists():
         raise BottleError(f"{tarball} is missing; run doit smol_save:{plan.agent} first")
-    run([plan.smol.crane, "push", "--insecure", str(tarball), image_ref(plan, digest)], timeout=1800)
+    run([plan.image_pipeline.crane, "push", "--insecure", str(tarball), image_ref(plan, digest)], timeout=1800)
     tarball.unlink()   # the registry holds the same bytes now
 
 
 def pack(plan: Plan) -> None:
-    require_smolvm(plan.smol.smolvm)
+    require_smolvm(plan.image_pipeline.smolvm)
     digest = image_digest(plan)
     stub = pack_path(plan, digest)
     stub.parent.mkdir(parents=True, exist_ok=True)
-    run([plan.smol.smolvm, "pack", "create", "--image", image_ref(plan, digest), "-o", str(stub)], timeout=3600)
+    run([plan.image_pipeline.smolvm, "pack", "create", "--image", image_ref(plan, digest), "-o", str(stub)], timeout=3600)
 
 
 def prune_packs(plan: Plan) -> None:
     """Old packs go; the one for the current image digest stays."""
     keep = digest_key(image_digest(plan)) if plan.agent_image.iid_file.exists() else None
-    if not plan.smol.packs_dir.is_dir():
+    if not plan.image_pipeline.packs_dir.is_dir():
         return
-    for path in plan.smol.packs_dir.iterdir():
+    for path in plan.image_pipeline.packs_dir.iterdir():
         if path.name.split(".", 1)[0] != keep:
             path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
 
@@ -121,7 +123,7 @@ def task_registry_build():
     """Build the throwaway registry image the smolmachines pipeline pushes through."""
     s = settings()
     for plan in _smol_plans():
-        return {"doc": f"Build the registry image {plan.smol.registry_image.tag}.", **image_task(plan.smol.registry_image, s)}
+        return {"doc": f"Build the registry image {plan.image_pipeline.registry_image.tag}.", **image_task(plan.image_pipeline.registry_image, s)}
     return {"actions": None, "doc": "Build the registry image (used by agents with backend smolmachines)."}
 
 

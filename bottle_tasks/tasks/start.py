@@ -20,7 +20,7 @@ def run_agent(plan) -> TaskFailed | None:
     override = get_var("command", None)
     argv = list(agent_command(tuple(shlex.split(override)), plan.prompt) if override else plan.guest.command)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    code = subprocess.call(backend(plan).Guest(plan).attach_argv(argv, tty=tty))
+    code = subprocess.call(backend(plan).guest(plan).attach_argv(argv, tty=tty))
     if code != 0:
         return TaskFailed(f"the agent command {shlex.join(argv)} exited with status {code}; the bottle stays up")
     return None
@@ -35,6 +35,7 @@ def task_start():
             "uptodate": [False],
         }
     for plan in plans():
+        be = backend(plan)
         return {
             "task_dep": [f"provision:{plan.agent}"],
             "actions": [(run_agent, [plan])],
@@ -42,5 +43,5 @@ def task_start():
             "verbosity": 2,
             # Runs first among the clean actions (dependents first): sweep everything labelled with
             # the slug, so a resource left by an interrupted run is found too.
-            "clean": [(action(backend(plan).remove_containers), [plan]), (action(purge_state), [plan])],
+            "clean": [(action(be.remove_all), [plan]), (action(purge_state), [plan])],
         }

@@ -14,7 +14,7 @@ from doit.exceptions import TaskFailed
 
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import Plan
-from bottle_tasks.tasks.common import action, plans, selected_agent
+from bottle_tasks.tasks.common import action, flag, plans, selected_agent
 
 __all__ = ["task_supervise", "task_approve", "task_deny"]
 
@@ -30,7 +30,7 @@ def list_pending(plan: Plan) -> None:
     from bottle_tasks import supervise_cli
 
     state = _supervised(plan).supervise.state_dir
-    if (get_var("watch", "") or "").lower() in ("1", "yes", "true"):
+    if flag("watch"):
         supervise_cli.watch(state, interval=1.0, notify=True)
     else:
         print(supervise_cli.format_pending(state))
@@ -52,7 +52,7 @@ def _task(doc: str, fn, *args) -> dict:
     if selected_agent() is None:
         return {"doc": doc, "actions": [lambda: TaskFailed("say which agent: agent=<name>")], "uptodate": [False]}
     for plan in plans():
-        return {"doc": doc, "actions": [(action(fn, read_only=True), [plan, *args])], "uptodate": [False], "verbosity": 2}
+        return {"doc": doc, "actions": [(action(fn), [plan, *args])], "uptodate": [False], "verbosity": 2}
 
 
 def task_supervise():

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from bottle_tasks.plan import LABEL, Plan
+from bottle_tasks.labels import LABEL
+from bottle_tasks.plan import Plan
 from bottle_tasks.settings import ROOT, Settings
-from bottle_tasks.tasks.common import backend, load_plan
+from bottle_tasks.backends import backend_for
+from bottle_tasks.tasks.common import load_plan
 
 from tests.integration.certs import mint_upstream_certs
 
@@ -105,7 +107,7 @@ class Bottle:
 
     def exec_argv(self, cmd, *, user: str = "agent", env: dict | None = None) -> list[str]:
         """The backend's own exec (docker exec, or smolvm machine exec), run with this test's environment."""
-        return backend(self.plan).Guest(self.plan).exec_argv(list(cmd), user=user, env=env)
+        return backend_for(self.plan).guest(self.plan).exec_argv(list(cmd), user=user, env=env)
 
     def exec(self, *cmd: str, user: str = "agent", check: bool = False, input: str | None = None):
         return subprocess.run(self.exec_argv(cmd, user=user), capture_output=True, text=True, check=check,
@@ -116,7 +118,7 @@ class Bottle:
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
     def bundle_log(self) -> str:
-        proc = docker("logs", self.plan.bundle.container)
+        proc = docker("logs", self.plan.bundle.name)
         return proc.stdout + proc.stderr
 
 
@@ -191,7 +193,7 @@ def start_upstream(env: Env, plan: Plan, name: str, aliases: list[str] | None = 
     env_args = [arg for key in (container_env or {}) for arg in ("--env", key)]
     docker("rm", "-f", name, check=False)
     docker("run", "-d", "--name", name, "--label", f"{LABEL}.test=upstream",
-           "--network", plan.network.egress_name, *sum((["--network-alias", n] for n in names), []),
+           "--network", plan.network.outbound.name, *sum((["--network-alias", n] for n in names), []),
            "--cap-add", "NET_ADMIN", *env_args,
            "-v", f"{certs}:/certs:ro", UPSTREAM_IMAGE, "/certs/server.pem", "/certs/server-key.pem",
            env_extra=container_env)
@@ -344,7 +346,7 @@ def make_smol_env(base: Env, tmp_path_factory, flavour: str = "fake") -> Env:
 
 def smol_bottle(env: Env, agent: str, before_start=None) -> Bottle:
     """Start `agent` on the smolmachines backend; the fake attaches its guest to the bottle's bridge."""
-    from bottle_tasks.plan import smol_bridge_name
+    from bottle_tasks.backends.smolmachines import bridge_name as smol_bridge_name
 
     env.env["SMOLVM_FAKE_NETWORK"] = smol_bridge_name(agent)
     return _bottle(env, agent, before_start)

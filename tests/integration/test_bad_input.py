@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from bottle_tasks.plan import LABEL
+from bottle_tasks.labels import LABEL
 from tests.integration.conftest import docker
 
 
@@ -60,24 +60,24 @@ def test_docker_not_reachable(bottle_env, tmp_path):
 def test_name_already_in_use(bottle_env):
     bottle_env.write_agent("squatted", "routes: []\n")
     plan = bottle_env.plan("squatted")
-    docker("run", "-d", "--name", plan.bundle.container, "--label", "test.squatter=1",
+    docker("run", "-d", "--name", plan.bundle.name, "--label", "test.squatter=1",
            "--entrypoint", "sleep", "claude-bottle-test/upstream:latest", "300")
     try:
         out = _failed_start(bottle_env, "squatted")
-        assert f"docker container '{plan.bundle.container}' already exists" in out
-        assert f"docker container rm {plan.bundle.container}" in out
+        assert f"docker container '{plan.bundle.name}' already exists" in out
+        assert f"docker container rm {plan.bundle.name}" in out
         assert _leftovers("squatted") == []
         # The squatter is untouched.
-        assert docker("inspect", "-f", "{{.State.Running}}", plan.bundle.container).stdout.strip() == "true"
+        assert docker("inspect", "-f", "{{.State.Running}}", plan.bundle.name).stdout.strip() == "true"
     finally:
-        docker("rm", "-f", plan.bundle.container, check=False)
+        docker("rm", "-f", plan.bundle.name, check=False)
 
 
 def test_subnet_clash(bottle_env):
     bottle_env.write_agent("clashing", "routes: []\n")
     plan = bottle_env.plan("clashing")
     squatter = "bottle-test-squatter-net"
-    overlapping = str(ipaddress.ip_network(plan.network.internal_subnet).subnets(new_prefix=25).__next__())
+    overlapping = str(ipaddress.ip_network(plan.network.guest_side.subnet).subnets(new_prefix=25).__next__())
     docker("network", "create", "--subnet", overlapping, squatter)
     try:
         out = _failed_start(bottle_env, "clashing")

@@ -9,15 +9,15 @@ from tests.waiting import wait_for
 
 
 def _status(bottle) -> dict:
-    out = docker("exec", bottle.plan.bundle.container, "cat", "/run/bottle/status.json").stdout
+    out = docker("exec", bottle.plan.bundle.name, "cat", "/run/bottle/status.json").stdout
     return json.loads(out)["daemons"]
 
 
 
 
 def test_killed_daemons_come_back(bottle_a):
-    container = bottle_a.plan.bundle.container
-    for daemon in bottle_a.plan.bundle.daemons:
+    container = bottle_a.plan.bundle.name
+    for daemon in bottle_a.plan.bundle.daemon_names:
         before = _status(bottle_a)[daemon]
         assert before["running"] and before["ready"], before
         # As the daemon's own user: root in the bundle holds no CAP_KILL over the DNS sink's `nobody`.

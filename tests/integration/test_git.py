@@ -91,7 +91,7 @@ def test_pushes_against_policy_are_rejected_with_a_reason(bottle_git, case, scri
 
 
 def test_identity_never_enters_the_guest(bottle_git):
-    guest = bottle_git.plan.guest.container
+    guest = bottle_git.plan.guest.name
     hits, scanned = _files_containing(guest, GIT_TOKEN.encode())
     assert scanned > 1000 and not hits, hits
     assert GIT_TOKEN not in bottle_git.exec("env").stdout

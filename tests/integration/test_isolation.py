@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 
-from bottle_tasks.plan import EGRESS_PORT
+from bottle_tasks.bundle_plan import EGRESS_PORT
 from tests.integration.conftest import docker
 from tests.integration.probes import Probe, run_probes
 
@@ -27,15 +27,15 @@ def isolation_probes(bottle, neighbour, host_listener: int) -> list[Probe]:
         Probe("upstream ip tcp/7000 direct", "tcp", (up, 7000)),
         Probe("upstream by name, no proxy", "http", ("http://upstream.test/", None)),
         Probe("upstream udp/5353", "udp", (up, 5353)),
-        Probe("internal network gateway (host)", "tcp", (net.internal_gateway, host_listener)),
-        Probe("egress network gateway (host)", "tcp", (net.egress_gateway, host_listener)),
+        Probe("internal network gateway (host)", "tcp", (net.guest_side.gateway, host_listener)),
+        Probe("egress network gateway (host)", "tcp", (net.outbound.gateway, host_listener)),
         Probe("docker0 gateway (host)", "tcp", (_docker0_gateway(), host_listener)),
-        Probe("host gateway udp/53", "udp", (net.internal_gateway, 53)),
+        Probe("host gateway udp/53", "udp", (net.guest_side.gateway, 53)),
         Probe("loopback tcp", "tcp", ("127.0.0.1", host_listener)),
         Probe("bundle pipelock port", "tcp", (net.bundle_ip, 8888)),
         Probe("bundle scan api port", "tcp", (net.bundle_ip, 8889)),
         Probe("bundle other port", "tcp", (net.bundle_ip, next(p for p in range(EGRESS_PORT + 1, EGRESS_PORT + 100)
-                                                                if p not in plan.guest_ports))),
+                                                                if ("tcp", p) not in plan.bundle.guest_ports))),
         Probe("other bottle's bundle", "tcp", (b_net.bundle_ip, EGRESS_PORT)),
         Probe("metadata 169.254.169.254 direct", "tcp", ("169.254.169.254", 80)),
         Probe("metadata through the proxy", "http", ("http://169.254.169.254/latest/meta-data/", proxy)),
@@ -52,9 +52,9 @@ def isolation_probes(bottle, neighbour, host_listener: int) -> list[Probe]:
         Probe("wildcard route: apex not included", "http", ("http://wild.test/", proxy)),
         Probe("wildcard route: method not allowed", "http", ("http://sub.wild.test/", proxy, {}, "x=1")),
     ]
-    if net.egress_name != net.internal_name:     # docker: the bundle's second leg, and the neighbour's guest
-        bundle_egress_ip = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net.egress_name}").IPAddress}}}}',
-                                  plan.bundle.container).stdout.strip()
+    if len(net.bridges) > 1:     # docker: the bundle's second leg, and the neighbour's guest
+        bundle_egress_ip = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net.outbound.name}").IPAddress}}}}',
+                                  plan.bundle.name).stdout.strip()
         probes += [Probe("bundle egress-side address", "tcp", (bundle_egress_ip, EGRESS_PORT)),
                    Probe("other bottle's guest", "tcp", (b_net.guest_ip, 22))]
     return probes
@@ -98,19 +98,19 @@ def assert_probed_targets_listen(bottle_a, host_listener: int) -> None:
     """The same targets answer from a container on the egress network and from the host."""
     net = bottle_a.plan.network
     control = f"probe-control-{bottle_a.agent}"
-    docker("run", "-d", "--rm", "--name", control, "--network", net.egress_name, "--entrypoint", "sleep",
+    docker("run", "-d", "--rm", "--name", control, "--network", net.outbound.name, "--entrypoint", "sleep",
            "claude-bottle-test/upstream:latest", "60")
     try:
         results = run_probes(control, [
             Probe("upstream tcp/443", "tcp", (bottle_a.upstream_ip, 443)),
             Probe("upstream udp/5353", "udp", (bottle_a.upstream_ip, 5353)),
             Probe("metadata listener", "tcp", ("169.254.169.254", 80)),
-            Probe("egress gateway host listener", "tcp", (net.egress_gateway, host_listener)),
+            Probe("egress gateway host listener", "tcp", (net.outbound.gateway, host_listener)),
         ], user="root")
     finally:
         docker("rm", "-f", control, check=False)
     assert all(r["reached"] for r in results.values()), results
-    with socket.create_connection((net.internal_gateway, host_listener), timeout=3) as s:
+    with socket.create_connection((net.guest_side.gateway, host_listener), timeout=3) as s:
         assert s.recv(64).startswith(b"host-listener")
 
 

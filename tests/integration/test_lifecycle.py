@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bottle_tasks.plan import GUEST_PROMPT_PATH, LABEL
+from bottle_tasks.labels import LABEL
+from bottle_tasks.plan import GUEST_PROMPT_PATH
 from bottle_tasks.settings import ROOT
 from tests.integration.conftest import docker
 
@@ -53,55 +54,55 @@ def lifecycle(bottle_env, tmp_path_factory):
 def test_unchanged_start_builds_and_creates_nothing(lifecycle):
     env, extra, _ = lifecycle
     plan = env.plan("lifecycle", extra)
-    ids = (_container_id(plan.guest.container), _container_id(plan.bundle.container))
+    ids = (_container_id(plan.guest.name), _container_id(plan.bundle.name))
     mark = _lines(env.argv_log)
     proc = env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
     for verb in ("build", "save", "push", "create", "network create", "rm"):
         assert _count(env.argv_log, mark, verb) == 0, f"unchanged start ran docker {verb}:\n{proc.stdout}"
-    assert (_container_id(plan.guest.container), _container_id(plan.bundle.container)) == ids
+    assert (_container_id(plan.guest.name), _container_id(plan.bundle.name)) == ids
     assert "-- image_build:lifecycle" in proc.stdout and "-- bundle_build" in proc.stdout
 
 
 def test_container_removed_by_hand_is_recreated_and_reprovisioned(lifecycle):
     env, extra, _ = lifecycle
     plan = env.plan("lifecycle", extra)
-    docker("rm", "-f", plan.guest.container)
+    docker("rm", "-f", plan.guest.name)
     env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
-    prompt = docker("exec", plan.guest.container, "cat", GUEST_PROMPT_PATH)
+    prompt = docker("exec", plan.guest.name, "cat", GUEST_PROMPT_PATH)
     assert prompt.stdout == "lifecycle prompt"
-    docker("rm", "-f", plan.bundle.container)
+    docker("rm", "-f", plan.bundle.name)
     env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
-    assert docker("inspect", "-f", "{{.State.Health.Status}}", plan.bundle.container).stdout.strip() == "healthy"
+    assert docker("inspect", "-f", "{{.State.Health.Status}}", plan.bundle.name).stdout.strip() == "healthy"
 
 
 def test_a_guest_restarted_outside_doit_is_recreated_and_fenced_again(lifecycle, host_listener):
     """A restart gives the guest a new network namespace without the firewall: start must notice."""
     env, extra, _ = lifecycle
     plan = env.plan("lifecycle", extra)
-    reach_host = ["python3", "-c", f"import socket; socket.create_connection(('{plan.network.internal_gateway}', "
+    reach_host = ["python3", "-c", f"import socket; socket.create_connection(('{plan.network.guest_side.gateway}', "
                                    f"{host_listener}), timeout=3).recv(64)"]
-    assert docker("exec", plan.guest.container, *reach_host, check=False).returncode != 0
-    before = _container_id(plan.guest.container)
-    docker("restart", "-t", "0", plan.guest.container)
+    assert docker("exec", plan.guest.name, *reach_host, check=False).returncode != 0
+    before = _container_id(plan.guest.name)
+    docker("restart", "-t", "0", plan.guest.name)
     # The hole this test is about: unfenced, an --internal network still reaches the host's gateway.
-    assert docker("exec", plan.guest.container, *reach_host, check=False).returncode == 0
+    assert docker("exec", plan.guest.name, *reach_host, check=False).returncode == 0
     env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
-    assert _container_id(plan.guest.container) != before
-    probe = docker("exec", plan.guest.container, *reach_host, check=False)
+    assert _container_id(plan.guest.name) != before
+    probe = docker("exec", plan.guest.name, *reach_host, check=False)
     assert probe.returncode != 0 and "refused" in probe.stderr, probe.stderr
 
 
 def test_agent_file_change_recreates_the_guest_only(lifecycle):
     env, extra, _ = lifecycle
     plan = env.plan("lifecycle", extra)
-    bundle_before, guest_before = _container_id(plan.bundle.container), _container_id(plan.guest.container)
+    bundle_before, guest_before = _container_id(plan.bundle.name), _container_id(plan.guest.name)
     env.write_agent("lifecycle", 'prompt: "lifecycle prompt"\nroutes: []\nenv: {STAGE: "two"}\n')
     mark = _lines(env.argv_log)
     env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
     assert _count(env.argv_log, mark, "build") == 0
-    assert _container_id(plan.bundle.container) == bundle_before
-    assert _container_id(plan.guest.container) != guest_before
-    assert "STAGE=two" in docker("exec", plan.guest.container, "env").stdout
+    assert _container_id(plan.bundle.name) == bundle_before
+    assert _container_id(plan.guest.name) != guest_before
+    assert "STAGE=two" in docker("exec", plan.guest.name, "env").stdout
 
 
 def test_dockerfile_and_context_changes_rebuild_exactly_their_image(lifecycle):
@@ -146,9 +147,9 @@ def test_ctrl_c_during_start_leaves_nothing_half_built(bottle_env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     # Interrupt while the bundle is being brought up: its container exists but is not yet healthy.
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not _container_id(plan.bundle.container):
+    while time.monotonic() < deadline and not _container_id(plan.bundle.name):
         time.sleep(0.05)
-    assert _container_id(plan.bundle.container), "start never reached the bundle step"
+    assert _container_id(plan.bundle.name), "start never reached the bundle step"
     os.killpg(proc.pid, signal.SIGINT)
     proc.communicate(timeout=120)
     for name in _labelled("interrupted", "container"):

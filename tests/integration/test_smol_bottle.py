@@ -19,7 +19,8 @@ import tests.integration.test_clients as clients
 import tests.integration.test_git as git_tests
 import tests.integration.test_supervise as supervise_tests
 import tests.integration.test_tokens as tokens
-from bottle_tasks.plan import EGRESS_PORT, smol_bridge_name
+from bottle_tasks.backends.smolmachines import bridge_name as smol_bridge_name
+from bottle_tasks.bundle_plan import EGRESS_PORT
 from bottle_tasks.settings import ROOT
 from tests.integration.conftest import (
     AGENT_FILES, FAKE_TOKEN, GIT_AND_SUPERVISE, GIT_TOKEN, _seed_upstream, _teardown, docker, make_smol_env, smol_bottle,
@@ -54,8 +55,8 @@ def _machines_of(env) -> list[str]:
 
 
 def _assert_machine_gone(bottle) -> None:
-    assert bottle.plan.guest.container not in _machines_of(bottle.env)
-    assert docker("ps", "-aq", "--filter", f"label=smolvm-fake.name={bottle.plan.guest.container}").stdout.strip() == ""
+    assert bottle.plan.guest.name not in _machines_of(bottle.env)
+    assert docker("ps", "-aq", "--filter", f"label=smolvm-fake.name={bottle.plan.guest.name}").stdout.strip() == ""
     for name in (b.name for b in bottle.plan.network.bridges):
         assert docker("network", "inspect", name, check=False).returncode != 0, f"network {name} left behind"
 
@@ -90,12 +91,12 @@ def test_seed_probes(smol_a, host_listener):
 
 def test_the_guest_is_a_machine_on_the_bottle_bridge(smol_a):
     plan = smol_a.plan
-    assert plan.guest.container in _machines_of(smol_a.env)
+    assert plan.guest.name in _machines_of(smol_a.env)
     bridge = json.loads(docker("network", "inspect", smol_bridge_name(AGENT)).stdout)[0]
-    assert bridge["IPAM"]["Config"][0]["Subnet"] == plan.network.internal_subnet
-    assert plan.network.internal_subnet.startswith("192.168.") and ".17.0/" not in plan.network.internal_subnet
+    assert bridge["IPAM"]["Config"][0]["Subnet"] == plan.network.guest_side.subnet
+    assert plan.network.guest_side.subnet.startswith("192.168.") and ".17.0/" not in plan.network.guest_side.subnet
     bundle_ip = docker("inspect", "-f", '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}',
-                       plan.bundle.container).stdout.strip()
+                       plan.bundle.name).stdout.strip()
     assert bundle_ip == plan.network.bundle_ip and bundle_ip.endswith(".2")
     # Every smolvm call ran on the machine by name, in the 1.9 syntax.
     calls = _log_lines(smol_a.env.smolvm_argv_log)
@@ -123,9 +124,9 @@ def test_the_bundle_listens_beyond_loopback_only_on_the_guests_ports(smol_a):
     """smolvm's allowlist is the bundle's whole IP (no ports), so everything else the bundle runs must sit
     on its loopback: pipelock and the scan API are probed from the guest in the suite above, too."""
     plan = smol_a.plan
-    found = json.loads(docker("exec", plan.bundle.container, "python3", "-c", LISTENERS).stdout)
+    found = json.loads(docker("exec", plan.bundle.name, "python3", "-c", LISTENERS).stdout)
     assert found, "the listener scan found nothing, not even egress"
-    assert set(found) <= {f"tcp/{p}" for p in plan.guest_ports} | {"tcp/53", "udp/53"}, found
+    assert set(found) <= {f"{proto}/{port}" for proto, port in plan.bundle.guest_ports}, found
     assert {"tcp/8080", "tcp/8081", "tcp/8082", "udp/53"} <= set(found), found
 
 
@@ -244,7 +245,7 @@ def test_a_missing_fence_aborts_the_start_and_leaves_no_machine(faulty):
     # smolvm stores no egress policy (0.8's --from behaviour in a 1.9 disguise): the state-DB check catches it.
     out = _start_fails(env, extra, "drop-policy")
     assert "is not fenced" in out and "allowed_cidrs=None" in out, out
-    assert plan.guest.container not in _machines_of(env)
+    assert plan.guest.name not in _machines_of(env)
     # smolvm stores the policy but enforces nothing: only the canary from inside can tell. The agent's
     # workspace (it outlives machines) holds modules that would forge the canary's verdict if root's
     # python imported from there.
@@ -252,8 +253,8 @@ def test_a_missing_fence_aborts_the_start_and_leaves_no_machine(faulty):
     for module in ("json.py", "socket.py"):
         (plan.state_dir / "workspace" / module).write_text(forged)
     out = _start_fails(env, extra, "no-enforce")
-    assert "is not fenced" in out and "reached" in out and plan.network.internal_gateway in out, out
-    assert plan.guest.container not in _machines_of(env)
+    assert "is not fenced" in out and "reached" in out and plan.network.guest_side.gateway in out, out
+    assert plan.guest.name not in _machines_of(env)
     # A real 0.8: refused before anything is created, with the reason.
     out = _start_fails(env, extra, "0.8")
     assert "older than 1.8.0" in out and "--allow-cidr" in out, out
@@ -263,13 +264,13 @@ def test_a_missing_fence_aborts_the_start_and_leaves_no_machine(faulty):
     # bridge's first-choice subnet moves it to the next candidate, and start says so.
     env.doit("clean", f"agent={FAULTY}", extra_env=extra)      # the failed starts left the bundle and its bridge
     blocker = f"bottle-test-blocker-{FAULTY}"
-    docker("network", "create", "--subnet", plan.network.internal_subnet, "--label", "dev.claude-bottle.test=blocker", blocker)
+    docker("network", "create", "--subnet", plan.network.guest_side.subnet, "--label", "dev.claude-bottle.test=blocker", blocker)
     try:
         started = env.doit("start", f"agent={FAULTY}", "command=true", extra_env=extra)
         moved = env.plan(FAULTY).network
-        assert moved.internal_subnet != plan.network.internal_subnet
-        assert f"subnet {plan.network.internal_subnet} is in use" in started.stderr and moved.internal_subnet in started.stderr
-        assert plan.guest.container in _machines_of(env)
+        assert moved.guest_side.subnet != plan.network.guest_side.subnet
+        assert f"subnet {plan.network.guest_side.subnet} is in use" in started.stderr and moved.guest_side.subnet in started.stderr
+        assert plan.guest.name in _machines_of(env)
         # The second start finds everything current: the note about the move changes no fingerprint.
         mark = len(_log_lines(env.smolvm_argv_log))
         assert env.doit("start", f"agent={FAULTY}", "command=echo up", extra_env=extra).stdout.strip().endswith("up")
@@ -277,7 +278,7 @@ def test_a_missing_fence_aborts_the_start_and_leaves_no_machine(faulty):
         # A machine restarted outside doit is recreated and proved again, canary included.
         smolvm = [env.env["BOTTLE_SMOLVM_BIN"], "machine"]
         for verb in ("stop", "start"):
-            subprocess.run([*smolvm, verb, "--name", plan.guest.container], env={**env.test_env, **extra},
+            subprocess.run([*smolvm, verb, "--name", plan.guest.name], env={**env.test_env, **extra},
                            check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
         mark = len(_log_lines(env.smolvm_argv_log))
         env.doit("start", f"agent={FAULTY}", "command=true", extra_env=extra)
@@ -286,6 +287,6 @@ def test_a_missing_fence_aborts_the_start_and_leaves_no_machine(faulty):
         env.doit("clean", f"agent={FAULTY}", "purge=1", extra_env=extra)
     finally:
         docker("network", "rm", blocker, check=False)
-    assert plan.guest.container not in _machines_of(env)
+    assert plan.guest.name not in _machines_of(env)
     assert docker("network", "inspect", smol_bridge_name(FAULTY), check=False).returncode != 0
-    assert docker("ps", "-aq", "--filter", f"label=smolvm-fake.name={plan.guest.container}").stdout.strip() == ""
+    assert docker("ps", "-aq", "--filter", f"label=smolvm-fake.name={plan.guest.name}").stdout.strip() == ""

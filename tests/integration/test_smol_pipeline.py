@@ -35,15 +35,15 @@ def test_cold_pipeline_builds_a_pack_and_leaves_no_registry_or_tarball(smol_env)
     proc = smol_env.doit(f"smol_pack:{AGENT}", f"agent={AGENT}")
     calls = smol_env.argv_log.read_text().splitlines()[mark:]
     assert any(c.startswith("save ") for c in calls), calls
-    assert any(c.startswith("run -d --name " + plan.smol.registry_container) for c in calls), calls
+    assert any(c.startswith("run -d --name " + plan.image_pipeline.registry_container) for c in calls), calls
     digest = plan.agent_image.iid_file.read_text().strip()
-    stub = plan.smol.packs_dir / digest.split(":")[1][:16]
+    stub = plan.image_pipeline.packs_dir / digest.split(":")[1][:16]
     sidecar = stub.with_name(stub.name + ".smolmachine")
     assert stub.exists() and sidecar.exists(), proc.stdout
     assert sidecar.read_bytes()[-64:].startswith(b"SMOLPACK")
     # The registry lived only for the run, and the tarball went once pushed.
-    assert docker("ps", "-a", "--filter", f"name={plan.smol.registry_container}", "-q").stdout.strip() == ""
-    assert list(plan.smol.tarball_dir.glob("*.tar*")) == []
+    assert docker("ps", "-a", "--filter", f"name={plan.image_pipeline.registry_container}", "-q").stdout.strip() == ""
+    assert list(plan.image_pipeline.tarball_dir.glob("*.tar*")) == []
 
 
 def test_unchanged_image_runs_no_stage(smol_env):
@@ -60,9 +60,9 @@ def test_unchanged_image_runs_no_stage(smol_env):
 
 def test_smolvm_before_1_8_is_refused(smol_env):
     plan = smol_env.plan(AGENT)
-    shutil.rmtree(plan.smol.packs_dir)
+    shutil.rmtree(plan.image_pipeline.packs_dir)
     proc = smol_env.doit(f"smol_pack:{AGENT}", f"agent={AGENT}", check=False,
                          extra_env={"SMOLVM_FAKE_VERSION": "0.8.0"})
     assert proc.returncode != 0
     assert "older than 1.8.0" in proc.stdout + proc.stderr and "--allow-cidr" in proc.stdout + proc.stderr
-    assert docker("ps", "-a", "--filter", f"name={plan.smol.registry_container}", "-q").stdout.strip() == ""
+    assert docker("ps", "-a", "--filter", f"name={plan.image_pipeline.registry_container}", "-q").stdout.strip() == ""

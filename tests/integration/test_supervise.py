@@ -86,12 +86,12 @@ def test_calls_that_need_no_approval_pass_at_once(bottle_git):
 def test_a_request_pending_across_a_bundle_restart_is_still_answerable(bottle_git):
     hook = _hook(bottle_git, "git push origin across-restart")
     request_id = _pending_id(bottle_git, "across-restart", hook)
-    docker("restart", "-t", "1", bottle_git.plan.bundle.container)
+    docker("restart", "-t", "1", bottle_git.plan.bundle.name)
     bottle_git.env.doit("approve", f"agent={AGENT}", f"id={request_id}")
     out, err = _finish(hook, 90)
     assert hook.returncode == 0, err
     deadline = time.monotonic() + 60
-    while docker("inspect", "-f", "{{.State.Health.Status}}", bottle_git.plan.bundle.container).stdout.strip() != "healthy":
+    while docker("inspect", "-f", "{{.State.Health.Status}}", bottle_git.plan.bundle.name).stdout.strip() != "healthy":
         assert time.monotonic() < deadline
         time.sleep(0.5)
 

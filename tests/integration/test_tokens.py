@@ -39,7 +39,7 @@ def test_uncredentialed_route_gets_no_token(bottle_a):
 def test_token_appears_nowhere_in_the_guest(bottle_a):
     # Exercise the credentialed route first, so a leak on that path would have happened.
     bottle_a.exec("curl", "-sS", "-m", "10", "https://api.anthropic.com/v1/warmup")
-    guest = bottle_a.plan.guest.container
+    guest = bottle_a.plan.guest.name
     env = bottle_a.exec("env").stdout
     assert "ANTHROPIC_API_KEY=bottle-placeholder-ANTHROPIC_API_KEY" in env
     assert FAKE_TOKEN not in env

@@ -37,3 +37,39 @@ class FakePipelock:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class FakeRunner:
+    """Stands in for runner.run: records every argv (and the env it was given) and answers from a script.
+
+    `answers` maps an argv prefix (a tuple) to a Result-like (returncode, stdout, stderr) or a callable
+    taking the argv; the longest matching prefix wins; anything else succeeds with no output."""
+
+    def __init__(self, answers=None):
+        self.answers = dict(answers or {})
+        self.calls: list[list[str]] = []
+        self.envs: list[dict | None] = []
+        self.inputs: list[str | None] = []
+
+    def __call__(self, argv, *, check=True, env=None, input=None, timeout=None, capture=True):
+        from bottle_tasks.runner import CommandError, Result
+
+        argv = [str(a) for a in argv]
+        self.calls.append(argv)
+        self.envs.append(dict(env) if env is not None else None)
+        self.inputs.append(input)
+        answer = (0, "", "")
+        best = -1
+        for prefix, value in self.answers.items():
+            if tuple(argv[:len(prefix)]) == tuple(prefix) and len(prefix) > best:
+                best, answer = len(prefix), value
+        if callable(answer):
+            answer = answer(argv)
+        code, out, err = answer
+        result = Result(tuple(argv), code, out, err)
+        if check and code != 0:
+            raise CommandError(argv, code, err)
+        return result
+
+    def commands(self, *prefix: str) -> list[list[str]]:
+        return [c for c in self.calls if c[:len(prefix)] == list(prefix)]

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from bottle_tasks.sidecars.dnssink import DnsSink, answer
+from bottle_tasks.sidecars.dnssink import DnsSink, answer, listen_address
+from tests.waiting import wait_for
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 RCODE_NXDOMAIN = 3
 
@@ -118,3 +126,42 @@ def test_other_opcodes_get_notimp() -> None:
     reply = answer(dns_query("example.com", flags=0x2100))  # opcode 4 (NOTIFY)
     assert reply is not None
     assert struct.unpack("!H", reply[2:4])[0] & 0x000F == 4
+
+
+def test_listen_comes_from_the_flag_then_the_environment_then_the_default() -> None:
+    env = {"BOTTLE_DNS_LISTEN": "10.0.0.9:53"}
+    assert listen_address(["--listen", "127.0.0.1:5353"], env) == ("127.0.0.1", 5353)
+    assert listen_address([], env) == ("10.0.0.9", 53)
+    assert listen_address([], {"BOTTLE_DNS_LISTEN": "[::]:53"}) == ("::", 53)
+    assert listen_address([], {}) == ("0.0.0.0", 53)
+
+
+def test_a_bad_listen_address_exits_2_naming_its_source(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        listen_address(["--listen", "nope"], {})
+    assert exited.value.code == 2
+    assert "--listen must be ip:port, got 'nope'" in capsys.readouterr().err
+
+
+def test_the_daemon_answers_on_its_listen_flag() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "bottle_tasks.sidecars.dnssink", "--listen", f"127.0.0.1:{port}"],
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "BOTTLE_DNS_LISTEN": "bogus"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        query = dns_query("example.com")
+
+        def answered() -> bytes | None:
+            try:
+                return udp_exchange(port, query, timeout=0.2)
+            except OSError:
+                return None
+
+        assert_nxdomain_for(wait_for(answered, what="an answer from the dnssink process"), query)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stdout, _ = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert f"answering NXDOMAIN on 127.0.0.1:{port}" in stdout

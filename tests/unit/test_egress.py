@@ -35,6 +35,8 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
 from bottle_tasks.sidecars import dlp, egress
+from bottle_tasks.sidecars.addresses import is_public_address
+from bottle_tasks.sidecars.scrub import SecretScrubber
 from bottle_tasks.sidecars.routes import parse_routes
 from tests.unit.fakes import FakePipelock
 
@@ -283,7 +285,7 @@ def test_unresolvable_host_is_refused():
     ],
 )
 def test_is_public_address(ip, public):
-    assert egress.is_public_address(ip) is public
+    assert is_public_address(ip) is public
 
 
 # -- 6. DLP ---------------------------------------------------------------------------------
@@ -430,7 +432,7 @@ def test_large_response_with_length_is_streamed_with_same_length_redaction(monke
 
 
 def test_stream_redactor_holds_back_only_a_possible_token_start():
-    redactor = egress.SecretScrubber({REAL_TOKEN: PLACEHOLDER}).stream()
+    redactor = SecretScrubber({REAL_TOKEN: PLACEHOLDER}).stream()
     assert redactor(b"hello world") == b"hello world"
     assert redactor(b"prefix sk-ant-a") == b"prefix "
     assert redactor(b"pi03-" + b"R" * 40 + b" tail") == PLACEHOLDER.encode() + b" tail"
@@ -456,7 +458,7 @@ def test_token_never_reaches_the_log():
     out = io.StringIO()
     config = make_config()
     addon = egress.Egress(config, SECRETS, resolve=fake_resolve,
-                          emit=egress.json_line_emitter(out, egress.SecretScrubber({REAL_TOKEN: PLACEHOLDER})))
+                          emit=egress.json_line_emitter(out, SecretScrubber({REAL_TOKEN: PLACEHOLDER})))
     flows = [
         tunnel_flow(addon, "POST", "api.anthropic.com", "/v1/messages", headers={"x-api-key": PLACEHOLDER}),
         tunnel_flow(addon, "POST", "api.anthropic.com", f"/v1/x?leak={REAL_TOKEN}"),

@@ -1,4 +1,4 @@
-"""git-gate (bottle_tasks.sidecars.gitgate) with real git, all on 127.0.0.1 and temp paths.
+"""git-gate (the bottle_tasks.sidecars.gitgate package) with real git, all on 127.0.0.1 and temp paths.
 
 An "upstream" bare repo is served by gitgate's own CGI server, subclassed to REQUIRE basic auth with a
 fake token. The daemon runs as a subprocess with a temp config; a "guest" clone pushes to it.
@@ -24,7 +24,15 @@ import pytest
 
 from tests.waiting import wait_for
 
-from bottle_tasks.sidecars import dlp, gitgate
+from bottle_tasks.contract import GitIdentity, PushPolicy
+from bottle_tasks.sidecars import dlp
+from bottle_tasks.sidecars.gitgate.__main__ import main as gitgate_main
+from bottle_tasks.sidecars.gitgate.config import GitGateConfigError, parse_config
+from bottle_tasks.sidecars.gitgate.daemon import GUEST_REFRESH_INTERVAL_S, Gate, MissingTokenError
+from bottle_tasks.sidecars.gitgate.hooks import hook_pre_receive, read_spool
+from bottle_tasks.sidecars.gitgate.policy import RefUpdate, SecretScanner, evaluate_push
+from bottle_tasks.sidecars.gitgate.smart_http import GitCgiServer
+from bottle_tasks.sidecars.scrub import SecretScrubber
 from tests.unit.fakes import FakePipelock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +73,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class AuthGitServer(gitgate.GitCgiServer):
+class AuthGitServer(GitCgiServer):
     """The upstream: smart HTTP that requires Basic auth with the fake token, and records what it saw."""
 
     expected = "Basic " + base64.b64encode(f"{USERNAME}:{TOKEN}".encode()).decode()
@@ -346,7 +354,7 @@ def test_fetch_sees_a_new_upstream_commit(world):
     git("pull", "--quiet", "--ff-only", str(upstream_repo(world)), "main", cwd=seed)
     sha = commit_file(seed, "upstream.txt", "new upstream work\n", "upstream moves")
     git("push", "--quiet", str(upstream_repo(world)), "main", cwd=seed)
-    time.sleep(gitgate.GUEST_REFRESH_INTERVAL_S + 0.1)  # the guest refresh is rate limited
+    time.sleep(GUEST_REFRESH_INTERVAL_S + 0.1)  # the guest refresh is rate limited
     git("fetch", "--quiet", "origin", cwd=guest)
     assert rev(guest, "refs/remotes/origin/main") == sha
     # agent branches awaiting nothing are still there: refresh never prunes
@@ -388,7 +396,7 @@ def test_gzipped_request_bodies_are_served(world):
         # The mirror refreshes at most once per GUEST_REFRESH_INTERVAL_S; under load one fetch can come too soon.
         git("fetch", "--quiet", "origin", cwd=guest)
         return rev(guest, "refs/remotes/origin/many/39") == lines[-1].split()[2]
-    wait_for(fetched, timeout=15, what="the 40 new branches in the guest", interval=gitgate.GUEST_REFRESH_INTERVAL_S / 2)
+    wait_for(fetched, timeout=15, what="the 40 new branches in the guest", interval=GUEST_REFRESH_INTERVAL_S / 2)
     events = json_lines(world["stdout"].read_text())
     assert any(e.get("event") == "http" and e.get("gzip") and e.get("status") == 200 for e in events)
 
@@ -456,12 +464,12 @@ def plain_repo(tmp_path, monkeypatch):
 
 
 ZERO = "0" * 40
-POLICY = gitgate.PushPolicy(branches=("bottle/*",))
+POLICY = PushPolicy(branches=("bottle/*",))
 
 
 def decide(repo: Path, *updates: tuple[str, str, str], policy=POLICY):
-    parsed = [gitgate.RefUpdate(old, new, ref) for old, new, ref in updates]
-    return gitgate.evaluate_push(policy, parsed, repo, gitgate.SecretScanner())
+    parsed = [RefUpdate(old, new, ref) for old, new, ref in updates]
+    return evaluate_push(policy, parsed, repo, SecretScanner())
 
 
 def test_policy_removing_a_secret_is_fine_adding_one_in_a_merge_is_not(plain_repo):
@@ -502,7 +510,7 @@ def test_policy_reasons_are_all_reported(plain_repo):
 
 
 def test_pre_receive_hook_prints_one_line_per_reason_and_spools_an_event(plain_repo, tmp_path):
-    config = gitgate.parse_config({
+    config = parse_config({
         "version": 1, "listen": "127.0.0.1:0", "mirrors_dir": str(tmp_path / "m"),
         "repos": [{"name": "r", "url": "https://git.example.invalid/r.git", "push": {"branches": ["bottle/*"]}}]})
     repo = config.repos[0]
@@ -510,29 +518,29 @@ def test_pre_receive_hook_prints_one_line_per_reason_and_spools_an_event(plain_r
     git("clone", "--quiet", "--bare", str(plain_repo), str(mirror_dir))
     head = rev(mirror_dir, "refs/heads/main")
     stderr = io.StringIO()
-    code = gitgate.hook_pre_receive(config, repo, f"{head} {ZERO} refs/heads/main\n", stderr, environ=os.environ)
+    code = hook_pre_receive(config, repo, f"{head} {ZERO} refs/heads/main\n", stderr, environ=os.environ)
     assert code == 1
     assert stderr.getvalue().splitlines() == [
         "git-gate: rejected refs/heads/main: branch not allowed (allowed: bottle/*)",
         "git-gate: rejected refs/heads/main: deletion not allowed",
     ]
-    [(_, event)] = gitgate.read_spool(mirror_dir / "git-gate" / "events")
+    [(_, event)] = read_spool(mirror_dir / "git-gate" / "events")
     assert event["event"] == "push" and event["accepted"] is False and event["repo"] == "r"
 
 
 def test_pipelock_verdicts_reject_and_its_absence_fails_closed(plain_repo):
     git("branch", "-m", "bottle/p", cwd=plain_repo)
     head = rev(plain_repo, "HEAD")
-    update = [gitgate.RefUpdate(ZERO, head, "refs/heads/bottle/p")]
+    update = [RefUpdate(ZERO, head, "refs/heads/bottle/p")]
     git("update-ref", "-d", "refs/heads/bottle/p", cwd=plain_repo)
     deny = FakePipelock(lambda _: (200, {"status": "completed", "decision": "deny", "findings": [
         {"scanner": "dlp", "rule_id": "DLP-Custom Token", "severity": "high", "message": "m"}]}))
     down = FakePipelock(lambda _: (503, {"status": "error", "errors": [{"code": "busy"}]}))
     try:
-        [denied] = gitgate.evaluate_push(POLICY, update, plain_repo,
-                                         gitgate.SecretScanner(dlp.PipelockScanner(deny.url, "t")))
-        [unavailable] = gitgate.evaluate_push(POLICY, update, plain_repo,
-                                              gitgate.SecretScanner(dlp.PipelockScanner(down.url, "t")))
+        [denied] = evaluate_push(POLICY, update, plain_repo,
+                                         SecretScanner(dlp.PipelockScanner(deny.url, "t")))
+        [unavailable] = evaluate_push(POLICY, update, plain_repo,
+                                              SecretScanner(dlp.PipelockScanner(down.url, "t")))
     finally:
         deny.close()
         down.close()
@@ -543,7 +551,7 @@ def test_pipelock_verdicts_reject_and_its_absence_fails_closed(plain_repo):
 
 def test_hook_fails_closed_on_a_broken_config(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{ZERO} {'1' * 40} refs/heads/x\n"))
-    code = gitgate.main(["pre-receive", "--config", str(tmp_path / "missing.yaml"), "--repo", "app"])
+    code = gitgate_main(["pre-receive", "--config", str(tmp_path / "missing.yaml"), "--repo", "app"])
     assert code == 1
     assert "push rejected" in capsys.readouterr().err
 
@@ -559,10 +567,10 @@ BASE = {"version": 1, "listen": "10.0.0.2:8081", "mirrors_dir": "/var/lib/bottle
 
 
 def test_config_parses_the_contract_shape():
-    config = gitgate.parse_config(BASE)
+    config = parse_config(BASE)
     assert (config.listen_host, config.listen_port, config.refresh_seconds) == ("10.0.0.2", 8081, 60.0)
     assert config.audit_log == Path("/var/lib/bottle/git/audit.jsonl")
-    assert config.repos[0].identity == gitgate.Identity("token", token_env="GIT_TOKEN", username="x-access-token")
+    assert config.repos[0].identity == GitIdentity("token", token_env="GIT_TOKEN", username="x-access-token")
     assert config.repos[0].push.branch_allowed("bottle/x/feature")
     assert not config.repos[0].push.branch_allowed("main")
 
@@ -579,20 +587,20 @@ def test_config_parses_the_contract_shape():
     ({"repos": [BASE["repos"][0], BASE["repos"][0]]}, "repos[1].name: duplicate"),
 ])
 def test_config_errors_name_file_and_key(patch, message):
-    with pytest.raises(gitgate.GitGateConfigError) as caught:
-        gitgate.parse_config({**BASE, **patch}, source="/etc/bottle/git-gate.yaml")
+    with pytest.raises(GitGateConfigError) as caught:
+        parse_config({**BASE, **patch}, source="/etc/bottle/git-gate.yaml")
     assert str(caught.value).startswith("/etc/bottle/git-gate.yaml: ")
     assert message in str(caught.value)
 
 
 def test_missing_token_variable_is_a_clear_startup_error(tmp_path):
-    config = gitgate.parse_config({**BASE, "mirrors_dir": str(tmp_path)})
-    with pytest.raises(gitgate.MissingToken, match=r"repos\[0\].identity.token_env: GIT_TOKEN"):
-        gitgate.Gate(config, tmp_path / "git-gate.yaml", environ={})
+    config = parse_config({**BASE, "mirrors_dir": str(tmp_path)})
+    with pytest.raises(MissingTokenError, match=r"repos\[0\].identity.token_env: GIT_TOKEN"):
+        Gate(config, tmp_path / "git-gate.yaml", environ={})
 
 
 def test_scrubber_redacts_token_basic_auth_and_userinfo():
-    scrubber = gitgate.Scrubber([("u", "s3cret-token-value")])
+    scrubber = SecretScrubber.credentials([("u", "s3cret-token-value")])
     basic = base64.b64encode(b"u:s3cret-token-value").decode()
     text = scrubber.text(f"fatal: https://u:s3cret-token-value@host/x failed; Basic {basic}; s3cret-token-value")
     assert "s3cret-token-value" not in text and basic not in text
@@ -601,8 +609,8 @@ def test_scrubber_redacts_token_basic_auth_and_userinfo():
 def test_upstream_ca_joins_the_system_store_for_upstream_git_only(tmp_path):
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     (tmp_path / "upstream-ca.pem").write_text(pem)
-    config = gitgate.parse_config({**BASE, "mirrors_dir": str(tmp_path / "m")})
-    gate = gitgate.Gate(config, tmp_path / "git-gate.yaml", environ={"GIT_TOKEN": "t0ken", "PATH": os.environ["PATH"]},
+    config = parse_config({**BASE, "mirrors_dir": str(tmp_path / "m")})
+    gate = Gate(config, tmp_path / "git-gate.yaml", environ={"GIT_TOKEN": "t0ken", "PATH": os.environ["PATH"]},
                         upstream_ca=tmp_path / "upstream-ca.pem")
     gate.setup()
     env = gate.upstream_env(config.repos[0])

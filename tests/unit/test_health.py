@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bottle_tasks.sidecars.health import main, verdict
+from bottle_tasks.sidecars.health import bundle_health, main
 
 NOW = 1_000_000.0
 
@@ -25,7 +25,7 @@ def status(updated_at: float = NOW, **daemons: dict[str, Any]) -> dict[str, Any]
 
 
 def test_all_running_and_ready_is_healthy() -> None:
-    healthy, reason = verdict(status(dns=daemon(), egress=daemon()), None, NOW)
+    healthy, reason = bundle_health(status(dns=daemon(), egress=daemon()), None, NOW)
     assert healthy, reason
     assert reason == "healthy: dns, egress running and ready"
 
@@ -44,21 +44,21 @@ def test_all_running_and_ready_is_healthy() -> None:
 def test_unhealthy_verdicts_name_the_reason(
     document: dict[str, Any] | None, selected: list[str] | None, expected_reason: str
 ) -> None:
-    healthy, reason = verdict(document, selected, NOW)
+    healthy, reason = bundle_health(document, selected, NOW)
     assert not healthy
     assert expected_reason in reason
     assert "\n" not in reason
 
 
 def test_empty_selection_is_healthy_while_fresh() -> None:
-    assert verdict(status(), None, NOW)[0]
-    assert not verdict(status(updated_at=NOW - 60), None, NOW)[0]
+    assert bundle_health(status(), None, NOW)[0]
+    assert not bundle_health(status(updated_at=NOW - 60), None, NOW)[0]
 
 
 def test_max_age_is_configurable() -> None:
     document = status(updated_at=NOW - 8, dns=daemon())
-    assert not verdict(document, None, NOW, max_age_s=5)[0]
-    assert verdict(document, None, NOW, max_age_s=10)[0]
+    assert not bundle_health(document, None, NOW, max_age_s=5)[0]
+    assert bundle_health(document, None, NOW, max_age_s=10)[0]
 
 
 def write_status(run_dir: Path, document: dict[str, Any]) -> None:

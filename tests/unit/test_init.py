@@ -16,14 +16,11 @@ import pytest
 
 from tests.waiting import wait_for
 
-from bottle_tasks.sidecars.init import (
-    Backoff,
-    UnknownDaemon,
-    default_daemon_table,
-    parse_daemon_names,
-    select_daemons,
-    split_host_port,
+from bottle_tasks.sidecars.daemon import Backoff, split_host_port
+from bottle_tasks.sidecars.daemon_table import (
+    DEFAULT_DAEMON_TABLE, UnknownDaemon, parse_daemon_names, parse_daemon_table, select_daemons,
 )
+from bottle_tasks.sidecars.init import main as init_main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -240,6 +237,26 @@ def test_sigint_also_stops_cleanly(start_init) -> None:
     assert not pid_alive(pid)
 
 
+@pytest.mark.parametrize("content", [None, "{not json", '["a list"]', '{"x": {"command": []}}',
+                                     '{"x": {"command": ["true"], "probe": {"udp": "127.0.0.1:1"}}}'])
+def test_missing_or_invalid_table_exits_2_with_one_line_naming_the_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None) -> None:
+    table = tmp_path / "daemons.json"
+    if content is not None:
+        table.write_text(content)
+    assert init_main({"BOTTLE_DAEMON_TABLE": str(table), "BUNDLE_DAEMONS": "x"}) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(table) in err
+
+
+def test_the_table_defaults_to_etc_bottle_daemons_json(capsys: pytest.CaptureFixture[str]) -> None:
+    if Path(DEFAULT_DAEMON_TABLE).exists():
+        pytest.skip(f"{DEFAULT_DAEMON_TABLE} exists on this machine")
+    assert DEFAULT_DAEMON_TABLE == "/etc/bottle/daemons.json"
+    assert init_main({"BUNDLE_DAEMONS": "dns"}) == 2
+    assert DEFAULT_DAEMON_TABLE in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- pure parts
 
 
@@ -249,36 +266,11 @@ def test_parse_daemon_names() -> None:
 
 
 def test_select_daemons_rejects_unknown_names() -> None:
-    table = default_daemon_table(dns_listen="127.0.0.1:5353")
+    table = parse_daemon_table({name: python_daemon(CHATTY) for name in ("dns", "egress", "git-gate", "pipelock",
+                                                                          "supervise")})
     assert [d.name for d in select_daemons(table, ["dns", "egress"])] == ["dns", "egress"]
     with pytest.raises(UnknownDaemon, match="known daemons: dns, egress, git-gate, pipelock, supervise"):
         select_daemons(table, ["dns", "gitgate"])
-
-
-def test_default_table_matches_the_contract(tmp_path: Path) -> None:
-    table = default_daemon_table(config_dir=tmp_path, dns_listen="0.0.0.0:53", python="python")
-    assert table["egress"].command == (
-        "python", "-m", "bottle_tasks.sidecars.egress",
-        "--routes", str(tmp_path / "routes.yaml"), "--ca-dir", str(tmp_path / "ca"),
-    )
-    assert table["pipelock"].command == (
-        "pipelock", "run", "--config", str(tmp_path / "pipelock.yaml"),
-    )
-    assert table["dns"].command == ("python", "-m", "bottle_tasks.sidecars.dnssink")
-
-
-@pytest.mark.parametrize("daemon,config", [("egress", "routes.yaml"), ("git-gate", "git-gate.yaml"),
-                                            ("supervise", "supervise.yaml")])
-def test_listen_probe_reads_listen_from_the_daemons_config(tmp_path: Path, daemon: str, config: str) -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        port = server.getsockname()[1]
-        probe = default_daemon_table(config_dir=tmp_path)[daemon].probe
-        assert probe is not None
-        assert probe() is False, f"no {config} yet"
-        (tmp_path / config).write_text(f'version: 1\nlisten: "127.0.0.1:{port}"\n')
-        assert probe() is True
 
 
 def test_backoff_doubles_and_is_capped() -> None:

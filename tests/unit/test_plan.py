@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 
 from bottle_tasks.errors import BottleError
-from bottle_tasks.plan import EGRESS_PORT, GUEST_PROMPT_PATH, LABEL, bottle_subnet, make_plan
+from bottle_tasks.backends.smolmachines import HostSubnets
+from bottle_tasks.bundle_plan import EGRESS_PORT
+from bottle_tasks.labels import LABEL
+from bottle_tasks.plan import GUEST_PROMPT_PATH, hook_matcher, make_plan
+from bottle_tasks.subnets import bottle_subnet
 from bottle_tasks.settings import ROOT, Settings
 from bottle_tasks.spec import load_spec
 
@@ -32,10 +36,10 @@ def test_plan_is_frozen_and_deterministic(tmp_path, plan):
 
 def test_names_and_labels_derive_from_the_slug(plan, tmp_path):
     assert plan.slug == "example"
-    assert plan.guest.container == "bottle-example-guest"
-    assert plan.bundle.container == "bottle-example-bundle"
-    assert plan.network.internal_name == "bottle-example-internal"
-    assert plan.network.egress_name == "bottle-example-egress"
+    assert plan.guest.name == "bottle-example-guest"
+    assert plan.bundle.name == "bottle-example-bundle"
+    assert plan.network.guest_side.name == "bottle-example-internal"
+    assert plan.network.outbound.name == "bottle-example-egress"
     assert plan.guest.workspace_volume == "bottle-example-workspace"
     assert dict(plan.labels)[f"{LABEL}.slug"] == "example"
     assert dict(plan.labels)[f"{LABEL}.state"] == str(tmp_path / "state" / "example")
@@ -44,8 +48,8 @@ def test_names_and_labels_derive_from_the_slug(plan, tmp_path):
 
 def test_addresses_live_in_one_slug_derived_slash_23(plan):
     net = plan.network
-    internal = ipaddress.ip_network(net.internal_subnet)
-    egress = ipaddress.ip_network(net.egress_subnet)
+    internal = ipaddress.ip_network(net.guest_side.subnet)
+    egress = ipaddress.ip_network(net.outbound.subnet)
     assert internal.supernet(new_prefix=23) == egress.supernet(new_prefix=23)
     assert internal != egress
     assert ipaddress.ip_address(net.bundle_ip) == internal.network_address + 2
@@ -93,9 +97,9 @@ def test_claude_gets_the_prompt_file_appended(plan, tmp_path):
 def test_pipelock_daemon_only_when_its_binary_is_known(tmp_path):
     spec = load_spec(ROOT / "agents" / "example.yaml")
     with_pl = make_plan(spec, settings(tmp_path))
-    assert with_pl.bundle.daemons == ("egress", "pipelock", "dns")
+    assert with_pl.bundle.daemon_names == ("egress", "pipelock", "dns")
     without = make_plan(spec, replace(settings(tmp_path), pipelock_bin=None))
-    assert without.bundle.daemons == ("egress", "dns")
+    assert without.bundle.daemon_names == ("egress", "dns")
     assert not any(m.target.endswith("pipelock.yaml") for m in without.bundle.mounts)
 
 
@@ -118,28 +122,33 @@ def test_paths_split_state_that_is_kept_from_cache_that_is_not(plan, tmp_path):
 
 def test_smolmachines_plan_one_bridge_bundle_at_2_and_a_root_exec_image(tmp_path):
     spec = load_spec(ROOT / "agents" / "example.yaml")
-    taken = [ipaddress.ip_network("10.0.0.0/8")]
+    taken = HostSubnets((ipaddress.ip_network("10.0.0.0/8"),))
     plan = make_plan(spec, settings(tmp_path, BOTTLE_BACKEND="smolmachines"), taken)
     assert plan == make_plan(spec, settings(tmp_path, BOTTLE_BACKEND="smolmachines"), taken)
     net = plan.network
     (bridge,) = net.bridges
     subnet = ipaddress.ip_network(bridge.subnet)
-    assert bridge.name == net.internal_name == net.egress_name == "bottle-example-bridge" and not bridge.internal
+    assert bridge == net.guest_side == net.outbound and bridge.name == "bottle-example-bridge" and not bridge.internal
     assert subnet.subnet_of(ipaddress.ip_network("192.168.0.0/16")) and subnet.prefixlen == 24
-    assert (net.internal_gateway, net.bundle_ip) == (str(subnet.network_address + 1), str(subnet.network_address + 2))
+    assert (net.guest_side.gateway, net.bundle_ip) == (str(subnet.network_address + 1), str(subnet.network_address + 2))
     # docker hands out dynamic addresses from the upper half only, never the bundle's pinned .2
     assert ipaddress.ip_address(net.bundle_ip) not in ipaddress.ip_network(bridge.ip_range)
     assert ipaddress.ip_network(bridge.ip_range).subnet_of(subnet)
     assert plan.bundle.egress_url == f"http://{net.bundle_ip}:{EGRESS_PORT}"
     assert ("EXEC_USER", "root") in plan.agent_image.build_args
     assert plan.guest.workspace_volume is None and plan.guest.mounts[0].source == str(plan.state_dir / "workspace")
-    assert plan.smol is not None
+    assert plan.image_pipeline is not None and plan.image_pipeline.packs_dir.is_relative_to(tmp_path / "cache")
     # Taking the first choice moves the bridge, and the plan says why.
-    moved = make_plan(spec, settings(tmp_path, BOTTLE_BACKEND="smolmachines"), [*taken, subnet])
-    assert moved.network.internal_subnet != bridge.subnet and bridge.subnet in moved.network.note
+    moved = make_plan(spec, settings(tmp_path, BOTTLE_BACKEND="smolmachines"), HostSubnets((*taken.taken, subnet)))
+    assert moved.network.guest_side.subnet != bridge.subnet and bridge.subnet in moved.network.note
 
 
 def test_docker_plan_keeps_two_bridges_and_the_agent_user(plan):
     assert [(b.name, b.internal) for b in plan.network.bridges] == [
         ("bottle-example-internal", True), ("bottle-example-egress", False)]
     assert not any(key == "EXEC_USER" for key, _ in plan.agent_image.build_args)
+
+
+def test_hook_matcher_names_exactly_the_supervised_tools():
+    assert hook_matcher(("Bash(git push:*)", "WebFetch", "Bash(npm publish)", "mcp__gh")) == "Bash|WebFetch|mcp__gh__.*"
+    assert hook_matcher(("Read(~/x)", "*")) == "*"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bottle_tasks.sidecars.routes import Route, RoutesError, TokenSlot, load_routes, parse_routes
+from bottle_tasks.contract import Route, TokenSlot
+from bottle_tasks.sidecars.routes import RoutesError, load_routes, parse_routes
 
 EXAMPLE = textwrap.dedent(
     """\

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from bottle_tasks.backends import smolmachines as smol
-from bottle_tasks.docker_cli import snapshot
+from bottle_tasks.docker_cli import Docker
 from bottle_tasks.errors import BottleError
-from bottle_tasks.plan import smol_bridge_subnet
+from bottle_tasks.subnets import bridge_subnet as smol_bridge_subnet
 from bottle_tasks.settings import ROOT
 from tests.unit.test_fake_smolvm_cli import write_pack
 
@@ -104,9 +104,9 @@ def _smol_plan(tmp_path):
 
 def test_guest_exec_argv_drops_to_the_agent_and_keeps_the_1_9_syntax(tmp_path):
     plan = _smol_plan(tmp_path)
-    guest = smol.SmolGuest(plan)
+    guest = smol.SmolGuest(plan, smol.Smolvm(str(FAKE)))
     as_agent = guest.exec_argv(["id", "-un"], stdin=False)
-    assert as_agent[:5] == [str(FAKE), "machine", "exec", "--name", plan.guest.container]
+    assert as_agent[:5] == [str(FAKE), "machine", "exec", "--name", plan.guest.name]
     assert as_agent[as_agent.index("--") + 1:] == ["runuser", "-u", "agent", "--", "id", "-un"]
     assert "-i" not in as_agent and "-t" not in as_agent
     as_root = guest.exec_argv(["true"], user="root")
@@ -118,36 +118,33 @@ def test_guest_exec_argv_drops_to_the_agent_and_keeps_the_1_9_syntax(tmp_path):
     env.update(SMOLVM_DATA_DIR=str(tmp_path / "data"), DOCKER="/nonexistent/docker")
     for argv in (as_agent, as_root, attach):
         proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=30)
-        assert (proc.returncode, proc.stderr.strip()) == (1, f"Error: vm not found: {plan.guest.container}"), proc.stderr
+        assert (proc.returncode, proc.stderr.strip()) == (1, f"Error: vm not found: {plan.guest.name}"), proc.stderr
 
 
 def test_a_machine_with_our_name_but_not_ours_is_refused_with_the_fix(tmp_path, monkeypatch):
     plan = _smol_plan(tmp_path)
     monkeypatch.setenv("SMOLVM_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("DOCKER", "/nonexistent/docker")
-    assert smol.machine_status(plan) is None
+    smolvm = smol.Smolvm(str(FAKE))
+    assert smolvm.status(plan.guest.name) is None
     write_pack(tmp_path / "other.smolmachine")
-    subprocess.run([sys.executable, str(FAKE), "machine", "create", "--name", plan.guest.container,
-                    "--from", str(tmp_path / "other.smolmachine")], check=True, capture_output=True)
-    snapshot.stale()      # what the end of a doit action does: the probes' memo of the old state goes
-    status = smol.machine_status(plan)
-    assert status["name"] == plan.guest.container and status["state"] == "created"
-    try:
-        with pytest.raises(BottleError, match=f"smolvm machine delete --name {plan.guest.container} -f"):
-            smol.ensure_machine_owned(plan, status)
-        owned = {**status, "labels": dict(plan.labels)}
-        smol.ensure_machine_owned(plan, owned)
-    finally:
-        snapshot.stale()  # later tests must not read this test's machine
+    smolvm("machine", "create", "--name", plan.guest.name, "--from", str(tmp_path / "other.smolmachine"))
+    # A command through the client drops its cached status: the new machine is seen.
+    status = smolvm.status(plan.guest.name)
+    assert status["name"] == plan.guest.name and status["state"] == "created"
+    with pytest.raises(BottleError, match=f"smolvm machine delete --name {plan.guest.name} -f"):
+        smol.ensure_machine_owned(plan, status)
+    owned = {**status, "labels": dict(plan.labels)}
+    smol.ensure_machine_owned(plan, owned)
 
 
 def test_clean_without_smolvm_stops_before_the_bridge_and_says_how_to_go_on(tmp_path):
     from dataclasses import replace
 
     plan = _smol_plan(tmp_path)
-    plan = replace(plan, smol=replace(plan.smol, smolvm=str(tmp_path / "no-smolvm-here")))
-    with pytest.raises(BottleError, match=f"cannot delete machine {plan.guest.container}.*BOTTLE_SMOLVM_BIN"):
-        smol.remove_guest(plan)
+    plan = replace(plan, image_pipeline=replace(plan.image_pipeline, smolvm=str(tmp_path / "no-smolvm-here")))
+    with pytest.raises(BottleError, match=f"cannot delete machine {plan.guest.name}.*BOTTLE_SMOLVM_BIN"):
+        smol.SmolmachinesBackend(Docker()).remove_guest(plan)
 
 
 @pytest.mark.parametrize("stored,why", [
@@ -170,12 +167,12 @@ def test_a_host_with_no_free_subnet_still_loads_the_plan_and_preflight_refuses(t
 
     from bottle_tasks.plan import make_plan
     from bottle_tasks.spec import load_spec
-    everything = [ipaddress.ip_network("192.168.0.0/16")]      # a VPN that pushed the whole range
+    everything = smol.HostSubnets((ipaddress.ip_network("192.168.0.0/16"),))      # a VPN that pushed the whole range
     plan = make_plan(load_spec(ROOT / "agents" / "example.yaml"), settings(tmp_path, BOTTLE_BACKEND="smolmachines"),
                      everything)
     assert "no free /24" in plan.network.problem
     with pytest.raises(BottleError, match="no free /24"):
-        smol.preflight(plan)
+        smol.SmolmachinesBackend(Docker()).preflight(plan)
 
 
 def test_the_subnet_note_never_changes_a_fingerprint(tmp_path):
@@ -210,8 +207,8 @@ def test_a_skill_symlink_is_recreated_as_a_link_and_its_host_target_never_copied
     (skill / "leak").symlink_to(secret)
     (skill / "linked-dir").symlink_to(tmp_path)
     calls = []
-    monkeypatch.setattr(smol, "run", lambda argv, **kw: calls.append(list(argv)))
-    smol.SmolGuest(plan).copy(skill, "/home/agent/.claude/skills/skill")
+    smolvm = smol.Smolvm(str(FAKE), runner=lambda argv, **kw: calls.append(list(argv)))
+    smol.SmolGuest(plan, smolvm).copy(skill, "/home/agent/.claude/skills/skill")
     copied = [c[-2] for c in calls if c[1:3] == ["machine", "cp"]]
     assert copied == [str(skill / "SKILL.md")]
     links = [c[c.index("--") + 1:] for c in calls if "ln" in c]

@@ -120,8 +120,8 @@ supervise:
   timeout: 60
 """))
     app, lib = spec.git_repos
-    assert app.identity_kind == "token" and app.token_env == "GIT_TOKEN" and app.branches == ()
-    assert lib.identity_kind == "ssh" and lib.ssh_key == key.resolve() and lib.tags and not lib.force
+    assert app.identity.kind == "token" and app.identity.token_env == "GIT_TOKEN" and app.push.branches == ()
+    assert lib.identity.kind == "ssh" and lib.identity.ssh_key == str(key.resolve()) and lib.push.tags and not lib.push.force
     assert spec.git_user.email == "agent@example.com"
     assert spec.supervise.tools == ("Bash(git push:*)", "WebFetch") and spec.supervise.timeout == 60
 

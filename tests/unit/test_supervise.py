@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from bottle_tasks import supervise_cli
+from bottle_tasks.contract import SupervisePolicy
 from bottle_tasks.sidecars import supervise
 from bottle_tasks.sidecars.supervise_store import (
     AlreadyDecided, InvalidArgument, RequestExpired, Store, UnknownRequest,
@@ -49,7 +50,7 @@ def free_port() -> int:
 
 
 def start_daemon(state_dir: Path, port: int = 0, default_timeout: int = 300) -> supervise.SuperviseServer:
-    config = supervise.Config("127.0.0.1", port, state_dir, default_timeout)
+    config = supervise.Config("127.0.0.1", port, state_dir, SupervisePolicy(tools=(), timeout=default_timeout))
     return supervise.SuperviseServer(config, Store(state_dir).ensure_layout()).start()
 
 
@@ -323,12 +324,24 @@ def test_daemon_other_errors_are_json_and_never_crash(daemon: supervise.Supervis
 def test_daemon_config_parsing(tmp_path: Path) -> None:
     path = tmp_path / "supervise.yaml"
     path.write_text('listen: "10.243.7.2:8082"\nstate_dir: /var/lib/bottle/supervise\ndefault_timeout_seconds: 120\n')
-    assert supervise.load_config(path) == supervise.Config("10.243.7.2", 8082, Path("/var/lib/bottle/supervise"), 120)
+    assert supervise.load_config(path) == supervise.Config("10.243.7.2", 8082, Path("/var/lib/bottle/supervise"),
+                                                           SupervisePolicy(tools=(), timeout=120))
     for bad, message in [("listen: nope\n", "ip:port"), ("state_dir: /x\n", "listen is required"),
                          ('listen: "1.2.3.4:1"\ndefault_timeout_seconds: 0\n', "default_timeout_seconds"),
                          ('listen: "1.2.3.4:1"\nbogus: 1\n', "unknown key")]:
         path.write_text(bad)
         with pytest.raises(supervise.ConfigError, match=message):
+            supervise.load_config(path)
+
+
+def test_daemon_config_tools_are_the_policy(tmp_path: Path) -> None:
+    path = tmp_path / "supervise.yaml"
+    path.write_text('listen: "10.243.7.2:8082"\ntools: ["Bash(git push:*)", "WebFetch"]\n')
+    assert supervise.load_config(path).policy == SupervisePolicy(tools=("Bash(git push:*)", "WebFetch"), timeout=300)
+    for bad in ('listen: "1.2.3.4:1"\ntools: "WebFetch"\n', 'listen: "1.2.3.4:1"\ntools: ["", "Bash"]\n',
+                'listen: "1.2.3.4:1"\ntools: [1]\n'):
+        path.write_text(bad)
+        with pytest.raises(supervise.ConfigError, match=f"{path}: tools: must be a list of non-empty strings"):
             supervise.load_config(path)
 
 
@@ -506,7 +519,3 @@ def test_cli_format_pending_decide_errors_and_watch(state_dir: Path, monkeypatch
     decisions = [(h["id"], h["decision"], h["by"], h["reason"]) for h in history if h["event"] == "decision"]
     assert decisions == [(request.id, "approve", author, ""), (second.id, "deny", "z", "no")]
     assert all(h["at"].endswith("Z") for h in history)
-
-
-def test_cli_hook_matcher() -> None:
-    assert supervise_cli.hook_matcher(["Bash(git push:*)", "WebFetch", "Bash(npm publish)", "mcp__gh"]) == "Bash|WebFetch|mcp__gh__.*"

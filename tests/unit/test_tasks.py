@@ -7,6 +7,7 @@ import pytest
 from doit.doit_cmd import reset_vars, set_var
 
 from bottle_tasks.cli import main
+from bottle_tasks.tasks.common import new_run
 from bottle_tasks.settings import ROOT
 
 
@@ -16,6 +17,7 @@ def agent_var(monkeypatch, tmp_path):
     monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
     reset_vars()
     set_var("agent", "example")
+    new_run()       # this test's settings, not an earlier test's
     yield
     reset_vars()
 

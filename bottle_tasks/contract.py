@@ -1,0 +1,101 @@
+"""The config shapes the host and the bundle share: one dataclass each, imported by both sides.
+
+The host builds them from the agent file (spec.py), carries them through the plan and renders them
+with the Jinja templates; the bundle's daemons parse the rendered YAML back into the same classes.
+Standard library only: this module ships in the bundle image.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+PLACEHOLDER_PREFIX = "bottle-placeholder-"
+VALUE_MARKER = "{value}"
+
+
+def normalize_host(host: str) -> str:
+    return host.strip().rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class TokenSlot:
+    """A header egress fills with a host secret; the guest holds only the placeholder."""
+
+    env: str                   # host (and bundle) environment variable holding the real value
+    header: str                # lower-case header name
+    format: str = VALUE_MARKER  # e.g. "Bearer {value}"
+    placeholder: str = ""      # what the guest holds instead; derived from env when empty
+
+    def __post_init__(self) -> None:
+        if not self.placeholder:
+            object.__setattr__(self, "placeholder", PLACEHOLDER_PREFIX + self.env)
+
+    def header_value(self, secret: str) -> str:
+        # str.replace, not str.format: a "{" in a format string must not be interpreted.
+        return self.format.replace(VALUE_MARKER, secret)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A host the agent may reach through egress."""
+
+    host: str                          # lower-case; exact name or "*.example.com" (subdomains only)
+    methods: tuple[str, ...] = ()      # upper-case; () = any method
+    paths: tuple[str, ...] = ()        # fnmatch globs on the path; () = any path
+    private_network: bool = False      # the host may resolve to a private address
+    token: TokenSlot | None = None
+
+    def matches_host(self, host: str) -> bool:
+        host = normalize_host(host)
+        if self.host.startswith("*."):
+            suffix = self.host[1:]  # ".example.com": subdomains only, not the apex
+            return host.endswith(suffix) and len(host) > len(suffix)
+        return host == self.host
+
+    def allows_method(self, method: str) -> bool:
+        return not self.methods or method.upper() in self.methods
+
+    def allows_path(self, path: str) -> bool:
+        path_only = path.split("?", 1)[0].split("#", 1)[0] or "/"
+        # fnmatchcase: paths are case-sensitive on the wire, the glob must be too.
+        return not self.paths or any(fnmatch.fnmatchcase(path_only, glob) for glob in self.paths)
+
+
+@dataclass(frozen=True)
+class GitIdentity:
+    """How git-gate authenticates to a repo's upstream; it never enters the guest."""
+
+    kind: str = "none"                 # "token" | "ssh" | "none"
+    token_env: str = ""                # kind token: environment variable, sent as HTTP basic auth
+    username: str = "x-access-token"   # kind token
+    ssh_key: str = ""                  # kind ssh: the key file, as the reading side sees it (host file, or its bundle mount)
+
+
+@dataclass(frozen=True)
+class PushPolicy:
+    """What git-gate's pre-receive hook lets through for one repo."""
+
+    branches: tuple[str, ...] = ()  # fnmatch globs on the branch name (refs/heads/ stripped)
+    force: bool = False
+    delete: bool = False
+    tags: bool = False
+
+    def branch_allowed(self, branch: str) -> bool:
+        return any(fnmatch.fnmatchcase(branch, glob) for glob in self.branches)
+
+
+@dataclass(frozen=True)
+class GitRepo:
+    name: str
+    url: str
+    identity: GitIdentity = field(default_factory=GitIdentity)
+    push: PushPolicy = field(default_factory=PushPolicy)
+
+
+@dataclass(frozen=True)
+class SupervisePolicy:
+    """Tool calls that wait for a human, and how long the human has."""
+
+    tools: tuple[str, ...]   # Claude Code permission-rule patterns, e.g. "Bash(git push:*)"
+    timeout: int = 300       # seconds; no decision by then means deny

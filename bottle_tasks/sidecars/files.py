@@ -1,0 +1,58 @@
+"""Writing a file whole or not at all: readers see the old file or the new one, never half of one.
+
+Used by the bundle's daemons (status.json, git-gate's spools, the supervise store) and by the host
+when it renders the bundle's config. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | Path, data: str | bytes, *, mode: int = 0o644, exclusive: bool = False,
+                 fsync: bool = False) -> Path:
+    """Write data (str as UTF-8) to path through a temp file in the same directory.
+
+    The parent directories are created; the file gets exactly ``mode`` (not the umask's).
+    ``fsync``: the data is on disk before the file appears. ``exclusive``: never replace an existing
+    file; raise FileExistsError instead (published with link(), so of two writers exactly one wins;
+    on filesystems without hard links, a best-effort check-then-rename).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(raw)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.chmod(temp_name, mode)
+        if not exclusive:
+            os.replace(temp_name, path)
+            return path
+        try:
+            os.link(temp_name, path)  # atomic, never replaces
+        except FileExistsError:
+            raise
+        except OSError:
+            # Filesystems without hard links (some host mounts): best effort check-then-rename.
+            if path.exists():
+                raise FileExistsError(str(path)) from None
+            os.replace(temp_name, path)
+        return path
+    finally:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+
+
+def atomic_write_json(path: str | Path, document: Any, **options: Any) -> Path:
+    """atomic_write of document as indented, key-sorted JSON plus a newline (options as for atomic_write)."""
+    return atomic_write(path, json.dumps(document, ensure_ascii=False, indent=2, sort_keys=True) + "\n", **options)

@@ -1,0 +1,15 @@
+"""git-gate: the guest's only git remote. Bare mirrors, a push policy, forwarding with a bundle-side identity.
+
+    python -m bottle_tasks.sidecars.gitgate --config /etc/bottle/git-gate.yaml          # the daemon
+    python -m bottle_tasks.sidecars.gitgate pre-receive  --config ... --repo <name>     # run by the hooks
+    python -m bottle_tasks.sidecars.gitgate post-receive --config ... --repo <name>
+
+Implements "git-gate" in docs/bundle-contract.md. The guest fetches and pushes over git smart HTTP
+(``smart_http``); a mirror's ``pre-receive`` hook applies the push policy and scans new commits for
+secrets (``policy``, ``hooks``); ``post-receive`` queues accepted updates, which the forwarder pushes to
+the upstream with the repo's identity, retrying with backoff (``forwarder``). Every push decision and
+forward attempt is one JSON line in ``audit_log`` and on stdout (``audit``). ``daemon`` keeps the
+mirrors and wires it all; ``config`` reads git-gate.yaml.
+
+Stdlib + PyYAML only: this runs inside the bundle image (needs the ``git`` and ``openssh-client`` packages).
+"""

@@ -1,0 +1,117 @@
+"""git-gate.yaml (shape in docs/bundle-contract.md, "git-gate") parsed into contract.GitRepo.
+
+Every error names the file and the key, so a bad render is obvious from the bundle log.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from bottle_tasks.contract import GitIdentity, GitRepo, PushPolicy
+from bottle_tasks.sidecars.configfile import (
+    ENV_NAME, bool_value, check_http_url, config_failer, list_of, listen_address, nested_mapping, read_yaml,
+    refuse_duplicates, string_list, string_value, versioned_document,
+)
+
+SUPPORTED_VERSION = 1
+DEFAULT_CONFIG = "/etc/bottle/git-gate.yaml"
+DEFAULT_PIPELOCK_CONFIG = "/etc/bottle/pipelock.yaml"
+DEFAULT_UPSTREAM_CA = "/etc/bottle/upstream-ca.pem"  # extra CAs for upstream TLS, as for egress
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_SCP_URL = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+:.+$")  # git@host:org/repo.git
+_URL_SCHEMES = ("https://", "http://", "ssh://", "file://")
+
+Fail = Callable[[str, str], Exception]
+
+
+class GitGateConfigError(ValueError):
+    """git-gate.yaml is missing or malformed; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    listen_host: str
+    listen_port: int
+    refresh_seconds: float
+    mirrors_dir: Path
+    audit_log: Path
+    pipelock_scan_url: str
+    repos: tuple[GitRepo, ...]
+
+    def repo(self, name: str) -> GitRepo | None:
+        return next((repo for repo in self.repos if repo.name == name), None)
+
+    def token_envs(self) -> tuple[str, ...]:
+        return tuple(sorted({r.identity.token_env for r in self.repos if r.identity.kind == "token"}))
+
+
+def load_config(path: str | Path) -> GateConfig:
+    return parse_config(read_yaml(path, GitGateConfigError, "git-gate config"), source=str(path))
+
+
+def parse_config(data: Any, *, source: str = "git-gate.yaml") -> GateConfig:
+    fail = config_failer(GitGateConfigError, source)
+    versioned_document(data, {"listen", "refresh_seconds", "mirrors_dir", "audit_log", "pipelock_scan_url", "repos"},
+                       SUPPORTED_VERSION, fail)
+    host, port = listen_address(string_value(data, "listen", "listen", fail, required=True), "listen", fail)
+    refresh = data.get("refresh_seconds", 60)
+    if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh <= 0:
+        raise fail("refresh_seconds", f"must be a positive number, got {refresh!r}")
+    mirrors_dir = string_value(data, "mirrors_dir", "mirrors_dir", fail, required=True)
+    if not mirrors_dir.startswith("/"):
+        raise fail("mirrors_dir", f"must be an absolute path, got {mirrors_dir!r}")
+    audit_log = string_value(data, "audit_log", "audit_log", fail) or str(Path(mirrors_dir) / "audit.jsonl")
+    scan_url = check_http_url(string_value(data, "pipelock_scan_url", "pipelock_scan_url", fail), "pipelock_scan_url",
+                              fail)
+    repos = tuple(_repo(item, f"repos[{i}]", fail) for i, item in enumerate(list_of(data, "repos", fail)))
+    refuse_duplicates([repo.name for repo in repos], "repos", "name", fail)
+    return GateConfig(host, port, float(refresh), Path(mirrors_dir), Path(audit_log), scan_url, repos)
+
+
+def _repo(item: Any, key: str, fail: Fail) -> GitRepo:
+    nested_mapping(item, {"name", "url", "identity", "push"}, key, fail, "must be a mapping with name, url, identity, push")
+    name = string_value(item, "name", f"{key}.name", fail, required=True)
+    if not _NAME.match(name) or name.endswith(".git"):
+        raise fail(f"{key}.name", f"must be letters, digits, '.', '_' or '-' (no .git suffix), got {name!r}")
+    url = string_value(item, "url", f"{key}.url", fail, required=True)
+    if not (url.startswith(_URL_SCHEMES) or _SCP_URL.match(url) or url.startswith("/")):
+        raise fail(f"{key}.url", f"must be an https://, http://, ssh://, file:// or user@host:path URL, got {url!r}")
+    return GitRepo(name, url, _identity(item.get("identity") or {"kind": "none"}, f"{key}.identity", fail),
+                   _push(item.get("push") or {}, f"{key}.push", fail))
+
+
+def _identity(raw: Any, key: str, fail: Fail) -> GitIdentity:
+    nested_mapping(raw, {"kind", "token_env", "username", "ssh_key"}, key, fail, "must be a mapping with kind")
+    kind = string_value(raw, "kind", f"{key}.kind", fail) or "none"
+    if kind not in ("token", "ssh", "none"):
+        raise fail(f"{key}.kind", f"must be token, ssh or none, got {kind!r}")
+    token_env = string_value(raw, "token_env", f"{key}.token_env", fail)
+    username = string_value(raw, "username", f"{key}.username", fail)
+    ssh_key = string_value(raw, "ssh_key", f"{key}.ssh_key", fail)
+    if kind == "token":
+        if not ENV_NAME.match(token_env):
+            raise fail(f"{key}.token_env", f"kind token needs an environment variable name, got {token_env!r}")
+        username = username or GitIdentity().username
+        if "\n" in username:
+            raise fail(f"{key}.username", "must be one line")
+        return GitIdentity("token", token_env=token_env, username=username)
+    if kind == "ssh":
+        if not ssh_key.startswith("/"):
+            raise fail(f"{key}.ssh_key", f"kind ssh needs the absolute path of a key, got {ssh_key!r}")
+        return GitIdentity("ssh", ssh_key=ssh_key)
+    return GitIdentity("none")
+
+
+def _push(raw: Any, key: str, fail: Fail) -> PushPolicy:
+    nested_mapping(raw, {"branches", "force", "delete", "tags"}, key, fail)
+    branches = string_list(raw.get("branches") or [], f"{key}.branches", fail, what="fnmatch globs")
+    return PushPolicy(
+        branches=tuple(branches),
+        force=bool_value(raw, "force", f"{key}.force", fail),
+        delete=bool_value(raw, "delete", f"{key}.delete", fail),
+        tags=bool_value(raw, "tags", f"{key}.tags", fail),
+    )

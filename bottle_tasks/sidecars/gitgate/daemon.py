@@ -1,0 +1,310 @@
+"""The git-gate daemon: bare mirrors, their refresh from the upstream, and the wiring of the smart
+HTTP server (``smart_http``), the hooks (``hooks``), the forwarder (``forwarder``) and the audit log.
+
+- Each repo in git-gate.yaml has a bare mirror ``<mirrors_dir>/<name>.git`` (created and fetched when
+  absent). The mirror's ``core.hooksPath`` is ``<name>.git/git-gate/hooks``, rewritten at every start.
+- A guest ``info/refs`` first refreshes the mirror from the upstream (at most every 2 s per repo); a
+  background thread also refreshes every ``refresh_seconds``. A refresh never prunes.
+
+Credentials: a token identity reaches git only through the environment of the git child (a tiny
+GIT_ASKPASS script prints ``$GIT_GATE_USERNAME`` / ``$GIT_GATE_PASSWORD``); it is never on an argv,
+never in the CGI environment the guest's requests run under, and every log line is scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import ssl
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence, TextIO
+
+import bottle_tasks
+from bottle_tasks.contract import GitRepo
+from bottle_tasks.sidecars import gitgate as gitgate_package
+from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV
+from bottle_tasks.sidecars.daemon import Backoff, install_stop_handlers, wait_for_stop_signal
+from bottle_tasks.sidecars.files import atomic_write
+from bottle_tasks.sidecars.gitgate.audit import AuditLog
+from bottle_tasks.sidecars.gitgate.config import (
+    DEFAULT_CONFIG, DEFAULT_PIPELOCK_CONFIG, DEFAULT_UPSTREAM_CA, GateConfig, GitGateConfigError, load_config,
+)
+from bottle_tasks.sidecars.gitgate.forwarder import FORWARD_BACKOFF, Forwarder
+from bottle_tasks.sidecars.gitgate.git import BACKGROUND_GIT_TIMEOUT_S, git_error_line, run_git
+from bottle_tasks.sidecars.gitgate.hooks import HOOKS, MirrorPaths, hook_script, pending_refs
+from bottle_tasks.sidecars.gitgate.smart_http import GitCgiServer
+from bottle_tasks.sidecars.scrub import SecretScrubber
+
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+GUEST_REFRESH_INTERVAL_S = 2.0  # a guest info/refs refreshes the mirror at most this often
+GUEST_REFRESH_TIMEOUT_S = 30.0  # ... and waits at most this long for the upstream
+SHARED_DIR = ".git-gate"  # inside mirrors_dir: askpass, gitconfig, ca-bundle.pem
+PACKAGE_ROOT = Path(bottle_tasks.__file__).resolve().parent.parent  # on the hooks' PYTHONPATH
+
+
+ASKPASS_SCRIPT = """#!/bin/sh
+# git-gate's GIT_ASKPASS: the credential comes from this process's environment, never from argv.
+case "$1" in
+  Username*) printf '%s\\n' "$GIT_GATE_USERNAME" ;;
+  *) printf '%s\\n' "$GIT_GATE_PASSWORD" ;;
+esac
+"""
+
+GITCONFIG = """# git-gate's global git config (GIT_CONFIG_GLOBAL for every git it runs).
+[safe]
+\t# The mirrors live on a host volume owned by the host user; the bundle runs as root.
+\tdirectory = *
+[protocol "ext"]
+\tallow = never
+[credential]
+\thelper =
+"""
+
+
+@dataclass
+class _RepoState:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_refresh: float = float("-inf")  # monotonic time of the last attempt
+    last_ok: bool | None = None
+
+
+class MissingTokenError(ValueError):
+    """A token identity's variable is unset or empty; the message names the variable, never a value."""
+
+
+def write_ca_bundle(upstream_ca: Path, destination: Path) -> Path | None:
+    """System CAs plus upstream_ca in one file for GIT_SSL_CAINFO (which replaces, not extends, the
+    default store); None when there is no upstream_ca, so git keeps its default."""
+    try:
+        extra = upstream_ca.read_text()
+    except OSError:
+        return None
+    if "-----BEGIN CERTIFICATE-----" not in extra:
+        return None
+    system = ssl.get_default_verify_paths().cafile or SYSTEM_CA_BUNDLE
+    try:
+        base = Path(system).read_text()
+    except OSError:
+        base = ""
+    return atomic_write(destination, base.rstrip("\n") + "\n" + extra.strip("\n") + "\n")
+
+
+class Gate:
+    """Mirrors, refresh, forwarding, audit and the HTTP server for one git-gate.yaml."""
+
+    def __init__(self, config: GateConfig, config_path: Path, *, environ: Mapping[str, str] = os.environ,
+                 out: TextIO = sys.stdout, python: str = sys.executable,
+                 pipelock_config: Path = Path(DEFAULT_PIPELOCK_CONFIG), upstream_ca: Path = Path(DEFAULT_UPSTREAM_CA),
+                 backoff: Backoff = FORWARD_BACKOFF):
+        missing = [f"repos[{i}].identity.token_env: {r.identity.token_env}"
+                   for i, r in enumerate(config.repos)
+                   if r.identity.kind == "token" and not environ.get(r.identity.token_env)]
+        if missing:
+            raise MissingTokenError(f"token variables not set in the bundle environment: {', '.join(missing)}")
+        self.config = config
+        self.config_path = config_path.resolve()
+        self.environ = dict(environ)
+        self.python = python
+        self.pipelock_config = pipelock_config
+        self.upstream_ca = upstream_ca
+        self.ca_bundle: Path | None = None  # set by setup() when upstream_ca exists
+        self.tokens = {name: environ[name] for name in config.token_envs()}
+        self.audit = AuditLog(config.audit_log, out, SecretScrubber.credentials(
+            (r.identity.username, self.tokens[r.identity.token_env]) for r in config.repos if r.identity.kind == "token"))
+        self.forwarder = Forwarder(config, self.audit, self.upstream_env, backoff)
+        self.repo_state = {repo.name: _RepoState() for repo in config.repos}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.server: GitCgiServer | None = None
+
+    # -- environments -------------------------------------------------------------------------
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.config.mirrors_dir / SHARED_DIR
+
+    @property
+    def gitconfig(self) -> Path:
+        return self.shared_dir / "gitconfig"
+
+    @property
+    def askpass(self) -> Path:
+        return self.shared_dir / "askpass"
+
+    def base_env(self) -> dict[str, str]:
+        """The daemon's environment without any token variable, with git-gate's global git config."""
+        env = {k: v for k, v in self.environ.items() if k not in self.tokens and not k.startswith("GIT_")}
+        env["GIT_CONFIG_GLOBAL"] = str(self.gitconfig)
+        if "GIT_CONFIG_NOSYSTEM" in self.environ:
+            env["GIT_CONFIG_NOSYSTEM"] = self.environ["GIT_CONFIG_NOSYSTEM"]
+        return env
+
+    def cgi_env(self) -> dict[str, str]:
+        """What http-backend, receive-pack and the hooks run with: a whitelist, no token variables."""
+        keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONDONTWRITEBYTECODE", "GIT_CONFIG_NOSYSTEM",
+                PIPELOCK_TOKEN_ENV)
+        env = {k: self.environ[k] for k in keep if k in self.environ}
+        env["GIT_CONFIG_GLOBAL"] = str(self.gitconfig)
+        return env
+
+    def upstream_env(self, repo: GitRepo) -> dict[str, str]:
+        """Environment for a git that talks to the upstream: the repo's identity, no prompts, no helpers."""
+        env = self.base_env()
+        env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_HTTP_LOW_SPEED_LIMIT": "1000", "GIT_HTTP_LOW_SPEED_TIME": "60"})
+        env.pop("SSH_ASKPASS", None)
+        if self.ca_bundle is not None:
+            env["GIT_SSL_CAINFO"] = str(self.ca_bundle)
+        identity = repo.identity
+        if identity.kind == "token":
+            env.update({"GIT_ASKPASS": str(self.askpass), "GIT_GATE_USERNAME": identity.username,
+                        "GIT_GATE_PASSWORD": self.tokens[identity.token_env]})
+        elif identity.kind == "ssh":
+            known_hosts = self.config.mirrors_dir / "known_hosts"
+            env["GIT_SSH_COMMAND"] = " ".join(shlex.quote(part) for part in (
+                "ssh", "-i", identity.ssh_key, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+                "-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"))
+        return env
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Shared files, then each mirror: created when absent, config and hooks (re)written."""
+        atomic_write(self.gitconfig, GITCONFIG)
+        atomic_write(self.askpass, ASKPASS_SCRIPT, mode=0o755)
+        self.ca_bundle = write_ca_bundle(self.upstream_ca, self.shared_dir / "ca-bundle.pem")
+        self.config.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        env = self.base_env()
+        for repo in self.config.repos:
+            paths = MirrorPaths.of(self.config, repo)
+            if not (paths.root / "HEAD").is_file():
+                result = run_git(["init", "--bare", "--quiet", str(paths.root)], env=env, timeout=60)
+                if result.returncode != 0:
+                    raise OSError(f"git init --bare {paths.root} failed: {git_error_line(result.stderr)}")
+            paths.queue.mkdir(parents=True, exist_ok=True)
+            paths.events.mkdir(parents=True, exist_ok=True)
+            for hook in HOOKS:
+                atomic_write(paths.hooks / hook, hook_script(self.python, PACKAGE_ROOT, self.config_path, repo.name,
+                                                             hook, self.pipelock_config), mode=0o755)
+            for key, value in (("http.receivepack", "true"), ("core.hooksPath", str(paths.hooks)),
+                               ("receive.fsckObjects", "true"), ("receive.denyNonFastForwards", "false"),
+                               ("uploadpack.allowFilter", "true")):
+                result = run_git(["config", key, value], cwd=paths.root, env=env, timeout=60)
+                if result.returncode != 0:
+                    raise OSError(f"git config {key} in {paths.root} failed: {git_error_line(result.stderr)}")
+
+    # -- refresh ------------------------------------------------------------------------------
+
+    def refresh(self, repo: GitRepo, *, min_interval: float = 0.0, timeout: float = BACKGROUND_GIT_TIMEOUT_S) -> bool:
+        """Fetch the upstream's branches and tags into the mirror (no prune; refs awaiting forward are kept)."""
+        state = self.repo_state[repo.name]
+        with state.lock:
+            if time.monotonic() - state.last_refresh < min_interval:
+                return bool(state.last_ok)
+            state.last_refresh = time.monotonic()
+            paths = MirrorPaths.of(self.config, repo)
+            keep = sorted(ref for ref in pending_refs(paths) if ref.startswith(("refs/heads/", "refs/tags/")))
+            env = self.upstream_env(repo)
+            result = run_git(["fetch", "--quiet", "--no-write-fetch-head", "--no-auto-gc", "--", repo.url,
+                              "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*", *(f"^{ref}" for ref in keep)],
+                             cwd=paths.root, env=env, timeout=timeout)
+            ok = result.returncode == 0
+            if ok:
+                self.fix_head(repo, paths, env, timeout)
+            if not ok or state.last_ok is not True:
+                self.audit.emit({"event": "refresh", "repo": repo.name, "accepted": ok,
+                                 "reason": "" if ok else git_error_line(result.stderr)}, audit=False)
+            state.last_ok = ok
+            return ok
+
+    def fix_head(self, repo: GitRepo, paths: MirrorPaths, env: Mapping[str, str], timeout: float) -> None:
+        """Point the mirror's HEAD at the upstream's default branch when its current target does not exist."""
+        head = run_git(["symbolic-ref", "--quiet", "HEAD"], cwd=paths.root, env=env).stdout.decode().strip()
+        if head and run_git(["rev-parse", "--verify", "--quiet", head], cwd=paths.root, env=env).returncode == 0:
+            return
+        result = run_git(["ls-remote", "--symref", "--", repo.url, "HEAD"], cwd=paths.root, env=env, timeout=timeout)
+        for line in result.stdout.decode().splitlines():
+            if line.startswith("ref: ") and line.endswith("\tHEAD"):
+                target = line[len("ref: "):-len("\tHEAD")]
+                if target.startswith("refs/heads/"):
+                    run_git(["symbolic-ref", "HEAD", target], cwd=paths.root, env=env)
+                return
+
+    def refresh_periodically(self) -> None:
+        while not self._stop.is_set():
+            for repo in self.config.repos:
+                if self._stop.is_set():
+                    return
+                self.refresh(repo, min_interval=GUEST_REFRESH_INTERVAL_S)
+            self._stop.wait(self.config.refresh_seconds)
+
+    # -- HTTP hooks ---------------------------------------------------------------------------
+
+    def before_advertisement(self, repo_name: str, service: str) -> None:
+        repo = self.config.repo(repo_name)
+        if repo is not None:
+            self.refresh(repo, min_interval=GUEST_REFRESH_INTERVAL_S, timeout=GUEST_REFRESH_TIMEOUT_S)
+
+    def after_rpc(self, repo_name: str, service: str) -> None:
+        if service != "git-receive-pack":
+            return
+        repo = self.config.repo(repo_name)
+        if repo is not None:
+            self.audit.relay_spooled(MirrorPaths.of(self.config, repo).events)
+        self.forwarder.retry_now()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> GitCgiServer:
+        self.setup()
+        server = GitCgiServer(
+            (self.config.listen_host, self.config.listen_port), self.config.mirrors_dir,
+            [repo.name for repo in self.config.repos], self.cgi_env(),
+            before=self.before_advertisement, after=self.after_rpc,
+            log=lambda record: self.audit.emit(record, audit=False))
+        self.server = server
+        host, port = server.server_address[:2]
+        self.audit.emit({"event": "start", "listen": f"{host}:{port}",
+                         "repos": [repo.name for repo in self.config.repos]}, audit=False)
+        for target, name in ((server.serve_forever, "http"), (self.refresh_periodically, "refresh"),
+                             (self.forwarder.run, "forward")):
+            thread = threading.Thread(target=target, name=f"git-gate-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return server
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.forwarder.stop()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+
+def serve_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bottle_tasks.sidecars.gitgate",
+                                     description=(gitgate_package.__doc__ or "").split("\n")[0])
+    parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help=f"default {DEFAULT_CONFIG}")
+    parser.add_argument("--pipelock-config", type=Path, default=Path(DEFAULT_PIPELOCK_CONFIG),
+                        help=f"where the scan API token is read (default {DEFAULT_PIPELOCK_CONFIG}; "
+                             f"{PIPELOCK_TOKEN_ENV} overrides)")
+    parser.add_argument("--upstream-ca", type=Path, default=Path(DEFAULT_UPSTREAM_CA),
+                        help=f"extra CAs trusted for upstream TLS when the file exists (default {DEFAULT_UPSTREAM_CA})")
+    args = parser.parse_args(list(argv))
+    stopped = install_stop_handlers()
+    try:
+        config = load_config(args.config)
+        gate = Gate(config, args.config, pipelock_config=args.pipelock_config, upstream_ca=args.upstream_ca)
+        gate.start()
+    except (GitGateConfigError, MissingTokenError, OSError) as exc:
+        print(f"git-gate: {exc}", file=sys.stderr, flush=True)
+        return 2
+    wait_for_stop_signal(stopped)
+    gate.stop()
+    return 0

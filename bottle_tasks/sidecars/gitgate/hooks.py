@@ -1,0 +1,157 @@
+"""The mirror's receive hooks and the spool directories they hand work to the daemon through.
+
+git runs ``<name>.git/git-gate/hooks/{pre,post}-receive`` (written by the daemon at every start), which
+run ``python -m bottle_tasks.sidecars.gitgate pre-receive|post-receive --config ... --repo <name>``:
+
+- pre-receive applies the push policy (``policy``), prints one ``git-gate: rejected <ref>: <reason>``
+  line per reason and spools the push record in ``events/``;
+- post-receive spools every accepted ref update in ``queue/`` for the forwarder.
+
+The hooks cannot reach the daemon's stdout (git relays hook output to the client), hence the spools:
+one JSON file per record, named so that names sort in write order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TextIO
+
+from bottle_tasks.contract import GitRepo
+from bottle_tasks.sidecars import dlp
+from bottle_tasks.sidecars.files import atomic_write
+from bottle_tasks.sidecars.gitgate.config import (
+    DEFAULT_CONFIG, DEFAULT_PIPELOCK_CONFIG, GateConfig, GitGateConfigError, load_config,
+)
+from bottle_tasks.sidecars.gitgate.git import is_ancestor
+from bottle_tasks.sidecars.gitgate.policy import SecretScanner, evaluate_push, parse_ref_updates, pipelock_scanner
+
+STATE_DIR = "git-gate"  # inside each <name>.git: hooks/, queue/, events/
+HOOKS = ("pre-receive", "post-receive")
+
+
+@dataclass(frozen=True)
+class MirrorPaths:
+    root: Path  # <mirrors_dir>/<name>.git
+
+    @classmethod
+    def of(cls, config: GateConfig, repo: GitRepo) -> MirrorPaths:
+        return cls(config.mirrors_dir / f"{repo.name}.git")
+
+    @property
+    def hooks(self) -> Path:
+        return self.root / STATE_DIR / "hooks"
+
+    @property
+    def queue(self) -> Path:
+        return self.root / STATE_DIR / "queue"
+
+    @property
+    def events(self) -> Path:
+        return self.root / STATE_DIR / "events"
+
+
+# ---------------------------------------------------------------------------------------------
+# spool directories: the hooks write, the daemon reads
+
+
+def write_spool(directory: Path, record: Mapping[str, Any]) -> Path:
+    """One JSON file, named so that names sort in write order; readers never see half a file."""
+    name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}.json"
+    return atomic_write(directory / name, json.dumps(record) + "\n")
+
+
+def read_spool(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
+    try:
+        names = sorted(name for name in os.listdir(directory) if name.endswith(".json") and not name.startswith("."))
+    except FileNotFoundError:
+        return []
+    entries = []
+    for name in names:
+        try:
+            entries.append((directory / name, json.loads((directory / name).read_text())))
+        except (OSError, ValueError):
+            continue  # removed meanwhile, or not ours
+    return entries
+
+
+def pending_refs(paths: MirrorPaths) -> set[str]:
+    return {str(entry.get("ref")) for _path, entry in read_spool(paths.queue)}
+
+
+# ---------------------------------------------------------------------------------------------
+# hook entry points
+
+
+def hook_pre_receive(config: GateConfig, repo: GitRepo, stdin: str, stderr: TextIO, *,
+                     environ: Mapping[str, str] = os.environ,
+                     pipelock_config: Path = Path(DEFAULT_PIPELOCK_CONFIG)) -> int:
+    paths = MirrorPaths.of(config, repo)
+    updates = parse_ref_updates(stdin)
+    scanner = SecretScanner(pipelock_scanner(config, environ, pipelock_config))
+    decisions = evaluate_push(repo.push, updates, paths.root, scanner, environ)
+    rejected = [d for d in decisions if not d.accepted]
+    for decision in rejected:
+        for reason in decision.reasons:
+            stderr.write(f"git-gate: rejected {decision.update.ref}: {reason}\n")
+    stderr.flush()
+    reasons = [f"{d.update.ref}: {reason}" for d in rejected for reason in d.reasons]
+    write_spool(paths.events, {
+        "ts": round(time.time(), 3), "event": "push", "repo": repo.name,
+        "refs": [{**d.update.as_record(), "reasons": list(d.reasons)} for d in decisions],
+        "accepted": not rejected, "reason": "; ".join(reasons),
+    })
+    return 1 if rejected else 0
+
+
+def hook_post_receive(config: GateConfig, repo: GitRepo, stdin: str, stderr: TextIO, *,
+                      environ: Mapping[str, str] = os.environ) -> int:
+    paths = MirrorPaths.of(config, repo)
+    for update in parse_ref_updates(stdin):
+        rewrite = (not update.created and not update.deleted
+                   and (update.ref.startswith("refs/tags/") or not is_ancestor(paths.root, update.old, update.new, environ)))
+        write_spool(paths.queue, {**update.as_record(), "force": rewrite, "queued_at": round(time.time(), 3)})
+        stderr.write(f"git-gate: accepted {update.ref}; forwarding it to the upstream\n")
+    stderr.flush()
+    return 0
+
+
+def hook_main(argv: Sequence[str]) -> int:
+    hook = argv[0]
+    parser = argparse.ArgumentParser(prog=f"python -m bottle_tasks.sidecars.gitgate {hook}")
+    parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    parser.add_argument("--repo", required=True)
+    parser.add_argument("--pipelock-config", type=Path, default=Path(DEFAULT_PIPELOCK_CONFIG))
+    args = parser.parse_args(list(argv[1:]))
+    try:
+        config = load_config(args.config)
+        repo = config.repo(args.repo)
+        if repo is None:
+            raise GitGateConfigError(f"{args.config}: repos: no repo named {args.repo!r}")
+        stdin = sys.stdin.read()
+        if hook == "pre-receive":
+            return hook_pre_receive(config, repo, stdin, sys.stderr, pipelock_config=args.pipelock_config)
+        return hook_post_receive(config, repo, stdin, sys.stderr)
+    except Exception as exc:  # fail closed, and never with a traceback that could quote content
+        sys.stderr.write(f"git-gate: {hook} failed ({type(exc).__name__}: {dlp.redact(str(exc))[:300]}); "
+                         f"{'push rejected' if hook == 'pre-receive' else 'the push is in the mirror but not queued'}\n")
+        return 1
+
+
+def hook_script(python: str, package_root: Path, config_path: Path, repo: str, hook: str,
+                pipelock_config: Path) -> str:
+    q = shlex.quote
+    return (
+        "#!/bin/sh\n"
+        "# Written by git-gate at every start (bottle_tasks/sidecars/gitgate/hooks.py); edits are lost.\n"
+        f"PYTHONPATH={q(str(package_root))}; export PYTHONPATH\n"
+        f"exec {q(python)} -m bottle_tasks.sidecars.gitgate {hook} --config {q(str(config_path))} "
+        f"--repo {q(repo)} --pipelock-config {q(str(pipelock_config))}\n"
+    )

@@ -27,7 +27,7 @@ def sh(*argv: str, input: str | None = None) -> str:
 
 
 def floor_up(plan) -> None:
-    """The same bottle with plain docker calls: 2 networks, bundle (healthy), guest, fence, exec."""
+    """The same bottle with plain docker calls: 2 networks, bundle (healthy), fenced holder, guest, exec."""
     net, b, g = plan.network, plan.bundle, plan.guest
     sh("docker", "network", "create", "--internal", "--subnet", net.guest_side.subnet, "--gateway", net.guest_side.gateway, net.guest_side.name)
     sh("docker", "network", "create", "--subnet", net.outbound.subnet, "--gateway", net.outbound.gateway, net.outbound.name)
@@ -40,21 +40,29 @@ def floor_up(plan) -> None:
     sh("docker", "start", b.name)
     while sh("docker", "inspect", "-f", "{{.State.Health.Status}}", b.name).strip() != "healthy":
         pass
-    sh("docker", "create", "--name", g.name, "--network", net.guest_side.name, "--ip", net.guest_ip,
-       "--dns", net.bundle_ip, "--cap-drop", "ALL", "--env-file", str(plan.guest.env_file.host_path),
+    # The fenced namespace holder, then the guest in it (backends/docker.py's topology).
+    holder = f"bottle-{plan.slug}-guestnet"
+    v4, v6 = render("guest-fence.rules.j2", plan), render("guest-fence6.rules.j2", plan)
+    sh("docker", "create", "--name", holder, "--network", net.guest_side.name, "--ip", net.guest_ip,
+       "--dns", net.bundle_ip, "--sysctl", "net.ipv6.conf.all.disable_ipv6=1", "--cap-drop", "ALL",
+       "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW", "--env", f"V4={v4}", "--env", f"V6={v6}",
+       "--entrypoint", "/bin/sh", plan.bundle_image.tag, "-c",
+       'printf "%s\\n" "$V4" | iptables-restore && printf "%s\\n" "$V6" | ip6tables-restore && touch /run/f && exec sleep infinity')
+    sh("docker", "start", holder)
+    while subprocess.run(["docker", "exec", holder, "test", "-e", "/run/f"], capture_output=True).returncode != 0:
+        pass
+    sh("docker", "create", "--name", g.name, "--network", f"container:{holder}", "--cap-drop", "ALL",
+       "--env-file", str(plan.guest.env_file.host_path),
        *sum((["--mount", m.docker_arg()] for m in g.mounts), []), plan.agent_image.tag, "sleep", "infinity")
     sh("docker", "start", g.name)
-    for tool, tpl in (("iptables-restore", "guest-fence.rules.j2"), ("ip6tables-restore", "guest-fence6.rules.j2")):
-        sh("docker", "run", "--rm", "-i", "--network", f"container:{g.name}", "--cap-drop", "ALL",
-           "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW", "--entrypoint", tool, plan.bundle_image.tag,
-           input=render(tpl, plan))
     sh("docker", "cp", str(plan.ca_cert), f"{g.name}:/usr/local/share/ca-certificates/claude-bottle.crt")
     sh("docker", "exec", "-u", "root", g.name, "update-ca-certificates")
     sh("docker", "exec", g.name, "true")
 
 
 def floor_down(plan) -> None:
-    subprocess.run(["docker", "rm", "-f", plan.guest.name, plan.bundle.name], capture_output=True)
+    subprocess.run(["docker", "rm", "-f", plan.guest.name, f"bottle-{plan.slug}-guestnet", plan.bundle.name],
+                   capture_output=True)
     subprocess.run(["docker", "network", "rm", plan.network.guest_side.name, plan.network.outbound.name], capture_output=True)
 
 

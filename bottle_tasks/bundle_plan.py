@@ -22,6 +22,9 @@ CONFIG_DIR = "/etc/bottle"
 CA_DIR = f"{CONFIG_DIR}/ca"
 UPSTREAM_CA = f"{CONFIG_DIR}/upstream-ca.pem"
 DAEMON_TABLE = f"{CONFIG_DIR}/daemons.json"
+# The secret values, written into the container (0600, root) before it starts; init hands each daemon
+# only the variables its record names, so they are in no container's Config.Env.
+SECRETS_FILE = "/var/lib/bottle/secrets.json"
 GIT_DIR = "/var/lib/bottle/git"
 SUPERVISE_DIR = "/var/lib/bottle/supervise"
 # Ports.
@@ -63,6 +66,11 @@ class BundleDaemon:
     guest_ports: tuple[tuple[str, int], ...] = ()    # (protocol, port) the guest may reach
     files: tuple[ConfigFile, ...] = ()               # its own config files
     state: tuple[StateDir, ...] = ()
+    secrets: tuple[str, ...] = ()                    # the secret variables it (and only it) gets
+    # Its share of the bundle's limits (docker --memory, --pids-limit), generous for a busy agent:
+    # a daemon the guest floods runs into the bundle's ceiling, not the host's.
+    memory_mib: int = 64
+    pids: int = 32
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,11 @@ class BundleInputs:
     config_dir: Path                      # host: where rendered files go
     pipelock: bool
     upstream_ca: Path | None
+    route_secrets: tuple[str, ...] = ()   # token slots' variables (egress fills them)
+    git_secrets: tuple[str, ...] = ()     # git token identities' variables (git-gate forwards with them)
     git_config: Path | None = None        # host: git-gate.yaml; None: the agent uses no git
     git_mirrors: Path | None = None       # host: the mirrors dir, kept by clean
+    git_approvals: Path | None = None     # host: the supervise state dir, when git-gate holds pushes for a human
     ssh_keys: tuple[ConfigFile, ...] = ()  # repos' SSH identities, mounted as they are
     supervise_config: Path | None = None  # host: supervise.yaml; None: nothing is supervised
     supervise_state: Path | None = None   # host: requests, decisions, history
@@ -92,6 +103,9 @@ def egress(p: BundleInputs) -> BundleDaemon:
         probe=("tcp", f"{p.bundle_ip}:{EGRESS_PORT}"),
         guest_ports=(("tcp", EGRESS_PORT),),
         files=(routes,),
+        secrets=p.route_secrets,
+        memory_mib=512,             # mitmproxy, bodies it scans, one thread per scan
+        pids=96,
     )
 
 
@@ -101,13 +115,13 @@ def pipelock(p: BundleInputs) -> BundleDaemon | None:
     # 0600: it holds the scan API's bearer token.
     config = ConfigFile(p.config_dir / "pipelock.yaml", f"{CONFIG_DIR}/pipelock.yaml", "pipelock.yaml.j2", 0o600)
     return BundleDaemon("pipelock", ("pipelock", "run", "--config", config.target),
-                        probe=("http", f"http://{PIPELOCK_LISTEN}/health"), files=(config,))
+                        probe=("http", f"http://{PIPELOCK_LISTEN}/health"), files=(config,), memory_mib=256, pids=64)
 
 
 def dns(p: BundleInputs) -> BundleDaemon:
     listen = f"{p.bundle_ip}:{DNS_PORT}"
     return BundleDaemon("dns", _python("dnssink", "--listen", listen), probe=("dns", listen),
-                        guest_ports=(("udp", DNS_PORT), ("tcp", DNS_PORT)))
+                        guest_ports=(("udp", DNS_PORT), ("tcp", DNS_PORT)), memory_mib=48, pids=80)
 
 
 def git_gate(p: BundleInputs) -> BundleDaemon | None:
@@ -121,7 +135,11 @@ def git_gate(p: BundleInputs) -> BundleDaemon | None:
         probe=("tcp", f"{p.bundle_ip}:{GIT_GATE_PORT}"),
         guest_ports=(("tcp", GIT_GATE_PORT),),
         files=(config, *p.ssh_keys),
-        state=(StateDir(p.git_mirrors, GIT_DIR),),
+        state=(StateDir(p.git_mirrors, GIT_DIR),
+               *((StateDir(p.git_approvals, SUPERVISE_DIR),) if p.git_approvals else ())),
+        secrets=p.git_secrets,
+        memory_mib=512,             # git pack-objects and index-pack, per connection
+        pids=320,                   # 64 connections, each with http-backend and its git children
     )
 
 
@@ -135,6 +153,8 @@ def supervise(p: BundleInputs) -> BundleDaemon | None:
         guest_ports=(("tcp", SUPERVISE_PORT),),
         files=(config,),
         state=(StateDir(p.supervise_state, SUPERVISE_DIR),),
+        memory_mib=64,
+        pids=160,                   # a thread per long poll
     )
 
 
@@ -144,6 +164,16 @@ DAEMON_BUILDERS: tuple[Callable[[BundleInputs], BundleDaemon | None], ...] = (eg
 
 def bundle_daemons(p: BundleInputs) -> tuple[BundleDaemon, ...]:
     return tuple(d for d in (build(p) for build in DAEMON_BUILDERS) if d is not None)
+
+
+# init itself, its output pumps, the health check docker execs every second.
+BASE_MEMORY_MIB = 64
+BASE_PIDS = 32
+
+
+def bundle_limits(daemons: tuple[BundleDaemon, ...]) -> tuple[int, int]:
+    """(memory in MiB, pids) for the bundle: the daemons' shares plus init's."""
+    return (BASE_MEMORY_MIB + sum(d.memory_mib for d in daemons), BASE_PIDS + sum(d.pids for d in daemons))
 
 
 def shared_files(p: BundleInputs, ca_dir: Path) -> tuple[ConfigFile, ...]:

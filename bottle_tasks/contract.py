@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 PLACEHOLDER_PREFIX = "bottle-placeholder-"
 VALUE_MARKER = "{value}"
+DEFAULT_MAX_PUSH_BYTES = 100 * 1024 * 1024  # git-gate's receive.maxInputSize unless git.max_push_bytes says otherwise
+DEFAULT_ROUTE_PORTS = (443, 80)  # a route's ports unless routes[].ports says otherwise: https, plain http
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body, as sent and decoded, unless routes[].max_body_bytes says otherwise
 
 
 def normalize_host(host: str) -> str:
@@ -45,6 +48,8 @@ class Route:
     paths: tuple[str, ...] = ()        # fnmatch globs on the path; () = any path
     private_network: bool = False      # the host may resolve to a private address
     token: TokenSlot | None = None
+    ports: tuple[int, ...] = DEFAULT_ROUTE_PORTS  # destination ports, checked at CONNECT and per request
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request body limit, as sent and once decoded
 
     def matches_host(self, host: str) -> bool:
         host = normalize_host(host)
@@ -52,6 +57,9 @@ class Route:
             suffix = self.host[1:]  # ".example.com": subdomains only, not the apex
             return host.endswith(suffix) and len(host) > len(suffix)
         return host == self.host
+
+    def allows_port(self, port: int) -> bool:
+        return port in self.ports
 
     def allows_method(self, method: str) -> bool:
         return not self.methods or method.upper() in self.methods
@@ -80,6 +88,7 @@ class PushPolicy:
     force: bool = False
     delete: bool = False
     tags: bool = False
+    approve: bool = False           # a push waits in the supervise queue until a human approves it
 
     def branch_allowed(self, branch: str) -> bool:
         return any(fnmatch.fnmatchcase(branch, glob) for glob in self.branches)
@@ -99,3 +108,5 @@ class SupervisePolicy:
 
     tools: tuple[str, ...]   # Claude Code permission-rule patterns, e.g. "Bash(git push:*)"
     timeout: int = 300       # seconds; no decision by then means deny
+    max_pending: int = 32    # requests waiting for a human at once; more get 429
+    max_requests_per_minute: int = 60  # new requests in any 60 s; more get 429

@@ -42,13 +42,13 @@ class Docker:
     # -- commands --------------------------------------------------------------------------------
 
     def __call__(self, *args: str, check: bool = True, env: Mapping[str, str] | None = None,
-                 input: str | None = None, timeout: float | None = None, capture: bool = True) -> Result:
+                 input: str | bytes | None = None, timeout: float | None = None, capture: bool = True) -> Result:
         """Run `docker ARGS`. It may change what the cache describes, so the cache is dropped."""
         self.invalidate()
         return self.query(*args, check=check, env=env, input=input, timeout=timeout, capture=capture)
 
     def query(self, *args: str, check: bool = True, env: Mapping[str, str] | None = None,
-              input: str | None = None, timeout: float | None = None, capture: bool = True) -> Result:
+              input: str | bytes | None = None, timeout: float | None = None, capture: bool = True) -> Result:
         """Run a docker command that changes nothing (inspect, ls, logs, port): the cache stays."""
         try:
             result = self._run([self.binary, *args], check=check, env=env, input=input, timeout=timeout,

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from bottle_tasks.bundle_plan import (
-    DAEMON_TABLE, EGRESS_PORT, GIT_GATE_PORT, SUPERVISE_PORT, BundleDaemon, BundleInputs, ConfigFile, StateDir,
-    bundle_daemons, shared_files,
+    DAEMON_TABLE, EGRESS_PORT, SECRETS_FILE, GIT_GATE_PORT, SUPERVISE_PORT, BundleDaemon, BundleInputs, ConfigFile, StateDir,
+    bundle_daemons, bundle_limits, shared_files,
 )
-from bottle_tasks.contract import GitRepo, Route, SupervisePolicy, TokenSlot
+from bottle_tasks.contract import DEFAULT_MAX_PUSH_BYTES, GitRepo, Route, SupervisePolicy, TokenSlot
+from bottle_tasks.errors import BottleError
 from bottle_tasks.labels import LABEL, STATE_LABEL, SLUG_LABEL, label_args
 from bottle_tasks.settings import Settings
 from bottle_tasks.spec import AgentSpec, GitUser
@@ -33,6 +34,8 @@ GUEST_SKILLS_DIR = f"{GUEST_HOME}/.claude/skills"
 # supervise lives where the agent cannot edit it: root-owned files, and Claude Code's managed
 # (policy) settings, which user and project settings cannot override.
 GUEST_SUPERVISE_DIR = "/etc/claude-bottle"
+# Skills are stored root-owned under it; the agent's skills dir holds links to them.
+GUEST_SKILLS_STORE = f"{GUEST_SUPERVISE_DIR}/skills"
 GUEST_SUPERVISE_CONFIG = f"{GUEST_SUPERVISE_DIR}/supervise.json"
 GUEST_SUPERVISE_HOOK = f"{GUEST_SUPERVISE_DIR}/supervise_hook.py"
 GUEST_CLAUDE_MANAGED_SETTINGS = "/etc/claude-code/managed-settings.json"
@@ -100,7 +103,9 @@ class BundlePlan:
     daemons: tuple[BundleDaemon, ...]          # bundle_plan.py: the one list
     shared_files: tuple[ConfigFile, ...]       # read by several daemons (CA, daemon table)
     env: tuple[tuple[str, str], ...]           # non-secret
-    secret_env_names: tuple[str, ...]          # passed by name; values come from the host env
+    memory_mib: int                            # docker --memory (and --memory-swap: no swap on top)
+    pids: int                                  # docker --pids-limit
+    secret_env_names: tuple[str, ...]          # host variables whose values the bundle's secrets file holds
     egress_url: str
 
     @property
@@ -114,7 +119,7 @@ class BundlePlan:
 
     @property
     def state_dirs(self) -> tuple[StateDir, ...]:
-        return tuple(s for d in self.daemons for s in d.state)
+        return tuple(dict.fromkeys(s for d in self.daemons for s in d.state))  # one mount for a dir daemons share
 
     @property
     def mounts(self) -> tuple[Mount, ...]:
@@ -154,6 +159,8 @@ class GitPlan:
     config_file: Path                    # rendered git-gate.yaml
     mirrors_dir: Path                    # host state dir: mirrors, audit log; kept by clean
     url: str                             # http://<bundle-ip>:8081 as the guest sees it
+    max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES   # receive.maxInputSize of every mirror
+    approval_timeout: int | None = None  # seconds a push held for a human waits (supervise.timeout); None: none is held
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,22 @@ def backend_name(spec: AgentSpec, settings: Settings) -> str:
     return settings.backend or spec.backend or "docker"
 
 
+def covers_git_push(rule: str) -> bool:
+    """Whether a supervise rule is about git pushes, so git-gate holds every push for a human: it
+    matches the command ``git push`` (``Bash(git push:*)``, ``Bash(git push*)``, ``Bash(git:*)``,
+    ``Bash``, ``*``), or it names a narrower push (``Bash(git push origin main)``), since git-gate
+    cannot tell how git was invoked in the guest."""
+    from bottle_tasks.guest.supervise_hook import HookError, compile_pattern
+
+    try:
+        if compile_pattern(rule)("Bash", {"command": "git push"}, ""):
+            return True
+    except HookError:
+        return False
+    tool, _, spec = rule.strip().partition("(")
+    return tool == "Bash" and " ".join(spec.removesuffix(")").split()).startswith("git push")
+
+
 def hook_matcher(patterns: tuple[str, ...]) -> str:
     """The settings.json ``matcher`` (a regex on tool_name) that sends exactly the tools the
     patterns can match to the hook: ``["Bash(git push:*)", "WebFetch"]`` -> ``Bash|WebFetch``."""
@@ -298,12 +321,22 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
     supervise = _supervise_plan(spec.supervise, state, config, network) if spec.supervise else None
     inputs = BundleInputs(
         bundle_ip=network.bundle_ip, config_dir=config, pipelock=pipelock, upstream_ca=settings.upstream_ca_certs,
+        route_secrets=tuple(sorted({slot.env for slot in spec.token_slots})),
+        git_secrets=tuple(sorted({r.identity.token_env for r in spec.git_repos if r.identity.kind == "token"})),
         git_config=git.config_file if git else None, git_mirrors=git.mirrors_dir if git else None,
+        git_approvals=supervise.state_dir if supervise and git and git.approval_timeout else None,
         ssh_keys=tuple(ConfigFile(Path(source), repo.identity.ssh_key, origin=f"git.repos[{i}].identity.ssh_key")
                        for i, (repo, source) in enumerate(zip(git.repos, git.ssh_key_sources)) if source) if git else (),
         supervise_config=supervise.config_file if supervise else None,
         supervise_state=supervise.state_dir if supervise else None)
     daemons = bundle_daemons(inputs)
+    memory_mib, pids = bundle_limits(daemons)
+    if spec.resources.bundle_memory:
+        memory_mib = _mebibytes(spec.resources.bundle_memory)
+        if memory_mib < 256:
+            raise BottleError(f"{spec.path}: resources.bundle.memory {spec.resources.bundle_memory} is below 256m, "
+                              f"too little for the bundle's daemons ({', '.join(d.name for d in daemons)}); "
+                              "raise it, or leave it out for the sized default")
 
     secret_envs = tuple(
         [SecretEnv(r.token.env, f"routes[{i}].token.env") for i, r in enumerate(spec.routes) if r.token]
@@ -313,7 +346,10 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         name=f"bottle-{slug}-bundle",
         daemons=daemons,
         shared_files=shared_files(inputs, state / "ca"),
-        env=(("BUNDLE_DAEMONS", ",".join(d.name for d in daemons)), ("BOTTLE_DAEMON_TABLE", DAEMON_TABLE)),
+        env=(("BUNDLE_DAEMONS", ",".join(d.name for d in daemons)), ("BOTTLE_DAEMON_TABLE", DAEMON_TABLE),
+             ("BOTTLE_SECRETS_FILE", SECRETS_FILE)),
+        memory_mib=memory_mib,
+        pids=spec.resources.bundle_pids or pids,
         secret_env_names=tuple(sorted({s.name for s in secret_envs})),
         egress_url=egress_url,
     )
@@ -363,15 +399,24 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
     )
 
 
+def _mebibytes(size: str) -> int:
+    """'1536m' or '2g' (the schema allows only these) in MiB."""
+    return int(size[:-1]) * (1024 if size[-1].lower() == "g" else 1)
+
+
 def _git_plan(spec: AgentSpec, state: Path, config: Path, network: NetworkPlan) -> GitPlan:
     default_branches = (f"bottle/{spec.name}/*",)
     repos = tuple(
         replace(r, push=replace(r.push, branches=r.push.branches or default_branches),
                 identity=replace(r.identity, ssh_key=BUNDLE_SSH_KEY.format(repo=r.name) if r.identity.ssh_key else ""))
         for r in spec.git_repos)
+    if spec.supervise is not None and any(covers_git_push(rule) for rule in spec.supervise.tools):
+        repos = tuple(replace(r, push=replace(r.push, approve=True)) for r in repos)
+    held = spec.supervise is not None and any(r.push.approve for r in repos)  # spec: approve needs supervise
     return GitPlan(user=spec.git_user, repos=repos, ssh_key_sources=tuple(r.identity.ssh_key for r in spec.git_repos),
                    config_file=config / "git-gate.yaml", mirrors_dir=state / "git",
-                   url=f"http://{network.bundle_ip}:{GIT_GATE_PORT}")
+                   url=f"http://{network.bundle_ip}:{GIT_GATE_PORT}", max_push_bytes=spec.git_max_push_bytes,
+                   approval_timeout=spec.supervise.timeout if held else None)
 
 
 def _supervise_plan(policy: SupervisePolicy, state: Path, config: Path, network: NetworkPlan) -> SupervisePlan:

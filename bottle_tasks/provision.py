@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bottle_tasks.backends.base import Guest
 from bottle_tasks.plan import (
-    GUEST_CA_BUNDLE, GUEST_CA_PATH, GUEST_SKILLS_DIR, GUEST_SUPERVISE_DIR, GUEST_SUPERVISE_HOOK, GUEST_WORKSPACE, Plan,
+    GUEST_CA_BUNDLE, GUEST_CA_PATH, GUEST_SKILLS_DIR, GUEST_SKILLS_STORE, GUEST_SUPERVISE_DIR, GUEST_SUPERVISE_HOOK, GUEST_WORKSPACE, Plan,
 )
 
 SUPERVISE_HOOK_SOURCE = Path(__file__).parent / "guest" / "supervise_hook.py"
@@ -27,14 +27,22 @@ def provision_prompt(plan: Plan, guest: Guest) -> None:
 
 
 def provision_skills(plan: Plan, guest: Guest) -> None:
+    """Root copies each skill into a root-owned store the agent cannot touch; the agent then links them
+    into ~/.claude/skills with its own rights. Root never writes through a path the agent controls (the
+    agent may have made ~/.claude/skills a link to anywhere), and the agent cannot rewrite a skill."""
     if not plan.skills:
         return
-    guest.exec(["mkdir", "-p", GUEST_SKILLS_DIR])
+    guest.exec(["mkdir", "-p", GUEST_SKILLS_STORE], user="root")
+    stored = []
     for skill in plan.skills:
-        dest = f"{GUEST_SKILLS_DIR}/{skill.name}"
-        guest.exec(["rm", "-rf", dest])
-        # docker cp leaves the copy root-owned: readable by the agent, not rewritable by it.
-        guest.copy(skill, dest)
+        target = f"{GUEST_SKILLS_STORE}/{skill.name}"
+        guest.exec(["rm", "-rf", target], user="root")
+        guest.copy(skill, target)
+        stored.append(target)
+    guest.exec(["chmod", "-R", "a+rX,go-w", *stored], user="root")     # readable by the agent, never writable
+    link = ('set -e; d="$1"; shift; if [ -L "$d" ] || [ ! -d "$d" ]; then rm -f "$d"; mkdir -p "$d"; fi; '
+            'for s in "$@"; do rm -rf "$d/${s##*/}" 2>/dev/null || true; ln -sfn "$s" "$d/${s##*/}"; done')
+    guest.exec(["sh", "-c", link, "sh", GUEST_SKILLS_DIR, *stored])
 
 
 def provision(plan: Plan, guest: Guest) -> None:

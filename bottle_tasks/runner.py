@@ -43,23 +43,28 @@ def run(
     *,
     check: bool = True,
     env: Mapping[str, str] | None = None,
-    input: str | None = None,
+    input: str | bytes | None = None,
     timeout: float | None = None,
     capture: bool = True,
 ) -> Result:
-    """Run argv; `env` entries are added to the current environment (use it for secrets)."""
+    """Run argv; `env` entries are added to the current environment, and `input` goes to stdin (use
+    either for secrets). Bytes input (a tar stream) is passed as is; output is text either way."""
     argv = [str(a) for a in argv]
     full_env = {**os.environ, **env} if env else None
+    binary = isinstance(input, bytes)
     try:
         proc = subprocess.run(
-            argv, env=full_env, input=input, timeout=timeout, text=True,
+            argv, env=full_env, input=input, timeout=timeout, text=not binary,
             stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None,
         )
     except FileNotFoundError:
         raise ToolMissing(f"{argv[0]} is not installed or not on PATH (needed for: {shlex.join(argv[:3])} ...)") from None
     except subprocess.TimeoutExpired as exc:
         raise CommandError(argv, -1, f"timed out after {timeout}s\n{exc.stderr or ''}") from None
-    result = Result(tuple(argv), proc.returncode, proc.stdout or "", proc.stderr or "")
+    out, err = proc.stdout or "", proc.stderr or ""
+    if binary:
+        out, err = (stream.decode("utf-8", "replace") if stream else "" for stream in (out, err))
+    result = Result(tuple(argv), proc.returncode, out, err)
     if check and not result.ok:
         raise CommandError(argv, result.returncode, result.stderr)
     return result

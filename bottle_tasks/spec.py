@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from bottle_tasks.contract import GitIdentity, GitRepo, PushPolicy, Route, SupervisePolicy, TokenSlot
+from bottle_tasks.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PUSH_BYTES, DEFAULT_ROUTE_PORTS, GitIdentity, GitRepo, PushPolicy, Route, SupervisePolicy, TokenSlot
 from bottle_tasks.errors import BottleError
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "agent.schema.json"
@@ -41,6 +41,8 @@ class Resources:
     cpus: float | None = None
     memory: str | None = None
     pids: int = 512
+    bundle_memory: str | None = None     # resources.bundle: None means sized from the bundle's daemons
+    bundle_pids: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class AgentSpec:
     subnet: str | None = None
     git_user: GitUser = field(default_factory=GitUser)
     git_repos: tuple[GitRepo, ...] = ()
+    git_max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES
     supervise: SupervisePolicy | None = None
 
     @property
@@ -217,11 +220,17 @@ def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
             paths=tuple(raw.get("paths", ())),
             private_network=bool(raw.get("private_network", False)),
             token=token,
+            ports=tuple(raw.get("ports", DEFAULT_ROUTE_PORTS)),
+            max_body_bytes=raw.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
         ))
     git_user, git_repos = _git(path, data.get("git", {}))
     supervise = None
     if "supervise" in data and data["supervise"].get("tools"):
         supervise = SupervisePolicy(tools=tuple(data["supervise"]["tools"]), timeout=data["supervise"].get("timeout", 300))
+    for i, repo in enumerate(git_repos):
+        if repo.push.approve and supervise is None:
+            raise SpecError(path, f"git.repos[{i}].push.approve", "a push waiting for approval needs a supervise section",
+                            'Add supervise: {tools: ["Bash(git push:*)"]}; doit approve then decides')
     backend = data.get("backend")
     if backend is not None:
         from bottle_tasks.backends import BACKENDS
@@ -245,11 +254,13 @@ def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
         routes=tuple(routes),
         env=tuple(sorted(data.get("env", {}).items())),
         backend=backend,
-        resources=Resources(cpus=res.get("cpus"), memory=res.get("memory"), pids=res.get("pids", 512)),
+        resources=Resources(cpus=res.get("cpus"), memory=res.get("memory"), pids=res.get("pids", 512),
+                            bundle_memory=res.get("bundle", {}).get("memory"), bundle_pids=res.get("bundle", {}).get("pids")),
         workspace_host_path=host_path,
         subnet=data.get("network", {}).get("subnet"),
         git_user=git_user,
         git_repos=git_repos,
+        git_max_push_bytes=data.get("git", {}).get("max_push_bytes", DEFAULT_MAX_PUSH_BYTES),
         supervise=supervise,
     )
 
@@ -285,6 +296,7 @@ def _git(path: Path, raw: dict[str, Any]) -> tuple[GitUser, tuple[GitRepo, ...]]
                                  username=identity.get("username", "x-access-token"),
                                  ssh_key=str(ssh_key) if ssh_key else ""),
             push=PushPolicy(branches=tuple(push.get("branches", ())), force=push.get("force", False),
-                            delete=push.get("delete", False), tags=push.get("tags", False)),
+                            delete=push.get("delete", False), tags=push.get("tags", False),
+                            approve=push.get("approve", False)),
         ))
     return user, tuple(repos)

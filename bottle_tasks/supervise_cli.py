@@ -10,14 +10,20 @@ bundle nor docker: a decision is a file the daemon picks up (docs/bundle-contrac
 
 Errors are one line (``unknown request id 'x'``, ``request ... was already approved by ...``)
 and exit 1.
+
+What the agent wrote (tool, summary, input) reaches the terminal and the desktop notification
+only through ``printable``: control characters (C0, DEL, C1, so every ANSI escape sequence) and
+the invisible bidi/line controls show as ``\x1b`` / ``\u202e`` instead of acting.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +32,19 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from bottle_tasks.sidecars.supervise_store import Request, Store, SuperviseError
+
+
+# C0 (newline and tab too: one field, one line), DEL, C1; bidi overrides, isolates and marks and the
+# Unicode line separators, which could make the text read differently from what it is.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def printable(text: object) -> str:
+    """text with every control character spelled out: ESC -> ``\\x1b``, U+202E -> ``\\u202e``."""
+    def spell(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return _UNPRINTABLE.sub(spell, str(text))
 
 
 def _duration(seconds: float) -> str:
@@ -38,15 +57,15 @@ def _duration(seconds: float) -> str:
 
 
 def format_request(request: Request) -> str:
-    """One pending request: id, age, tool, summary, full input, time left."""
+    """One pending request: id, age, tool, summary, full input, time left; every field printable."""
     body = json.dumps(request.input, indent=2, ensure_ascii=False, sort_keys=True)
     return "\n".join([
-        f"request {request.id}  ({_duration(request.age_seconds())} ago, "
-        f"{_duration(request.seconds_left())} left, expires {request.expires_at})",
-        f"  tool:    {request.tool}",
-        f"  summary: {request.summary}",
+        f"request {printable(request.id)}  ({_duration(request.age_seconds())} ago, "
+        f"{_duration(request.seconds_left())} left, expires {printable(request.expires_at)})",
+        f"  tool:    {printable(request.tool)}",
+        f"  summary: {printable(request.summary)}",
         "  input:",
-        *(f"    {line}" for line in body.splitlines()),
+        *(f"    {printable(line)}" for line in body.split("\n")),
     ])
 
 
@@ -91,12 +110,15 @@ def decide(state_dir: Path | str, request_id: str, decision: str, by: str | None
 
 
 def notify_send(request: Request) -> None:
-    """A desktop notification when notify-send exists; silently nothing otherwise."""
+    """A desktop notification when notify-send exists; silently nothing otherwise. The agent's text
+    is printable and markup-escaped (notification servers may render <b>, <a>, <img>)."""
     if not shutil.which("notify-send"):
         return
+    title = f"claude-bottle: approve {printable(request.tool)[:100]}?"
+    body = f"{printable(request.summary[:200])}\n{printable(request.id)}"
     try:
-        subprocess.run(["notify-send", "--app-name=claude-bottle", f"claude-bottle: approve {request.tool}?",
-                        f"{request.summary[:200]}\n{request.id}"], timeout=5, capture_output=True)
+        subprocess.run(["notify-send", "--app-name=claude-bottle", "--", html.escape(title, quote=False),
+                        html.escape(body, quote=False)], timeout=5, capture_output=True)
     except (OSError, subprocess.SubprocessError):
         pass
 
@@ -109,7 +131,7 @@ def watch(state_dir: Path | str, interval: float = 2.0, notify: bool = True, *, 
     stream = out or sys.stdout
     stop = stop or threading.Event()
     seen: set[str] = set()
-    print(f"watching {store.state_dir} for supervise requests (Ctrl-C to stop)", file=stream, flush=True)
+    print(f"watching {printable(store.state_dir)} for supervise requests (Ctrl-C to stop)", file=stream, flush=True)
     try:
         while not stop.is_set():
             for request in store.list_pending():
@@ -117,7 +139,8 @@ def watch(state_dir: Path | str, interval: float = 2.0, notify: bool = True, *, 
                     continue
                 seen.add(request.id)
                 print(format_request(request), file=stream)
-                print(f"  decide: approve {request.id} / deny {request.id} --reason ...\n", file=stream, flush=True)
+                safe_id = printable(request.id)
+                print(f"  decide: approve {safe_id} / deny {safe_id} --reason ...\n", file=stream, flush=True)
                 if notify:
                     notify_send(request)
             stop.wait(interval)
@@ -144,11 +167,12 @@ def main(argv: Iterable[str] | None = None) -> int:
             print(format_pending(args.state_dir))
         elif args.command in ("approve", "deny"):
             request = decide(args.state_dir, args.id, args.command, args.by, args.reason)
-            print(f"{request.id}: {request.status} by {request.by}" + (f" ({request.reason})" if request.reason else ""))
+            print(printable(f"{request.id}: {request.status} by {request.by}")
+                  + (f" ({printable(request.reason)})" if request.reason else ""))
         else:
             watch(args.state_dir, args.interval, not args.no_notify)
     except SuperviseError as error:
-        print(f"supervise: {error}", file=sys.stderr)
+        print(f"supervise: {printable(error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -87,6 +87,11 @@ class Backend(ABC):
 
     # ---- the bottle -------------------------------------------------------------------------------
 
+    def watch_names(self, plan: "Plan") -> tuple[str, ...]:
+        """The docker objects this run's probes read: inspected in one call (docker_cli.Docker.watch)."""
+        return (plan.guest.name, plan.bundle.name, *(b.name for b in plan.network.bridges),
+                plan.agent_image.tag, plan.bundle_image.tag)
+
     @abstractmethod
     def preflight(self, plan: "Plan") -> None:
         """Cheap checks before anything is built: names free, subnets free, the backend's tools."""

@@ -10,13 +10,17 @@ so an edited policy recreates it.
 from __future__ import annotations
 
 import hashlib
+import io
 import ipaddress
+import json
 import sys
+import tarfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Mapping
 
 from bottle_tasks.backends.base import Backend
+from bottle_tasks.bundle_plan import SECRETS_FILE
 from bottle_tasks.errors import BottleError
 from bottle_tasks.labels import FINGERPRINT_LABEL, SLUG_LABEL
 from bottle_tasks.plan import Bridge, Mount, Plan
@@ -43,6 +47,17 @@ def content_digest(path: Path | None) -> str:
         h.update(file.read_bytes())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def secrets_archive(secrets: Mapping[str, str]) -> bytes:
+    """A tar stream holding SECRETS_FILE (root, 0600) with the secret values by variable name."""
+    data = json.dumps(dict(sorted(secrets.items()))).encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(PurePosixPath(SECRETS_FILE).name)
+        info.size, info.mode, info.uid, info.gid, info.mtime = len(data), 0o600, 0, 0, int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def mount_args(mounts: tuple[Mount, ...]) -> list[str]:
@@ -134,19 +149,20 @@ class DockerBundle(Backend):
         return self.running_with(plan.bundle.name, self.bundle_fingerprint(plan), need_healthy=True)
 
     def bundle_create_argv(self, plan: Plan) -> list[str]:
-        """`docker create` of the bundle: secrets by name only (values come from the environment)."""
+        """`docker create` of the bundle. No secret is in it, not even by name: they go in as a file."""
         b, net = plan.bundle, plan.network
         env_args: list[str] = []
         for key, value in b.env:
             env_args += ["--env", f"{key}={value}"]
-        for name in b.secret_env_names:
-            env_args += ["--env", name]
         return ["create", "--name", b.name, *plan.label_args("bundle"),
                 "--label", f"{FINGERPRINT_LABEL}={self.bundle_fingerprint(plan)}",
                 "--network", net.guest_side.name, "--ip", net.bundle_ip,
                 "--cap-drop", "ALL", "--cap-add", "NET_BIND_SERVICE", "--cap-add", "SETUID", "--cap-add", "SETGID",
                 "--cap-add", "DAC_OVERRIDE",  # reads the 0600 CA key owned by the host user
+                "--cap-add", "KILL",          # init stops daemons that dropped to another uid (dns, supervise)
                 "--security-opt", "no-new-privileges", "--restart", "unless-stopped",
+                # A flood the guest aims at a daemon meets the bundle's ceiling, not the host's.
+                "--memory", f"{b.memory_mib}m", "--memory-swap", f"{b.memory_mib}m", "--pids-limit", str(b.pids),
                 *env_args, *mount_args(b.mounts), plan.bundle_image.tag]
 
     def start_bundle(self, plan: Plan, secrets: Mapping[str, str]) -> None:
@@ -155,7 +171,10 @@ class DockerBundle(Backend):
         if self.docker.ensure_owned("container", name, plan.slug, plan.state_dir) is not None:
             self.docker("rm", "-f", name)
         try:
-            self.docker(*self.bundle_create_argv(plan), env=secrets)
+            self.docker(*self.bundle_create_argv(plan))
+            # Into the container's own filesystem before it first starts, on stdin (never argv, never
+            # Config.Env); it survives restarts of the bundle, and init reads it.
+            self.docker("cp", "-", f"{name}:{PurePosixPath(SECRETS_FILE).parent}", input=secrets_archive(secrets))
             for bridge in plan.network.bridges[1:]:
                 self.docker("network", "connect", bridge.name, name)
             self.docker("start", name)

@@ -1,15 +1,25 @@
 """The docker backend: an --internal network shared by guest and bundle, an egress network only the
-bundle joins, the guest a container fenced from outside its network namespace so only the bundle's
-guest ports answer it."""
+bundle joins, and the guest in a network namespace it does not own.
+
+The namespace belongs to a holder container, as a Kubernetes pod's pause container holds the pod's:
+it alone has NET_ADMIN, applies the fence (templates/guest-fence*.rules.j2) every time it starts,
+before it does anything else, and then only sleeps. The guest joins it (`--network container:`) with no
+capabilities. So a restart of the guest (by hand or by the engine) never runs unfenced: the fence lives
+with the namespace, not with the guest process; a holder that cannot apply it exits, and the guest
+cannot start without it. After an engine restart the holder comes back fenced (restart policy) and the
+guest stays down until `doit start`.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from bottle_tasks.backends.base import Guest
 from bottle_tasks.backends.bundle import DockerBundle, content_digest, digest_of, mount_args
 from bottle_tasks.docker_cli import Docker
+from bottle_tasks.errors import BottleError
 from bottle_tasks.labels import FINGERPRINT_LABEL
 from bottle_tasks.plan import GUEST_USER, GUEST_WORKSPACE, Bridge, NetworkPlan, Plan
 from bottle_tasks.render import render
@@ -17,6 +27,9 @@ from bottle_tasks.runner import Result
 from bottle_tasks.settings import Settings
 from bottle_tasks.spec import AgentSpec
 from bottle_tasks.subnets import bottle_subnet
+
+
+FENCE_TIMEOUT = 30.0
 
 
 class DockerBackend(DockerBundle):
@@ -33,18 +46,84 @@ class DockerBackend(DockerBundle):
             guest_ip=str(internal.network_address + 3),
         )
 
+    @staticmethod
+    def netns_holder(plan: Plan) -> str:
+        return f"bottle-{plan.slug}-guestnet"
+
+    def watch_names(self, plan: Plan) -> tuple[str, ...]:
+        return (*super().watch_names(plan), self.netns_holder(plan))
+
     def preflight(self, plan: Plan) -> None:
-        self.check_network_preconditions(plan, (plan.guest.name, plan.bundle.name))
+        self.check_network_preconditions(plan, (plan.guest.name, plan.bundle.name, self.netns_holder(plan)))
+
+    # ---- the namespace holder: the fence ------------------------------------------------------
+
+    def holder_fingerprint(self, plan: Plan) -> str:
+        return digest_of(self.docker.image_id(plan.bundle_image.tag), plan.network, plan.bundle.guest_ports,
+                         *self.fence_rules(plan))
+
+    @staticmethod
+    def fence_rules(plan: Plan) -> tuple[str, str]:
+        return render("guest-fence.rules.j2", plan), render("guest-fence6.rules.j2", plan)
+
+    def holder_create_argv(self, plan: Plan) -> list[str]:
+        net = plan.network
+        rules_v4, rules_v6 = self.fence_rules(plan)
+        # The rules travel in the holder's own config (they hold no secret), so every start of it,
+        # whoever starts it, applies them before anything can use the namespace.
+        apply = ('trap "exit 0" TERM INT; '
+                 'printf "%s\\n" "$BOTTLE_FENCE_V4" | iptables-restore && '
+                 'printf "%s\\n" "$BOTTLE_FENCE_V6" | ip6tables-restore && '
+                 'touch /run/bottle-fenced && while :; do sleep 86400 & wait $!; done')
+        return ["create", "--name", self.netns_holder(plan), *plan.label_args("fence"),
+                "--label", f"{FINGERPRINT_LABEL}={self.holder_fingerprint(plan)}",
+                "--network", net.guest_side.name, "--ip", net.guest_ip,
+                # Names the guest looks up go to the bundle's sink, never to the host's resolver.
+                "--dns", net.bundle_ip, "--sysctl", "net.ipv6.conf.all.disable_ipv6=1",
+                "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW",
+                "--security-opt", "no-new-privileges", "--restart", "unless-stopped",
+                "--memory", "32m", "--pids-limit", "16",
+                "--env", f"BOTTLE_FENCE_V4={rules_v4}", "--env", f"BOTTLE_FENCE_V6={rules_v6}",
+                "--entrypoint", "/bin/sh", plan.bundle_image.tag, "-c", apply]
+
+    def holder_ready(self, plan: Plan) -> bool:
+        return self.running_with(self.netns_holder(plan), self.holder_fingerprint(plan))
+
+    def start_holder(self, plan: Plan) -> None:
+        """(Re)create the holder and wait until it has applied the fence; on failure remove it."""
+        name = self.netns_holder(plan)
+        if self.docker.ensure_owned("container", name, plan.slug, plan.state_dir) is not None:
+            self.docker("rm", "-f", name)
+        try:
+            self.docker(*self.holder_create_argv(plan))
+            self.docker("start", name)
+            deadline = time.monotonic() + FENCE_TIMEOUT
+            while self.docker("exec", name, "test", "-e", "/run/bottle-fenced", check=False).returncode != 0:
+                state = (self.docker.inspect("container", name, fresh=True) or {}).get("State", {})
+                if not state.get("Running") or time.monotonic() > deadline:
+                    logs = self.docker.query("logs", "--tail", "20", name, check=False)
+                    raise BottleError(f"the guest's fence could not be applied in {name} (state: {state.get('Status')}); "
+                                      f"the guest was not started.\n{logs.stdout}{logs.stderr}")
+                time.sleep(0.05)
+        except BaseException:
+            self.docker("rm", "-f", name, check=False)
+            raise
+
+    # ---- the guest ------------------------------------------------------------------------------
 
     def guest_fingerprint(self, plan: Plan) -> str:
         return digest_of(self.docker.image_id(plan.agent_image.tag), plan.guest, plan.network,
                          content_digest(plan.guest.env_file.host_path))
 
     def guest_ready(self, plan: Plan) -> bool:
-        return self.running_with(plan.guest.name, self.guest_fingerprint(plan))
+        holder = self.docker.inspect("container", self.netns_holder(plan))
+        guest = self.docker.inspect("container", plan.guest.name)
+        # The guest must sit in the current holder's namespace; a recreated holder strands it.
+        in_holder = bool(holder and guest and guest["HostConfig"].get("NetworkMode") == f"container:{holder['Id']}")
+        return in_holder and self.holder_ready(plan) and self.running_with(plan.guest.name, self.guest_fingerprint(plan))
 
     def guest_create_argv(self, plan: Plan) -> list[str]:
-        g, net = plan.guest, plan.network
+        g = plan.guest
         limits: list[str] = ["--pids-limit", str(g.pids)]
         if g.cpus:
             limits += ["--cpus", str(g.cpus)]
@@ -52,10 +131,8 @@ class DockerBackend(DockerBundle):
             limits += ["--memory", g.memory]
         return ["create", "--name", g.name, *plan.label_args("guest"),
                 "--label", f"{FINGERPRINT_LABEL}={self.guest_fingerprint(plan)}",
-                "--network", net.guest_side.name, "--ip", net.guest_ip,
-                # Names the guest looks up go to the bundle's sink, never to the host's resolver.
-                "--dns", net.bundle_ip,
-                "--sysctl", "net.ipv6.conf.all.disable_ipv6=1",
+                # The holder's namespace (its address, DNS, fence); the guest cannot change it.
+                "--network", f"container:{self.netns_holder(plan)}",
                 "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
                 "--env-file", str(g.env_file.host_path), "--workdir", GUEST_WORKSPACE,
                 *limits, *mount_args(g.mounts), plan.agent_image.tag, "sleep", "infinity"]
@@ -64,35 +141,22 @@ class DockerBackend(DockerBundle):
         name = plan.guest.name
         if self.docker.ensure_owned("container", name, plan.slug, plan.state_dir) is not None:
             self.docker("rm", "-f", name)
+        if not self.holder_ready(plan):
+            self.start_holder(plan)
         try:
             self.docker(*self.guest_create_argv(plan))
             self.docker("start", name)
-            self.fence_guest(plan)
         except BaseException:
             self.docker("rm", "-f", name, check=False)
             raise
 
-    def fence_argvs(self, plan: Plan) -> list[tuple[list[str], str]]:
-        """(argv, rules on stdin) for each firewall: a sidecar with NET_ADMIN in the guest's namespace;
-        the guest itself holds no capabilities."""
-        out = []
-        for tool, template in (("iptables-restore", "guest-fence.rules.j2"), ("ip6tables-restore", "guest-fence6.rules.j2")):
-            argv = ["run", "--rm", "-i", "--network", f"container:{plan.guest.name}",
-                    "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW",
-                    *plan.label_args("fence"), "--entrypoint", tool, plan.bundle_image.tag]
-            out.append((argv, render(template, plan)))
-        return out
-
-    def fence_guest(self, plan: Plan) -> None:
-        for argv, rules in self.fence_argvs(plan):
-            self.docker(*argv, input=rules)
-
     def remove_guest(self, plan: Plan) -> None:
-        self.docker.remove_containers([plan.guest.name])
+        self.docker.remove_containers([plan.guest.name, self.netns_holder(plan)])
 
     def fence_epoch(self, plan: Plan) -> str | None:
-        """The fence lives in the container's network namespace, which a restart replaces: the start time."""
-        obj = self.docker.inspect("container", plan.guest.name)
+        """The fence lives in the holder's namespace, which a restart of the holder replaces: its start
+        time. The guest's own restarts keep the namespace, and with it the fence."""
+        obj = self.docker.inspect("container", self.netns_holder(plan))
         return obj["State"].get("StartedAt") if obj and obj["State"].get("Running") else None
 
     def guest(self, plan: Plan) -> "DockerGuest":

@@ -2,9 +2,12 @@
 """Claude Code PreToolUse hook: sensitive tool calls wait for a human on the host.
 
 Runs inside the guest with the guest's python3 (standard library only; this file is copied
-into the guest on its own). Registered in ~/.claude/settings.json as a PreToolUse command hook::
+into the guest on its own, root-owned). Registered in Claude Code's managed settings
+(templates/claude-managed-settings.json.j2) as a PreToolUse command hook that nothing the agent
+writes can influence: an empty environment, the root-owned interpreter, isolated, no site::
 
-    python3 /home/agent/.claude-bottle/supervise_hook.py [/home/agent/.claude-bottle/supervise.json]
+    /usr/bin/env -i PATH=/usr/bin:/bin LANG=C.UTF-8 /usr/bin/python3 -I -S \
+        /etc/claude-bottle/supervise_hook.py /etc/claude-bottle/supervise.json
 
 Config (JSON)::
 
@@ -62,7 +65,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Mapping, Sequence
 
-DEFAULT_CONFIG = "/home/agent/.claude-bottle/supervise.json"
+DEFAULT_CONFIG = "/etc/claude-bottle/supervise.json"  # root-owned (provision.py); never the agent's home
 DEFAULT_TIMEOUT_S = 300
 DEFAULT_GRACE_S = 15.0
 MAX_WAIT_S = 60
@@ -294,6 +297,10 @@ def ask(config: Mapping[str, Any], tool_name: str, tool_input: Mapping[str, Any]
         except Transient as error:
             last_error = str(error)
         else:
+            if status == 429:
+                raise HookError(f"too many tool calls are waiting for a human already "
+                                f"({str(answer.get('error', ''))[:300]}); not asked again. Wait for the "
+                                "user to decide the pending ones before retrying")
             if status != 201 or not isinstance(answer.get("id"), str):
                 raise HookError(f"the approval service refused the request (HTTP {status}: "
                                 f"{str(answer.get('error', answer))[:300]})")

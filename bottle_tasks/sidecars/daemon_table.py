@@ -4,7 +4,8 @@ The host renders it as JSON and mounts it at ``/etc/bottle/daemons.json`` (``BOT
 names another file)::
 
     {"name": {"command": ["prog", "arg", ...],
-              "probe": {"tcp": "ip:port"} | {"http": "http://..."} | {"dns": "ip:port"} | null}}
+              "probe": {"tcp": "ip:port"} | {"http": "http://..."} | {"dns": "ip:port"} | null,
+              "secrets": ["VAR", ...]}}          # optional: the secret variables this daemon gets
 
 ``BUNDLE_DAEMONS`` (comma separated) selects the daemons init starts, in that order.
 Standard library only.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bottle_tasks.sidecars.configfile import ENV_NAME
 from bottle_tasks.sidecars.probes import Probe, probe_from_spec
 
 DEFAULT_DAEMON_TABLE = "/etc/bottle/daemons.json"
@@ -27,6 +29,7 @@ class Daemon:
     name: str
     command: tuple[str, ...]
     probe: Probe | None = None  # None: ready as soon as it runs
+    secrets: tuple[str, ...] = ()  # variables of the secrets file handed to this daemon, and to no other
 
 
 class DaemonTableError(ValueError):
@@ -58,7 +61,10 @@ def parse_daemon_table(entries: Any, *, source: str = "daemons.json") -> dict[st
             probe = probe_from_spec(entry.get("probe"))
         except ValueError as error:
             raise DaemonTableError(f"{source}: {name}.probe: {error}") from None
-        table[name] = Daemon(name, tuple(command), probe)
+        secrets = entry.get("secrets", [])
+        if not isinstance(secrets, list) or not all(isinstance(v, str) and ENV_NAME.match(v) for v in secrets):
+            raise DaemonTableError(f"{source}: {name}.secrets: must be a list of environment variable names")
+        table[name] = Daemon(name, tuple(command), probe, tuple(secrets))
     return table
 
 
@@ -84,3 +90,30 @@ class UnknownDaemon(ValueError):
             f"unknown daemon(s) in BUNDLE_DAEMONS: {', '.join(unknown)}; "
             f"known daemons: {', '.join(known)}"
         )
+
+
+class SecretsError(ValueError):
+    """The secrets file is unreadable or malformed; the message names the file, never a value."""
+
+
+def load_secrets(path: str | Path) -> dict[str, str]:
+    """The secrets file the host copied into the bundle: {"VAR": "value"}. Absent: no secrets."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except OSError as error:
+        raise SecretsError(f"{path}: cannot read the secrets file: {error.strerror or error}") from None
+    except ValueError:
+        raise SecretsError(f"{path}: the secrets file is not valid JSON") from None
+    if not isinstance(document, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in document.items()):
+        raise SecretsError(f"{path}: the secrets file must map variable names to strings")
+    return document
+
+
+def daemon_environment(base: Mapping[str, str], daemon: Daemon, secrets: Mapping[str, str]) -> dict[str, str]:
+    """base without any secret variable, plus the secrets this daemon's entry names (those that exist)."""
+    env = {key: value for key, value in base.items() if key not in secrets}
+    env.update({name: secrets[name] for name in daemon.secrets if name in secrets})
+    return env

@@ -35,6 +35,17 @@ BUILTIN_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("google_api_key", re.compile(r"(?<![A-Za-z0-9_-])AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])")),
 )
 
+# Where a match of a built-in pattern with no length bound inside it may begin in text that ends
+# before the match does: aws_secret_access_key allows any run of quotes and spaces around "=",
+# private_key any number of words in its BEGIN line. Every other pattern is found whole in a few
+# hundred characters (its tail repeats, but a match needs only the first ones). A scan that cuts
+# text into windows (bodies.WindowScanner) carries text from here into the next window.
+OPEN_PREFIXES: tuple[re.Pattern[str], ...] = (
+    re.compile(r"(?i)aws[_\-. ]?secret[_\-. ]?(?:access[_\-. ]?)?key[\"'\s]*(?:[:=]\s*[\"']?[A-Za-z0-9/+]{0,40})?\Z"),
+    re.compile(r"-----BEGIN [A-Z0-9 ]*-{0,4}\Z"),
+)
+_PARTIAL_ESCAPE = re.compile(r"%[0-9A-Fa-f]?\Z")
+
 # Percent-decoding rounds: catches %41KIA... and double-encoded %2541KIA... without looping forever.
 _MAX_DECODE_ROUNDS = 3
 
@@ -74,6 +85,16 @@ def matching_pattern_names(text: str) -> list[str]:
 def scan_text(text: str, where: str) -> list[DlpMatch]:
     """Built-in patterns over text and its URL-decoded forms; at most one match per pattern."""
     return [DlpMatch(name, where) for name in matching_pattern_names(text)]
+
+
+def open_match_start(text: str) -> int:
+    """The earliest index at which an OPEN_PREFIXES match runs to the end of text, len(text) if none.
+    In a URL-decoded form positions do not map back, so a prefix found only there gives 0."""
+    # A window can end inside an escape ("%2"); a decoded form keeps it literally, which would close the prefix.
+    views = [_PARTIAL_ESCAPE.sub("", view) for view in decoded_views(text)[1:]]
+    if any(prefix.search(view) for prefix in OPEN_PREFIXES for view in views):
+        return 0
+    return min((found.start() for prefix in OPEN_PREFIXES if (found := prefix.search(text))), default=len(text))
 
 
 def redact(text: str) -> str:

@@ -5,18 +5,53 @@
 Implements "Egress decisions, in order" from docs/bundle-contract.md:
 
 1. CONNECT / plain request to an unrouted host          -> 403 route_not_allowed
+   a port outside the route's ``ports``, at CONNECT and on every request -> 403 port_not_allowed
 2. ClientHello without SNI / SNI != CONNECT host        -> connection killed, sni_missing / sni_mismatch
-3. inner request Host != CONNECT authority              -> 403 authority_mismatch
+3. Host != the request's authority                      -> 403 authority_mismatch
+   (every Host header and HTTP/2 :authority must name the CONNECT authority inside a tunnel, the
+   URL's authority for an absolute-form request; none, two, or another port is refused)
+   an https URL sent in the clear, without CONNECT      -> 403 https_requires_connect
 4. method / path outside the route                      -> 403 method_not_allowed / path_not_allowed
+   on a route with ``paths``, a path not in normal form or ambiguous -> 403 path_ambiguous
+   a request body over the route's ``max_body_bytes``   -> 413 body_too_large, before it is read
 5. host resolving to a non-global address               -> 403 private_address (unless private_network)
-6. DLP on URL, headers, body, before any token is filled -> 403 dlp_match (dlp_unavailable if pipelock fails)
+6. DLP on URL, headers, body, before any token is filled -> 403 dlp_match (dlp_unavailable if pipelock
+   fails or the body cannot be decoded with a bound); a body decoding past max_body_bytes, or to
+   more than 200 times its size                         -> 413 body_too_large / compression_ratio
 7. credentialed route over plain HTTP                   -> 403 token_requires_tls
 8. token slot header set to ``format`` with the real value; the real value is replaced by the
    placeholder in response headers and bodies.
 
+Why these shapes:
+
+- https absolute-form (``GET https://host/ HTTP/1.1`` sent in the clear to the proxy port) is
+  refused, not normalised: a real client CONNECTs for https, and for this form egress would
+  originate the TLS itself on the guest's behalf, the one request the token must never ride.
+  Plain-http absolute-form is kept (clients use it), with its Host checked like a tunnel's, so
+  the token (https only) is never sent with a Host its route does not name.
+- Paths are not rewritten: a path whose normal form differs from what was sent is refused, so
+  the path the globs matched is the path the upstream receives (targets.path_problem). Routes
+  without ``paths`` skip this check: no glob to get around, and npm's ``@scope%2fname`` works.
+- Request bodies. mitmproxy reads a body whole before the ``request`` hook, and a response set
+  in ``requestheaders`` is only sent once the body has been read; its own limit
+  (``body_size_limit``) is global and refuses large *responses* too. So egress wraps the HTTP
+  layer's body-size check (install_body_limit): a declared Content-Length over the route's limit
+  gets the 413 before a byte of the body is read, and a chunked or HTTP/2 body gets it as soon
+  as the buffered part passes the limit; an HTTP/1 connection is then closed, so nothing more is
+  read. Decoding is incremental with a bound and scanning goes window by window, in a worker
+  thread (bodies.py), so no body is expanded whole and no scan stalls other clients.
+  The raw body is still buffered (up to ``max_body_bytes``) rather than streamed: with request
+  streaming mitmproxy sends the headers, token included, before the first body byte, and a secret
+  found mid-stream can neither be recalled nor reliably stop an upstream from acting on the part
+  it has. Buffering keeps the guarantee that nothing, and no token, leaves before the whole body
+  has been scanned; ``max_body_bytes`` is what bounds the memory.
+
 Beyond the list, fail-closed extras: raw TCP inside a tunnel is refused (``tcp_not_allowed``),
 WebSocket messages from the guest go through the built-in DLP patterns, and in direct mode a
 server connection the request hook did not check is refused (``destination_unchecked``).
+A compressed response is decoded for redaction with a bound too; one past it, or in an encoding
+without a bounded decoder, is passed on as is, as a large compressed response always was (with
+tokens to redact, egress offers upstreams only gzip, deflate and zstd, so br should not come back).
 
 Token values come from the environment (names from routes.yaml) and are never logged: every log
 line also passes through a scrubber that replaces them with their placeholders.
@@ -26,6 +61,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -40,20 +77,22 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, TextIO
 from mitmproxy import connection, http, tcp, tls, websocket
 from mitmproxy.proxy import server_hooks
 
-from bottle_tasks.contract import Route, TokenSlot, normalize_host
-from bottle_tasks.sidecars import dlp
+from bottle_tasks.contract import DEFAULT_MAX_BODY_BYTES, Route, TokenSlot, normalize_host
+from bottle_tasks.sidecars import bodies, dlp
 from bottle_tasks.sidecars.addresses import is_public_address, resolve_host
 from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token
 from bottle_tasks.sidecars.routes import RoutesConfig, RoutesError, load_routes
 from bottle_tasks.sidecars.scrub import SecretScrubber
+from bottle_tasks.sidecars.targets import authority_problem, path_problem
 
 BLOCK_HEADER = "X-Bottle-Block-Reason"
 DEFAULT_UPSTREAM_CA = "/etc/bottle/upstream-ca.pem"
 DEFAULT_PIPELOCK_CONFIG = "/etc/bottle/pipelock.yaml"
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 # Responses up to this size (with a Content-Length) are buffered and redacted whole; larger or
 # length-less ones (server-sent events) are streamed and redacted chunk by chunk.
 BUFFER_LIMIT = 8 << 20
+# A buffered compressed response is decoded for redaction up to this size, and passed on as is past it.
+RESPONSE_DECODE_LIMIT = 4 * BUFFER_LIMIT
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 Emit = Callable[[dict[str, Any]], None]
@@ -125,21 +164,28 @@ class Egress:
                    "path": safe_path, "pattern": pattern, "where": where})
 
     def block(self, flow: http.HTTPFlow, block: Block, host: str) -> None:
+        flow.response = self.block_response(block)
+        self.log("block", reason=block.reason, method=flow.request.method, host=host,
+                 path=flow.request.path, pattern=block.pattern, where=block.where)
+
+    def block_response(self, block: Block) -> http.Response:
         body = f"claude-bottle egress blocked this request: {block.reason} ({block.detail})\n"
-        flow.response = http.Response.make(
+        return http.Response.make(
             block.status,
             self.scrubber.text(body),
             {"Content-Type": "text/plain; charset=utf-8", BLOCK_HEADER: block.reason},
         )
-        self.log("block", reason=block.reason, method=flow.request.method, host=host,
-                 path=flow.request.path, pattern=block.pattern, where=block.where)
 
     # -- decision 1: CONNECT ------------------------------------------------------------------
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = normalize_host(flow.request.host), flow.request.port
-        if self.config.route_for(host) is None:
+        route = self.config.route_for(host)
+        if route is None:
             self.block(flow, Block("route_not_allowed", f"no route for {host}"), host)
+            return
+        if not route.allows_port(port):
+            self.block(flow, _port_block(route, host, port), host)
             return
         self._tunnels[flow.client_conn.id] = (host, port)
         self.log("connect", method="CONNECT", host=host)
@@ -183,18 +229,15 @@ class Egress:
         route = self.config.route_for(host)
         if route is None:
             return self.block(flow, Block("route_not_allowed", f"no route for {host}"), host)
-        if tunnel is not None and not self._authority_matches(req, host, port):
-            return self.block(flow, Block("authority_mismatch", "Host differs from the CONNECT authority"), host)
-        if not route.allows_method(req.method):
-            return self.block(flow, Block("method_not_allowed", f"{req.method} not allowed for {host}"), host)
-        if not route.allows_path(req.path):
-            return self.block(flow, Block("path_not_allowed", f"path not allowed for {host}"), host)
+        problem = self._check_target(req, route, host, port, in_tunnel=tunnel is not None)
+        if problem is not None:
+            return self.block(flow, problem, host)
 
         pinned_ip, problem = await self._check_destination(route, host, port)
         if problem is not None:
             return self.block(flow, problem, host)
 
-        problem = await self._scan(flow)
+        problem = await self._scan(flow, route)
         if problem is not None:
             return self.block(flow, problem, host)
 
@@ -202,22 +245,37 @@ class Egress:
             if req.scheme != "https":
                 return self.block(flow, Block("token_requires_tls", f"{host} carries a token; use https"), host)
             self._fill_token(req, route.token)
+        if self.scrubber:
+            _accept_only_bounded_encodings(req)  # so what comes back can be decoded for redaction
 
         if self.dial_directly and pinned_ip:
             self._pins[(host, port)] = pinned_ip
         self.log("allow", method=req.method, host=host, path=req.path)
 
-    def _authority_matches(self, req: http.Request, host: str, port: int) -> bool:
-        if normalize_host(req.host) != host or req.port != port:
-            return False
-        header = req.host_header
-        if not header:
-            return False
-        try:
-            header_host, header_port = _split_authority(header, _DEFAULT_PORTS.get(req.scheme, port))
-        except ValueError:
-            return False
-        return header_host == host and header_port == port
+    def _check_target(self, req: http.Request, route: Route, host: str, port: int, *, in_tunnel: bool) -> Block | None:
+        """Decisions 1 (port), 3 and 4: what the request line and headers alone decide."""
+        if not in_tunnel and req.scheme == "https":
+            return Block("https_requires_connect", "an https URL sent in the clear to the proxy; "
+                         "send https through a CONNECT tunnel")
+        if not route.allows_port(port):
+            return _port_block(route, host, port)
+        if in_tunnel and (normalize_host(req.host) != host or req.port != port):
+            return Block("authority_mismatch", "the request target differs from the CONNECT authority")
+        problem = authority_problem(req.headers.get_all("host"), req.authority, req.scheme, host, port)
+        if problem is not None:
+            return Block("authority_mismatch", f"{problem} ({host}:{port})")
+        if not route.allows_method(req.method):
+            return Block("method_not_allowed", f"{req.method} not allowed for {host}")
+        if route.paths:
+            problem = path_problem(req.path)
+            if problem is not None:
+                return Block("path_ambiguous", problem)
+        if not route.allows_path(req.path):
+            return Block("path_not_allowed", f"path not allowed for {host}")
+        size = len(req.raw_content or b"")
+        if size > route.max_body_bytes:  # install_body_limit refuses it sooner; this holds without it
+            return _body_too_large(route, host, size)
+        return None
 
     async def _check_destination(self, route: Route, host: str, port: int) -> tuple[str, Block | None]:
         addresses = await self.resolve(host, port)
@@ -229,31 +287,66 @@ class Egress:
                     return "", Block("private_address", f"{host} resolves to non-global address {ip}")
         return addresses[0], None
 
-    async def _scan(self, flow: http.HTTPFlow) -> Block | None:
+    async def _scan(self, flow: http.HTTPFlow, route: Route) -> Block | None:
+        """Decision 6, in a worker thread: decoding and regex scans of a large body never hold up
+        the event loop, and with it every other client."""
         req = flow.request
+        parts = dlp.RequestParts(url=f"{req.host}{req.path}", headers=tuple(req.headers.items(multi=True)), body="")
+        problem, advisories = await asyncio.to_thread(
+            self._scan_request, parts, req.raw_content or b"", req.headers.get("content-encoding", ""),
+            route.max_body_bytes)
+        for rule in advisories:
+            self.log("dlp_advisory", reason="pipelock_url_finding", method=req.method,
+                     host=req.host, path=req.path, pattern=f"pipelock:{rule}", where="request")
+        return problem
+
+    def _scan_request(self, head: dlp.RequestParts, raw: bytes, encoding: str, limit: int) -> tuple[Block | None, list[str]]:
+        """Built-in patterns on URL and headers, then on each body window (bodies.scan_body), each
+        window also going to pipelock when configured (URL and headers with the first). Touches only
+        its arguments and the pipelock client: it runs off the event loop."""
+        advisories: list[str] = []
+        unsent = [head]  # pipelock gets URL and headers once, with the first body window
+
+        def scan_window(text: str) -> list[dlp.DlpMatch] | None:
+            matches = dlp.scan_text(text, "body")
+            if not matches and self.pipelock is not None:
+                parts = unsent.pop() if unsent else dlp.RequestParts(url="", headers=(), body="")
+                matches, rules = self.pipelock.scan(dataclasses.replace(parts, body=text))
+                advisories.extend(rules)
+            return matches or None
+
         try:
-            body = req.get_content(strict=True) or b""
-        except ValueError:
-            return Block("dlp_unavailable", "request body has an encoding DLP cannot read")
-        parts = dlp.RequestParts(
-            url=f"{req.host}{req.path}",
-            headers=tuple((k, v) for k, v in req.headers.items(multi=True)),
-            body=dlp.body_text(body),
-        )
-        matches = dlp.scan_request(parts)
-        if not matches and self.pipelock is not None:
-            try:
-                matches, advisories = await asyncio.to_thread(self.pipelock.scan, parts)
-            except dlp.DlpUnavailable as exc:
-                return Block("dlp_unavailable", str(exc))
-            for rule in advisories:
-                self.log("dlp_advisory", reason="pipelock_url_finding", method=req.method,
-                         host=req.host, path=req.path, pattern=f"pipelock:{rule}", where="request")
+            matches = dlp.scan_request(head) or bodies.scan_body(raw, encoding, limit, scan_window) or []
+            if not matches and unsent and self.pipelock is not None:  # no body: URL and headers alone
+                matches, rules = self.pipelock.scan(head)
+                advisories.extend(rules)
+        except bodies.BodyRefused as refused:
+            return Block(refused.reason, refused.detail, status=refused.status), advisories
+        except dlp.DlpUnavailable as exc:
+            return Block("dlp_unavailable", str(exc)), advisories
         if matches:
             first = matches[0]
             return Block("dlp_match", f"pattern {first.pattern} in {first.where}",
-                         pattern=first.pattern, where=first.where)
-        return None
+                         pattern=first.pattern, where=first.where), advisories
+        return None, advisories
+
+    # -- decision 4, as the body arrives (install_body_limit) ----------------------------------
+
+    def body_limit_response(self, flow: http.HTTPFlow, buffered: int | None) -> http.Response | None:
+        """egress's 413 when a request body is over its route's max_body_bytes, else None.
+        buffered: bytes of the body read so far; None before the first, when only a declared
+        Content-Length can tell. Called from mitmproxy's HTTP layer (install_body_limit)."""
+        req = flow.request
+        tunnel = self._tunnels.get(flow.client_conn.id)
+        host = tunnel[0] if tunnel else normalize_host(req.host)
+        route = self.config.route_for(host)
+        limit = route.max_body_bytes if route is not None else DEFAULT_MAX_BODY_BYTES
+        size = buffered if buffered is not None else _declared_length(req)
+        if size is None or size <= limit:
+            return None
+        block = _body_too_large(route, host, size, whole=buffered is None)
+        self.log("block", reason=block.reason, method=req.method, host=host, path=req.path, where="body")
+        return self.block_response(block)
 
     def _fill_token(self, req: http.Request, slot: TokenSlot) -> None:
         req.headers[slot.header] = slot.header_value(self.secrets[slot.env])
@@ -316,7 +409,14 @@ class Egress:
         response = flow.response
         if response is None or not self.scrubber or response.stream:
             return
-        content = response.get_content(strict=False)
+        encoding = response.headers.get("content-encoding", "")
+        try:  # not get_content(): an upstream's 8 MiB of gzip must not become gigabytes here
+            content = b"".join(bodies.decoded_pieces(response.raw_content or b"", encoding, RESPONSE_DECODE_LIMIT))
+        except bodies.BodyRefused as refused:
+            # Passed on as is, unredacted, like a compressed response over BUFFER_LIMIT (streamed).
+            self.log("response_not_redacted", reason=refused.reason, method=flow.request.method,
+                     host=flow.request.host, path=flow.request.path, where="response")
+            return
         if content:
             redacted = self.scrubber.data(content)
             if redacted != content:
@@ -355,16 +455,79 @@ def _content_length(response: http.Response) -> int | None:
         return None
 
 
-def _split_authority(authority: str, default_port: int) -> tuple[str, int]:
-    authority = authority.strip()
-    if authority.startswith("["):  # [v6]:port
-        host, _, rest = authority[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif authority.count(":") == 1:
-        host, port_text = authority.split(":")
-    else:
-        host, port_text = authority, ""
-    return normalize_host(host), int(port_text) if port_text else default_port
+def _declared_length(request: http.Request) -> int | None:
+    try:
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _port_block(route: Route, host: str, port: int) -> Block:
+    allowed = ", ".join(str(p) for p in route.ports)
+    return Block("port_not_allowed", f"port {port} not allowed for {host} (allowed: {allowed}; routes[].ports)")
+
+
+def _body_too_large(route: Route | None, host: str, size: int, *, whole: bool = True) -> Block:
+    """whole: size is the body's size; otherwise only the part read before egress stopped."""
+    limit = route.max_body_bytes if route is not None else DEFAULT_MAX_BODY_BYTES
+    amount = f"{size} bytes" if whole else f"more than {limit} bytes"
+    return Block("body_too_large", f"a request body of {amount} exceeds max_body_bytes ({limit} bytes) for {host}",
+                 status=413)
+
+
+def _accept_only_bounded_encodings(req: http.Request) -> None:
+    """Accept-Encoding cut to the codings the guest accepts and egress can decode with a bound."""
+    offered = req.headers.get("accept-encoding")
+    if offered is None:
+        return
+    kept = [item.strip() for item in offered.split(",")
+            if item.split(";", 1)[0].strip().lower() in bodies.BOUNDED_ENCODINGS]
+    req.headers["accept-encoding"] = ", ".join(kept) or "identity"
+
+
+# ---------------------------------------------------------------------------------------------
+# the request-body limit inside mitmproxy's HTTP layer
+
+
+def install_body_limit(refuse: Callable[[http.HTTPFlow, int | None], http.Response | None]) -> None:
+    """Make mitmproxy stop reading a request body that is over its limit, and answer it.
+
+    mitmproxy 11's HttpStream calls check_body_size(request=True) once the request headers are in
+    (before the requestheaders hook) and again after every chunk of body it buffers. The wrapper
+    asks ``refuse(flow, buffered)`` (buffered: bytes read so far, None before the first) and, given
+    a response, sends it, drops the stream and, for HTTP/1, closes the connection: the rest of the
+    body is never read. mitmproxy's own check then runs as before. Raises RuntimeError when
+    mitmproxy lacks the method, so a changed mitmproxy stops egress rather than losing the limit.
+    """
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers import http as layers
+
+    stream = getattr(layers, "HttpStream", None)
+    current = getattr(stream, "check_body_size", None)
+    original = getattr(current, "__wrapped__", current)  # installing twice wraps once
+    if original is None or list(inspect.signature(original).parameters) != ["self", "request"]:
+        raise RuntimeError("mitmproxy's HttpStream.check_body_size is not the one egress wraps (mitmproxy 11); "
+                           "egress cannot limit request bodies")
+
+    def check_body_size(self, request: bool):
+        if request and self.flow.request.method != "CONNECT":
+            response = refuse(self.flow, len(self.request_body_buf) if self.request_body_buf else None)
+            if response is not None:
+                self.flow.response = response
+                client = self.context.client
+                yield layers.SendHttp(layers.ResponseHeaders(self.stream_id, response, False), client)
+                yield layers.SendHttp(layers.ResponseData(self.stream_id, response.raw_content or b""), client)
+                yield layers.SendHttp(layers.ResponseEndOfMessage(self.stream_id), client)
+                self.client_state = self.server_state = self.state_errored
+                self.flow.live = False
+                yield layers.DropStream(self.stream_id)
+                if not (self.flow.request.is_http2 or self.flow.request.is_http3):
+                    yield commands.CloseConnection(client)  # HTTP/1: the only way to stop the body
+                return True
+        return (yield from original(self, request))
+
+    check_body_size.__wrapped__ = original  # type: ignore[attr-defined]
+    stream.check_body_size = check_body_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,6 +607,7 @@ async def run_proxy(config: RoutesConfig, secrets: Mapping[str, str], confdir: P
     pipelock = dlp.PipelockScanner(config.pipelock_scan_url, pipelock_token) if config.pipelock_scan_url else None
     addon = Egress(config, secrets, pipelock=pipelock)
     master.addons.add(addon)  # last, so tls_start_client runs after mitmproxy's TlsConfig
+    install_body_limit(addon.body_limit_response)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, master.shutdown)  # the init supervisor stops daemons with SIGTERM
@@ -494,6 +658,9 @@ def main(argv: Iterable[str] | None = None) -> int:
             asyncio.run(run_proxy(config, secrets, confdir, upstream_ca, pipelock_token))
         except KeyboardInterrupt:
             pass
+        except RuntimeError as exc:
+            print(f"egress: {exc}", file=sys.stderr)
+            return 2
         return 0
     finally:
         if args.confdir is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ def atomic_write(path: str | Path, data: str | bytes, *, mode: int = 0o644, excl
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, temp_name = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(raw)
@@ -51,6 +51,18 @@ def atomic_write(path: str | Path, data: str | bytes, *, mode: int = 0o644, excl
             os.unlink(temp_name)
         except FileNotFoundError:
             pass
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new 0600 file next to path, by a path as relative as path is (not tempfile.mkstemp, which
+    makes it absolute: a daemon working from its state dir may not search that dir's parents)."""
+    for _ in range(100):
+        temp_name = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), temp_name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name next to {path}")
 
 
 def atomic_write_json(path: str | Path, document: Any, **options: Any) -> Path:

@@ -11,8 +11,13 @@ stayed up a while), reaps zombies, probes readiness (``probes``) and writes
 ``bottle_tasks.sidecars.health`` reads. SIGTERM/SIGINT are forwarded to every daemon's
 process group; init then exits 0 once they are gone (SIGKILL after a grace period).
 
-A missing, unreadable or invalid table, or a name in BUNDLE_DAEMONS the table lacks, makes init
-exit 2 with one line on stderr. Standard library only.
+Secrets: the host copies ``$BOTTLE_SECRETS_FILE`` (default ``/var/lib/bottle/secrets.json``, 0600)
+into the container before it starts; init reads it once and gives each daemon only the variables
+its table entry lists under ``secrets``, so git-gate's children never see the model API key and
+egress never sees a git identity. No secret is in the container's own environment.
+
+A missing, unreadable or invalid table, an unreadable secrets file, or a name in BUNDLE_DAEMONS the
+table lacks, makes init exit 2 with one line on stderr. Standard library only.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from typing import IO, Mapping, Sequence
 
 from bottle_tasks.sidecars.daemon import Backoff
 from bottle_tasks.sidecars.daemon_table import (
-    DEFAULT_DAEMON_TABLE, Daemon, DaemonTableError, UnknownDaemon, load_daemon_table, parse_daemon_names,
-    select_daemons,
+    DEFAULT_DAEMON_TABLE, Daemon, DaemonTableError, SecretsError, UnknownDaemon, daemon_environment,
+    load_daemon_table, load_secrets, parse_daemon_names, select_daemons,
 )
 from bottle_tasks.sidecars.files import atomic_write_json
 
+DEFAULT_SECRETS_FILE = "/var/lib/bottle/secrets.json"
 DEFAULT_RUN_DIR = "/run/bottle"
 # Restarts after 0.25, 0.5, 1, 2, 4, 4 ... s; a daemon that stayed up 10 s starts again from 0.25 s.
 RESTART_BACKOFF = Backoff(initial_s=0.25, cap_s=4.0, stable_after_s=10.0)
@@ -108,6 +114,7 @@ class Supervisor:
     probe_interval_s: float = 0.5
     status_interval_s: float = 0.5
     stop_grace_s: float = 8.0  # below docker stop's default 10 s, so we SIGKILL first
+    secrets: Mapping[str, str] = field(default_factory=dict)  # each daemon gets only the ones its entry names
 
     def __post_init__(self) -> None:
         self.states = {daemon.name: DaemonState(daemon) for daemon in self.daemons}
@@ -156,7 +163,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,  # one pipe keeps stdout/stderr lines in order
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**daemon_environment(os.environ, state.daemon, self.secrets), "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,  # own process group: signals reach its children too
             )
         except OSError as error:
@@ -230,6 +237,10 @@ class Supervisor:
                     os.killpg(state.process.pid, signum)
                 except ProcessLookupError:
                     pass
+                except PermissionError:
+                    # A daemon that dropped to another uid (the DNS sink's nobody) when init lacks CAP_KILL:
+                    # say so and go on; the container's end stops it anyway.
+                    self.log(f"{state.daemon.name}: cannot signal pid {state.process.pid} (another uid, no CAP_KILL)")
 
     def shutdown(self) -> None:
         signum = self._stop_signal or signal.SIGTERM
@@ -295,11 +306,12 @@ def main(env: Mapping[str, str] = os.environ) -> int:
     try:
         table = load_daemon_table(env.get("BOTTLE_DAEMON_TABLE") or DEFAULT_DAEMON_TABLE)
         daemons = select_daemons(table, parse_daemon_names(env.get("BUNDLE_DAEMONS", "")))
-    except (DaemonTableError, UnknownDaemon) as error:
+        secrets = load_secrets(env.get("BOTTLE_SECRETS_FILE") or DEFAULT_SECRETS_FILE)
+    except (DaemonTableError, UnknownDaemon, SecretsError) as error:
         print(f"[init] error: {error}", file=sys.stderr, flush=True)
         return 2
     run_dir = Path(env.get("BOTTLE_RUN_DIR", DEFAULT_RUN_DIR))
-    return Supervisor(daemons, run_dir=run_dir).run()
+    return Supervisor(daemons, run_dir=run_dir, secrets=secrets).run()
 
 
 if __name__ == "__main__":

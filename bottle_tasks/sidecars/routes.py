@@ -11,13 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bottle_tasks.contract import VALUE_MARKER, Route, TokenSlot, normalize_host
+from bottle_tasks.contract import (
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_ROUTE_PORTS, VALUE_MARKER, Route, TokenSlot, normalize_host,
+)
 from bottle_tasks.sidecars.configfile import (
     ENV_NAME, bool_value, check_http_url, config_failer, list_of, listen_address, nested_mapping, read_yaml,
     refuse_duplicates, string_list, string_value, versioned_document,
 )
 
 SUPPORTED_VERSION = 1
+MAX_BODY_BYTES_CEILING = 1 << 30  # egress buffers a body before it forwards it: 1 GiB at most
 
 _HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
@@ -70,7 +73,7 @@ def parse_routes(data: Any, *, source: str = "routes.yaml") -> RoutesConfig:
 
 
 def _route(item: Any, key: str, fail) -> Route:
-    nested_mapping(item, {"host", "methods", "paths", "private_network", "token"}, key, fail)
+    nested_mapping(item, {"host", "methods", "paths", "ports", "private_network", "max_body_bytes", "token"}, key, fail)
 
     host = normalize_host(string_value(item, "host", f"{key}.host", fail, required=True))
     labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
@@ -87,11 +90,33 @@ def _route(item: Any, key: str, fail) -> Route:
             raise fail(f"{key}.paths[{i}]", f"must start with \"/\" (a glob on the path), got {glob!r}")
 
     private_network = bool_value(item, "private_network", f"{key}.private_network", fail)
+    ports = _ports(item.get("ports"), f"{key}.ports", fail)
+    max_body = item.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+    if not _is_int(max_body) or not 1 <= max_body <= MAX_BODY_BYTES_CEILING:
+        raise fail(f"{key}.max_body_bytes", f"must be a number of bytes from 1 to {MAX_BODY_BYTES_CEILING}, got {max_body!r}")
 
     token = None
     if item.get("token") is not None:
         token = _token(item["token"], f"{key}.token", fail)
-    return Route(host, tuple(m.upper() for m in methods), tuple(paths), private_network, token)
+    return Route(host, tuple(m.upper() for m in methods), tuple(paths), private_network, token,
+                 ports=ports, max_body_bytes=max_body)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML true is not port 1
+
+
+def _ports(value: Any, key: str, fail) -> tuple[int, ...]:
+    if value is None:
+        return DEFAULT_ROUTE_PORTS
+    if not isinstance(value, list) or not value:
+        raise fail(key, "must be a non-empty list of port numbers, e.g. [443]")
+    for i, port in enumerate(value):
+        if not _is_int(port) or not 1 <= port <= 65535:
+            raise fail(f"{key}[{i}]", f"must be a port number from 1 to 65535, got {port!r}")
+    if len(set(value)) != len(value):
+        raise fail(key, f"lists a port twice: {value}")
+    return tuple(value)
 
 
 def _token(item: Any, key: str, fail) -> TokenSlot:

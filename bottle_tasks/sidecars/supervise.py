@@ -8,6 +8,8 @@ supervise.yaml (docs/bundle-contract.md, "supervise")::
     state_dir: "/var/lib/bottle/supervise"   # the host state dir, mounted read-write
     default_timeout_seconds: 300             # when a request gives none (1..3600)
     tools: ["Bash(git push:*)", "WebFetch"]  # the supervised rule patterns (optional, default [])
+    max_pending: 32                          # requests waiting for a human at once (optional)
+    max_requests_per_minute: 60              # new requests in any 60 s (optional)
 
 API (JSON in, JSON out):
 
@@ -15,10 +17,16 @@ API (JSON in, JSON out):
   "status": "pending"}``. ``tool``: non-empty string, at most 200 characters; ``input``: an
   object; ``summary``: string, at most 2000; ``timeout_seconds``: integer 1..3600 (optional);
   no other keys; body at most 64 KiB with a Content-Length. Anything else -> ``400 {"error"}``.
+  With ``max_pending`` requests pending, or ``max_requests_per_minute`` created in the last
+  60 s -> ``429 {"error"}`` with a Retry-After; nothing is written for it.
 - ``GET /v1/requests/<id>?wait=<seconds>`` -> ``200 {"id", "status", "reason", "by",
   "decided_at", "expires_at"}``, waiting up to ``wait`` (at most 60) while the status is
   ``pending``. Unknown id -> ``404``. ``expired`` means deny.
 - ``GET /healthz`` -> ``200 {"ok": true}`` (the init readiness probe).
+
+Run as root (the bundle), the daemon becomes the owner of its state dir before it serves, so its
+files (0600) belong to the host user, who must read and decide them; a root parent stays behind
+only to pass init's stop signal on (root without CAP_KILL may not signal another uid).
 
 The daemon keeps nothing in memory: requests and decisions are files in the state dir
 (``supervise_store``), and the host decides by writing ``decisions/<id>.json`` while the daemon
@@ -30,14 +38,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from bottle_tasks.contract import SupervisePolicy
 from bottle_tasks.sidecars.configfile import config_failer, read_yaml, string_list
@@ -45,8 +56,8 @@ from bottle_tasks.sidecars.daemon import (
     BoundedThreadingMixIn, install_stop_handlers, read_chunks, split_host_port, wait_for_stop_signal,
 )
 from bottle_tasks.sidecars.supervise_store import (
-    MAX_TIMEOUT_S, MIN_TIMEOUT_S, InvalidArgument, Request, Store, SuperviseError, UnknownRequest,
-    validate_request_fields,
+    MAX_TIMEOUT_S, MIN_TIMEOUT_S, InvalidArgument, Request, Store, SuperviseError, TooManyRequests, UnknownRequest,
+    become, state_dir_owner, validate_request_fields,
 )
 
 DEFAULT_CONFIG = "/etc/bottle/supervise.yaml"
@@ -61,6 +72,9 @@ SOCKET_TIMEOUT_S = 15.0        # for reading a request, not for the long poll it
 LOG_INPUT_CHARS = 300
 REQUEST_KEYS = frozenset({"tool", "input", "summary", "timeout_seconds"})
 REQUEST_PATH = "/v1/requests"
+MAX_LIMIT = 100_000
+CONFIG_KEYS = frozenset({"version", "listen", "state_dir", "default_timeout_seconds", "tools", "max_pending",
+                         "max_requests_per_minute"})
 
 
 class ConfigError(Exception):
@@ -68,9 +82,10 @@ class ConfigError(Exception):
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ class Config:
 def parse_config(data: Any, source: str = "supervise.yaml") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with listen, state_dir, default_timeout_seconds, tools")
-    unknown = set(data) - {"version", "listen", "state_dir", "default_timeout_seconds", "tools"}
+    unknown = set(data) - CONFIG_KEYS
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     if "listen" not in data:
@@ -100,7 +115,13 @@ def parse_config(data: Any, source: str = "supervise.yaml") -> Config:
     if isinstance(timeout, bool) or not isinstance(timeout, int) or not MIN_TIMEOUT_S <= timeout <= MAX_TIMEOUT_S:
         raise ConfigError(f"{source}: default_timeout_seconds must be an integer from {MIN_TIMEOUT_S} to {MAX_TIMEOUT_S}")
     tools = string_list(data.get("tools"), "tools", config_failer(ConfigError, source))
-    return Config(host, port, Path(state_dir), SupervisePolicy(tools=tuple(tools), timeout=timeout))
+    limits = {}
+    for key in ("max_pending", "max_requests_per_minute"):
+        value = data.get(key, getattr(SupervisePolicy, key))
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+            raise ConfigError(f"{source}: {key} must be an integer from 1 to {MAX_LIMIT}")
+        limits[key] = value
+    return Config(host, port, Path(state_dir), SupervisePolicy(tools=tuple(tools), timeout=timeout, **limits))
 
 
 def load_config(path: Path) -> Config:
@@ -177,9 +198,11 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def send_json(self, status: int, document: Mapping[str, Any]) -> None:
+    def send_json(self, status: int, document: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
         body = (json.dumps(document, ensure_ascii=True) + "\n").encode("ascii")
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -195,7 +218,7 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as error:
             log({"event": "bad_request", "method": self.command, "path": self.path[:200],
                  "status": error.status, "error": str(error), "client": self.client_address[0]})
-            self.send_json(error.status, {"error": str(error)})
+            self.send_json(error.status, {"error": str(error)}, error.headers)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception as error:  # never a traceback to the client; one line in the log
@@ -249,7 +272,11 @@ class Handler(BaseHTTPRequestHandler):
         if path != REQUEST_PATH:
             raise BadRequest(f"no such endpoint {path[:100]}", status=404)
         tool, payload, summary, timeout = parse_request_body(self.read_body(), self.server.config.policy.timeout)
-        request = self.server.store.create_request(tool, payload, summary, timeout)
+        try:
+            request = self.server.store.create_request(tool, payload, summary, timeout)
+        except TooManyRequests as error:
+            raise BadRequest(str(error), status=429,
+                             headers={"Retry-After": str(int(error.retry_after + 0.999))}) from None
         log({"event": "request", "id": request.id, "tool": tool, "summary": truncate(summary),
              "input": truncate(payload), "timeout_seconds": timeout, "expires_at": request.expires_at,
              "client": self.client_address[0]})
@@ -293,7 +320,7 @@ class SuperviseServer(BoundedThreadingMixIn, HTTPServer):
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
-        self.store = store or Store(config.state_dir)
+        self.store = store or store_for(config)
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
         super().__init__((config.host, config.port), Handler)
@@ -315,6 +342,71 @@ class SuperviseServer(BoundedThreadingMixIn, HTTPServer):
         self.server_close()
 
 
+def store_for(config: Config, state_dir: Path | None = None) -> Store:
+    return Store(state_dir or config.state_dir, max_pending=config.policy.max_pending,
+                 max_per_minute=config.policy.max_requests_per_minute)
+
+
+def serve(config: Config, stopped: threading.Event, state_dir: Path | None = None,
+          become_owner: Callable[[], None] | None = None) -> int:
+    """Listen, become the state dir's owner (when given how), lay out the state dir and serve until
+    ``stopped``. Binding comes first, so whatever it needs (name lookup codecs) is loaded as root."""
+    try:
+        store = store_for(config, state_dir)
+        server = SuperviseServer(config, store)
+        if become_owner is not None:
+            become_owner()
+        store.ensure_layout()
+    except OSError as error:
+        print(f"supervise: {error}", file=sys.stderr, flush=True)
+        return 2
+    server.start()
+    log({"event": "listening", "listen": f"{config.host}:{server.port}", "state_dir": str(config.state_dir),
+         "uid": os.geteuid(), "default_timeout_seconds": config.policy.timeout, "tools": list(config.policy.tools),
+         "max_pending": config.policy.max_pending,
+         "max_requests_per_minute": config.policy.max_requests_per_minute})
+    wait_for_stop_signal(stopped)
+    server.stop()
+    log({"event": "stopped"})
+    return 0
+
+
+def serve_as(owner: tuple[int, int], config: Config) -> int:
+    """Serve in a child that is the state dir's owner for good. The root parent only waits: init
+    (root, without CAP_KILL) may signal it but not the child, so the parent passes a stop on by
+    closing a pipe, and the child stops when the pipe ends (also when the parent is killed)."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked process (tested through main)
+        code = 2
+        try:
+            os.close(write_end)
+            stopped = install_stop_handlers()
+            # By cwd: the dir's parents (/var/lib/bottle, 0700 root) need not be searchable by the owner.
+            os.chdir(config.state_dir)
+            threading.Thread(target=lambda: (os.read(read_end, 1), stopped.set()), daemon=True).start()
+            code = serve(config, stopped, state_dir=Path("."), become_owner=lambda: become(*owner))
+        except OSError as error:
+            print(f"supervise: {config.state_dir}: {error}", file=sys.stderr, flush=True)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    os.close(read_end)
+    open_ends = [write_end]
+
+    def stop(*_args: Any) -> None:
+        while open_ends:  # once: a second signal finds nothing left to close
+            os.close(open_ends.pop())
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    _, status = os.waitpid(child, 0)
+    stop()
+    return os.waitstatus_to_exitcode(status)
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bottle_tasks.sidecars.supervise",
                                      description=(__doc__ or "").split("\n")[0])
@@ -322,19 +414,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         config = load_config(args.config)
-        store = Store(config.state_dir).ensure_layout()
-        server = SuperviseServer(config, store)
+        owner = state_dir_owner(config.state_dir)
     except (ConfigError, OSError) as error:
         print(f"supervise: {error}", file=sys.stderr, flush=True)
         return 2
-    stopped = install_stop_handlers()
-    server.start()
-    log({"event": "listening", "listen": f"{config.host}:{server.port}", "state_dir": str(config.state_dir),
-         "default_timeout_seconds": config.policy.timeout, "tools": list(config.policy.tools)})
-    wait_for_stop_signal(stopped)
-    server.stop()
-    log({"event": "stopped"})
-    return 0
+    if owner is not None:
+        return serve_as(owner, config)
+    return serve(config, install_stop_handlers())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ decides without the bundle running. Layout (docs/bundle-contract.md, "supervise"
     <state_dir>/expired/<id>.json     {"expired_at"}: marks that the expiry was recorded
     <state_dir>/history.jsonl         one line per request, decision and expiry
 
+Files hold the agent's tool input, so every file is 0600 and every directory 0700: only the
+owner reads them. That owner is the host user: the host creates the state dir, and the daemon
+switches to the dir's owner before it serves (``state_dir_owner``, ``become``), so what it writes
+belongs to the host user too (the bundle may not chown). Another root process (git-gate) gets the
+same: ``create_request`` writes through a forked child that has become the owner, and ``get``
+leaves recording an expiry to the owner.
+
 Every file is written to a temp file in the same directory and then renamed into place, so a
 reader never sees half a file. A decision is published with ``link()``, which refuses to
 replace an existing file: of two hosts deciding at once exactly one wins, the other gets
@@ -21,22 +28,29 @@ exists; ``expired`` once ``expires_at`` plus a short grace has passed with none 
 history once, whichever process notices first); ``pending`` otherwise. ``decide`` refuses
 after ``expires_at``; the grace covers a decision being written at the last moment.
 
+Admission: ``create_request`` refuses (``TooManyRequests``) while ``max_pending`` requests are
+pending, or when ``max_per_minute`` requests were created in the last 60 s, counted from the files,
+so every process creating requests (the daemon, git-gate) shares the same limits.
+
 Nothing is kept in memory: a restarted daemon, or a host command run while the bundle is down,
 sees exactly the same state. Standard library only.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import secrets
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
+from bottle_tasks.contract import SupervisePolicy
 from bottle_tasks.sidecars.files import atomic_write_json
 
 Decision = Literal["approve", "deny"]
@@ -54,7 +68,11 @@ MAX_REASON_CHARS = 2000
 # deadline check just before expires_at has time to land its file.
 EXPIRY_GRACE_S = 1.0
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-FILE_MODE = 0o644  # the daemon may run as another uid than the host user; both must read
+FILE_MODE = 0o600  # tool input: the owner (the host user, whom the daemon becomes) only
+DIR_MODE = 0o700
+DEFAULT_MAX_PENDING: int = SupervisePolicy.max_pending                # waiting for a human at once
+DEFAULT_MAX_PER_MINUTE: int = SupervisePolicy.max_requests_per_minute  # created in any 60 s
+RATE_WINDOW_S = 60.0
 
 
 class SuperviseError(Exception):
@@ -75,6 +93,14 @@ class RequestExpired(SuperviseError):
 
 class InvalidArgument(SuperviseError, ValueError):
     pass
+
+
+class TooManyRequests(SuperviseError):
+    """Over the pending cap or the rate limit; retry_after: seconds until one may fit (a guess)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = max(1.0, retry_after)
 
 
 # --------------------------------------------------------------------------- time
@@ -108,6 +134,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except PermissionError:
+        raise SuperviseError(f"{path}: not readable by uid {os.geteuid()} (files here are 0600, "
+                             "and must be written by the state dir's owner)") from None
     try:
         document = json.loads(text)
     except ValueError:
@@ -184,6 +213,9 @@ class Store:
     state_dir: Path
     clock: Callable[[], datetime] = field(default=utc_now, repr=False)
     _history_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    max_pending: int | None = DEFAULT_MAX_PENDING        # None: no cap
+    max_per_minute: int | None = DEFAULT_MAX_PER_MINUTE  # None: no rate limit
+    _create_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -206,14 +238,15 @@ class Store:
         return self.state_dir / "history.jsonl"
 
     def ensure_layout(self) -> "Store":
-        """Create the directories and history.jsonl. The host should call this before the
-        bundle starts, so they belong to the host user even when the daemon runs as root."""
-        for directory in (self.requests_dir, self.decisions_dir, self.expired_dir):
-            directory.mkdir(parents=True, exist_ok=True)
-        if not self.history_path.exists():
-            with open(self.history_path, "a", encoding="utf-8"):
-                pass
-            os.chmod(self.history_path, FILE_MODE)
+        """Create the directories (0700) and history.jsonl (0600), and tighten them where an
+        older version left them readable. The host calls this before the bundle starts, so they
+        belong to the host user; the daemon then runs as that user (``become``)."""
+        for directory in (self.state_dir, self.requests_dir, self.decisions_dir, self.expired_dir):
+            directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            _tighten(directory, DIR_MODE)
+        fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        os.close(fd)
+        _tighten(self.history_path, FILE_MODE)
         return self
 
     def append_history(self, record: Mapping[str, Any]) -> None:
@@ -244,8 +277,118 @@ class Store:
 
     # operations
     def create_request(self, tool: str, input: dict[str, Any], summary: str, timeout_seconds: int) -> Request:
+        """A new pending request. TooManyRequests when max_pending are pending or max_per_minute
+        were created in the last minute (by any process using this state dir)."""
         validate_request_fields(tool, input, summary, timeout_seconds)
+        owner = state_dir_owner(self.state_dir)
+        if owner is not None:  # root (git-gate in the bundle): the file must still be the host user's
+            return self._create_as(owner, tool, input, summary, timeout_seconds)
         self.ensure_layout()
+        with self._create_lock, _dir_lock(self.requests_dir):
+            self._admit()
+            return self._create(tool, input, summary, timeout_seconds)
+
+    def _create_as(self, owner: tuple[int, int], tool: str, input: dict[str, Any], summary: str,
+                   timeout_seconds: int) -> Request:
+        """create_request in a forked child that has become the state dir's owner (a root process
+        cannot chown here); its answer, or its error, comes back through a pipe."""
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the forked child (tested through create_request as root)
+            answer: dict[str, Any]
+            try:
+                os.close(read_end)
+                os.chdir(self.state_dir)  # the dir's parents may be root's alone
+                become(*owner)
+                store = Store(Path("."), clock=self.clock, max_pending=self.max_pending,
+                              max_per_minute=self.max_per_minute)
+                answer = {"request": store.create_request(tool, input, summary, timeout_seconds).as_dict()}
+            except TooManyRequests as error:
+                answer = {"error": "TooManyRequests", "message": str(error), "retry_after": error.retry_after}
+            except BaseException as error:
+                answer = {"error": type(error).__name__, "message": f"{error}"[:1000]}
+            try:
+                data = json.dumps(answer).encode("utf-8")
+                while data:
+                    data = data[os.write(write_end, data):]
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        chunks = []
+        with os.fdopen(read_end, "rb") as pipe:
+            chunks.append(pipe.read())
+        os.waitpid(child, 0)
+        try:
+            answer = json.loads(b"".join(chunks).decode("utf-8"))
+        except ValueError:
+            raise SuperviseError(f"creating the request as uid {owner[0]} failed without an answer") from None
+        if "request" in answer:
+            return Request(**answer["request"])
+        if answer.get("error") == "TooManyRequests":
+            raise TooManyRequests(answer["message"], float(answer.get("retry_after", 1.0)))
+        if answer.get("error") == "InvalidArgument":
+            raise InvalidArgument(answer["message"])
+        raise SuperviseError(f"creating the request as uid {owner[0]}: {answer.get('error')}: {answer.get('message')}")
+
+    def _admit(self) -> None:
+        if self.max_pending is None and self.max_per_minute is None:
+            return
+        now = self.clock()
+        if self.max_per_minute is not None:
+            recent = self._created_within(now, RATE_WINDOW_S)
+            if len(recent) >= self.max_per_minute:
+                retry = RATE_WINDOW_S - (now - min(recent)).total_seconds()
+                raise TooManyRequests(
+                    f"too many supervise requests: {len(recent)} in the last {int(RATE_WINDOW_S)} s "
+                    f"(at most {self.max_per_minute} a minute); wait before asking again", retry)
+        if self.max_pending is not None:
+            pending = self.count_pending()
+            if pending >= self.max_pending:
+                raise TooManyRequests(
+                    f"too many supervise requests: {pending} are already waiting for a human (at most "
+                    f"{self.max_pending}); wait until they are decided or expire", 5.0)
+
+    def _ids(self, directory: Path) -> set[str]:
+        try:
+            return {entry.name[:-5] for entry in os.scandir(directory)
+                    if entry.name.endswith(".json") and ID_PATTERN.match(entry.name[:-5])}
+        except FileNotFoundError:
+            return set()
+
+    def count_pending(self) -> int:
+        """How many requests are pending; only those without a decision or expiry file are read
+        (and an expiry found on the way is recorded)."""
+        undecided = self._ids(self.requests_dir) - self._ids(self.decisions_dir) - self._ids(self.expired_dir)
+        count = 0
+        for request_id in undecided:
+            try:
+                count += self.get(request_id).pending
+            except SuperviseError:
+                continue
+        return count
+
+    def _created_within(self, now: datetime, seconds: float) -> list[datetime]:
+        """created_at of the requests made in the last ``seconds``; files older than that by their
+        mtime (plus a margin) are not even read."""
+        horizon = time.time() - seconds - 10.0
+        created = []
+        try:
+            entries = [entry for entry in os.scandir(self.requests_dir) if entry.name.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            try:
+                if entry.stat().st_mtime < horizon:
+                    continue
+                document = read_json(Path(entry.path)) or {}
+                moment = parse_iso(str(document["created_at"]))
+            except (OSError, KeyError, ValueError, SuperviseError):
+                continue
+            if (now - moment).total_seconds() < seconds:
+                created.append(moment)
+        return created
+
+    def _create(self, tool: str, input: dict[str, Any], summary: str, timeout_seconds: int) -> Request:
         now = self.clock()
         request = Request(
             id=secrets.token_urlsafe(12), tool=tool, input=dict(input), summary=summary,
@@ -297,6 +440,8 @@ class Store:
             return self._expired(request)
         if self.clock() < expires + timedelta(seconds=EXPIRY_GRACE_S):
             return request
+        if state_dir_owner(self.state_dir) is not None:
+            return self._expired(request)  # root (git-gate) leaves the record to the owner: files stay theirs
         try:
             self.expired_dir.mkdir(parents=True, exist_ok=True)
             publish_json(marker, {"expired_at": request.expires_at})
@@ -363,6 +508,61 @@ class Store:
                              "reason": record["reason"]})
         return _with(request, status=STATUS_OF_DECISION[decision], by=record["by"], reason=record["reason"],
                      decided_at=record["decided_at"])
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """chmod path to mode when it is ours and looser; someone else's (an older root-owned file) stays."""
+    try:
+        info = os.stat(path)
+        if info.st_uid == os.geteuid() and info.st_mode & 0o7777 != mode:
+            os.chmod(path, mode)
+    except OSError:
+        pass
+
+
+class _dir_lock:
+    """flock on a directory: one creator at a time across processes (the daemon, git-gate)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fd = -1
+
+    def __enter__(self) -> "_dir_lock":
+        self.fd = os.open(self.directory, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+# --------------------------------------------------------------------------- whose files
+
+
+def state_dir_owner(state_dir: Path | str, *, euid: int | None = None,
+                    stat: Callable[[Path | str], os.stat_result] = os.stat) -> tuple[int, int] | None:
+    """The (uid, gid) a root process should become before it writes into state_dir: the dir's
+    owner, which the host created. None when we are not root (nothing to switch) or the owner is
+    root already (the host runs as root, or a user namespace maps the host user to root)."""
+    if (os.geteuid() if euid is None else euid) != 0:
+        return None
+    try:
+        info = stat(state_dir)
+    except FileNotFoundError:
+        return None  # not mounted: created by us, as we are
+    if info.st_uid == 0:
+        return None
+    return info.st_uid, info.st_gid
+
+
+def become(uid: int, gid: int) -> None:
+    """Switch this process to uid/gid for good (needs CAP_SETUID/CAP_SETGID). Groups first, then
+    the gid, then the uid, all three ids of each, so root cannot be regained."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise PermissionError(f"could not switch to uid {uid} gid {gid}")
 
 
 def _with(request: Request, **changes: Any) -> Request:

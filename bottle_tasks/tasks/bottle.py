@@ -47,8 +47,17 @@ def task_preflight():
         yield {"name": plan.agent, "actions": [(action(preflight), [plan])], "uptodate": [False]}
 
 
+def ensure_state_dir(plan: Plan) -> None:
+    """The bottle's state dir holds the CA key, tool input and mirrors: the host user's alone (0700),
+    also when an earlier version or a umask made it wider."""
+    plan.state_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    plan.state_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(plan.state_dir, 0o700)
+
+
 def render_configs(plan: Plan) -> None:
     """Every file of plan.rendered_files (the bundle's list and the guest's), from its template."""
+    ensure_state_dir(plan)
     for file in plan.rendered_files:
         render_file(file, plan)
     if plan.git:
@@ -80,6 +89,7 @@ def task_render():
 def _mint_ca(plan: Plan) -> None:
     from bottle_tasks.ca import mint_ca  # cryptography loads only when a CA is minted
 
+    ensure_state_dir(plan)
     mint_ca(plan.ca_cert, plan.ca_key, f"claude-bottle {plan.slug} CA")
 
 

@@ -82,8 +82,7 @@ def plans() -> Iterator[Plan]:
     agent = selected_agent()
     if agent:
         plan = _plan_or_exit(run, run.settings.agents_dir / f"{agent}.yaml")
-        run.docker.watch(plan.guest.name, plan.bundle.name, *(b.name for b in plan.network.bridges),
-                         plan.agent_image.tag, plan.bundle_image.tag)
+        run.docker.watch(*run.backend(plan).watch_names(plan))
         yield plan
         return
     for path in agent_files(run.settings):

@@ -63,3 +63,24 @@ def test_start_attaches_a_tty_when_interactive(bottle_a):
     assert "/dev/pts/" in proc.stdout, proc.stdout + proc.stderr
     piped = env.doit("start", "agent=probe-a", "command=tty", check=False)
     assert "not a tty" in piped.stdout, piped.stdout
+
+
+def test_reprovisioning_never_writes_as_root_through_a_link_the_agent_planted(bottle_a):
+    """The agent points ~/.claude/skills at a root-owned place; the next provisioning must not write there."""
+    planted = bottle_a.exec("sh", "-c", "rm -rf ~/.claude/skills && ln -s /usr/local/share ~/.claude/skills")
+    assert planted.returncode == 0, planted.stderr
+    skill = bottle_a.env.root / "agents" / "skills" / "probe-skill" / "SKILL.md"
+    original = skill.read_text()
+    try:
+        skill.write_text(original + "A second line.\n")          # changed input: provisioning runs again
+        bottle_a.env.doit("start", f"agent={bottle_a.agent}", "command=true")
+        leaked = bottle_a.exec("test", "-e", "/usr/local/share/probe-skill", user="root")
+        assert leaked.returncode != 0, "root copied the skill through the agent's link into /usr/local/share"
+        assert bottle_a.exec("test", "-L", "/home/agent/.claude/skills").returncode != 0
+        landed = bottle_a.exec("cat", "/home/agent/.claude/skills/probe-skill/SKILL.md")
+        assert "A second line." in landed.stdout, landed.stderr
+        # The agent can read its skill but not rewrite it.
+        assert bottle_a.exec("sh", "-c", "echo x >> /home/agent/.claude/skills/probe-skill/SKILL.md").returncode != 0
+    finally:
+        skill.write_text(original)
+        bottle_a.env.doit("start", f"agent={bottle_a.agent}", "command=true")

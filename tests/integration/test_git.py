@@ -5,10 +5,14 @@ is lost when the upstream is down or the bottle is cleaned."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
+from bottle_tasks.sidecars.supervise_store import Store, SuperviseError
 from tests.integration.conftest import AGENT_GIT as AGENT, GIT_TOKEN, Bottle, docker
 from tests.integration.test_tokens import _files_containing
 
@@ -23,6 +27,32 @@ def _guest_git(bottle: Bottle, script: str):
 def _audit(bottle: Bottle) -> list[dict]:
     path = bottle.plan.git.mirrors_dir / "audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@contextmanager
+def approving_pushes(bottle: Bottle) -> Iterator[list[str]]:
+    """The bottle supervises `git push`, so git-gate holds every push for a human: approve each one
+    (the host side of `doit approve`, without a doit start per decision). Yields the approved ids."""
+    store, stop, approved = Store(bottle.plan.supervise.state_dir), threading.Event(), []
+
+    def approve() -> None:
+        while not stop.is_set():
+            for request in store.list_pending():
+                if request.tool == "git push":
+                    try:
+                        store.decide(request.id, "approve", "integration test", "a push the test makes")
+                        approved.append(request.id)
+                    except SuperviseError:
+                        pass
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=approve, daemon=True)
+    thread.start()
+    try:
+        yield approved
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def _wait_upstream_has(bottle: Bottle, ref: str, sha: str, timeout: float = 60) -> bool:
@@ -61,9 +91,11 @@ echo more >> README.md && git commit -qam "upstream moved on" && git push -q ori
 
 def test_push_to_an_allowed_branch_reaches_the_upstream(bottle_git):
     branch = f"bottle/{AGENT}/feature"
-    push = _guest_git(bottle_git, f"git checkout -q -b {branch} && echo change > f.txt && git add f.txt && "
-                                  f"git commit -qm 'agent change' && git push -q origin {branch} && git rev-parse HEAD")
+    with approving_pushes(bottle_git) as approved:
+        push = _guest_git(bottle_git, f"git checkout -q -b {branch} && echo change > f.txt && git add f.txt && "
+                                      f"git commit -qm 'agent change' && git push -q origin {branch} && git rev-parse HEAD")
     assert push.returncode == 0, push.stderr
+    assert len(approved) == 1, "git-gate did not hold the push for a human"
     sha = push.stdout.split()[-1]
     assert _wait_upstream_has(bottle_git, f"refs/heads/{branch}", sha), _audit(bottle_git)
 
@@ -109,8 +141,9 @@ def test_push_while_upstream_is_down_is_forwarded_when_it_is_back(bottle_git):
     docker("stop", "-t", "0", bottle_git.upstream)
     try:
         branch = f"bottle/{AGENT}/offline"
-        push = _guest_git(bottle_git, f"git checkout -q -b {branch} main && echo later > later.txt && git add later.txt && "
-                                      f"git commit -qm 'made offline' && git push -q origin {branch} && git rev-parse HEAD")
+        with approving_pushes(bottle_git):
+            push = _guest_git(bottle_git, f"git checkout -q -b {branch} main && echo later > later.txt && git add later.txt && "
+                                          f"git commit -qm 'made offline' && git push -q origin {branch} && git rev-parse HEAD")
         assert push.returncode == 0, push.stderr
         sha = push.stdout.split()[-1]
         time.sleep(2)

@@ -75,21 +75,33 @@ def test_container_removed_by_hand_is_recreated_and_reprovisioned(lifecycle):
     assert docker("inspect", "-f", "{{.State.Health.Status}}", plan.bundle.name).stdout.strip() == "healthy"
 
 
-def test_a_guest_restarted_outside_doit_is_recreated_and_fenced_again(lifecycle, host_listener):
-    """A restart gives the guest a new network namespace without the firewall: start must notice."""
+def _reaches(container: str, host: str, port: int) -> subprocess.CompletedProcess:
+    return docker("exec", container, "python3", "-c",
+                  f"import socket; socket.create_connection(('{host}', {port}), timeout=3).close()", check=False)
+
+
+def test_a_guest_restarted_outside_doit_is_never_unfenced(lifecycle, host_listener):
+    """The fence lives in the namespace holder: a restart of the guest, or of the holder itself, probed at
+    once and before any doit start, leaves the guest fenced (or cut off), never open."""
     env, extra, _ = lifecycle
     plan = env.plan("lifecycle", extra)
-    reach_host = ["python3", "-c", f"import socket; socket.create_connection(('{plan.network.guest_side.gateway}', "
-                                   f"{host_listener}), timeout=3).recv(64)"]
-    assert docker("exec", plan.guest.name, *reach_host, check=False).returncode != 0
-    before = _container_id(plan.guest.name)
+    gateway, bundle = plan.network.guest_side.gateway, plan.network.bundle_ip
+    assert _reaches(plan.guest.name, gateway, host_listener).returncode != 0
     docker("restart", "-t", "0", plan.guest.name)
-    # The hole this test is about: unfenced, an --internal network still reaches the host's gateway.
-    assert docker("exec", plan.guest.name, *reach_host, check=False).returncode == 0
+    probe = _reaches(plan.guest.name, gateway, host_listener)
+    assert probe.returncode != 0 and "refused" in probe.stderr, probe.stderr
+    assert _reaches(plan.guest.name, bundle, 8080).returncode == 0, "the positive control: the bundle still answers"
+    # The holder restarted by hand fences its new namespace before anything can use it; the guest is left
+    # in the old one, with no way out at all, until start puts it in the new one.
+    holder = f"bottle-{plan.slug}-guestnet"
+    before = _container_id(plan.guest.name)
+    docker("restart", "-t", "0", holder)
+    assert _reaches(plan.guest.name, gateway, host_listener).returncode != 0
     env.doit("start", "agent=lifecycle", "command=true", extra_env=extra)
     assert _container_id(plan.guest.name) != before
-    probe = docker("exec", plan.guest.name, *reach_host, check=False)
+    probe = _reaches(plan.guest.name, gateway, host_listener)
     assert probe.returncode != 0 and "refused" in probe.stderr, probe.stderr
+    assert _reaches(plan.guest.name, bundle, 8080).returncode == 0
 
 
 def test_agent_file_change_recreates_the_guest_only(lifecycle):

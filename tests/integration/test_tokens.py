@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import tarfile
+from pathlib import Path
 
-from tests.integration.conftest import FAKE_TOKEN, docker
+from tests.integration.conftest import FAKE_TOKEN, GIT_TOKEN, docker
 
 
 def test_real_token_arrives_upstream_and_the_guest_sees_only_the_placeholder(bottle_a):
@@ -67,8 +68,53 @@ def test_token_never_travels_on_the_tools_argv(bottle_a):
     log = bottle_a.env.argv_log.read_text()
     assert "create --name bottle-probe-a-bundle" in log, "the docker shim did not see the bundle being created"
     assert FAKE_TOKEN not in log
-    # The bundle gets the variable by name.
-    assert "--env ANTHROPIC_API_KEY " in log
+    # The bundle gets its secrets as a file on stdin (`docker cp -`), not even their names on argv.
+    assert "cp - bottle-probe-a-bundle:/var/lib/bottle" in log
+    assert "--env ANTHROPIC_API_KEY" not in log
+
+
+def test_no_bottle_container_shows_a_token_in_docker_inspect(bottle_a, bottle_git):
+    for bottle in (bottle_a, bottle_git):
+        names = docker("ps", "-a", "--filter", f"label=dev.claude-bottle.slug={bottle.plan.slug}",
+                       "--format", "{{.Names}}").stdout.split()
+        assert bottle.plan.bundle.name in names and bottle.plan.guest.name in names
+        inspected = docker("inspect", *names).stdout
+        for secret in (FAKE_TOKEN, GIT_TOKEN):
+            assert secret not in inspected, f"a token is in docker inspect of {names}"
+        assert "ANTHROPIC_API_KEY=" not in json.dumps([c["Config"]["Env"] for c in json.loads(inspected)
+                                                        if c["Name"].lstrip("/") == bottle.plan.bundle.name])
+
+
+MODULES = {"egress": "bottle_tasks.sidecars.egress", "git-gate": "bottle_tasks.sidecars.gitgate",
+           "dns": "bottle_tasks.sidecars.dnssink", "supervise": "bottle_tasks.sidecars.supervise"}
+
+
+def _daemon_environ(bottle, daemon: str) -> str:
+    """The environment of a bundle daemon's processes and of everything under them (git-gate's git
+    children), read from the host: a daemon that dropped to another uid is not dumpable from inside."""
+    rows = [line.split(None, 2) for line in docker("top", bottle.plan.bundle.name, "-eo", "pid,ppid,args").stdout.splitlines()[1:]]
+    pids = {pid for pid, _, args in rows if MODULES[daemon] in args}
+    for _ in range(3):
+        pids |= {pid for pid, ppid, _ in rows if ppid in pids}
+    assert pids, f"no {daemon} process in the bundle"
+    environs = []
+    for pid in pids:
+        try:
+            environs.append(Path(f"/proc/{pid}/environ").read_bytes().decode("utf-8", "replace").replace("\0", "\n"))
+        except FileNotFoundError:
+            continue          # a short-lived child gone meanwhile
+    return "\n".join(environs)
+
+
+def test_each_daemon_holds_only_its_own_secret(bottle_git):
+    bottle_git.exec("sh", "-c", "cd /workspace/app && git fetch -q origin")       # git-gate has run git children
+    assert FAKE_TOKEN in _daemon_environ(bottle_git, "egress")
+    assert GIT_TOKEN not in _daemon_environ(bottle_git, "egress")
+    assert GIT_TOKEN in _daemon_environ(bottle_git, "git-gate")
+    for daemon in ("git-gate", "dns", "supervise"):
+        environ = _daemon_environ(bottle_git, daemon)
+        assert environ and FAKE_TOKEN not in environ and "ANTHROPIC_API_KEY=" not in environ, daemon
+    assert GIT_TOKEN not in _daemon_environ(bottle_git, "dns")
 
 
 def _files_containing(container: str, needle: bytes) -> tuple[list[str], int]:

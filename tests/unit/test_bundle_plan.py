@@ -112,6 +112,7 @@ def test_inits_table_is_rendered_from_the_same_records(plan):
         entry = table[daemon.name]
         assert entry["command"] == list(daemon.command)
         assert entry["probe"] == ({daemon.probe[0]: daemon.probe[1]} if daemon.probe else None)
+        assert entry["secrets"] == list(daemon.secrets)
         # Every file a daemon is told to read is mounted (or optional: the upstream CA only when set).
         for arg in daemon.command:
             if arg.startswith(bundle_plan.CONFIG_DIR + "/"):
@@ -128,3 +129,30 @@ def test_the_guest_fence_admits_exactly_the_daemons_guest_ports(plan):
 
 def test_the_contract_doc_shows_the_list_as_it_is():
     assert contract_doc.main(["--check"]) == 0, "docs/bundle-contract.md is stale: run python -m bottle_tasks.contract_doc"
+
+
+def test_each_daemon_is_given_only_the_secrets_it_uses(plan):
+    secrets = {d.name: d.secrets for d in plan.bundle.daemons}
+    assert secrets == {"egress": ("ANTHROPIC_API_KEY",), "pipelock": (), "dns": (), "git-gate": ("GIT_TOKEN",),
+                       "supervise": ()}
+    assert not any(key in plan.bundle.secret_env_names for key, _ in plan.bundle.env)
+
+
+def test_the_state_dir_is_the_host_users_alone(tmp_path):
+    """CA key, tool input and mirrors live there: 0700 even under a 022 umask, and an existing 0755 dir
+    from an earlier version is narrowed."""
+    import os
+
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    (agents / "plain.yaml").write_text("routes: []\n")
+    settings = Settings.from_env({"HOME": str(tmp_path), "BOTTLE_STATE_DIR": str(tmp_path / "state"),
+                                  "BOTTLE_CACHE_DIR": str(tmp_path / "cache")})
+    plan = make_plan(load_spec(agents / "plain.yaml"), settings)
+    old = os.umask(0o022)
+    try:
+        plan.state_dir.mkdir(parents=True, mode=0o755)
+        render_configs(plan)
+    finally:
+        os.umask(old)
+    assert oct(plan.state_dir.stat().st_mode & 0o777) == "0o700"

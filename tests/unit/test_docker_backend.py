@@ -3,7 +3,9 @@ privileges, how secrets travel, what it refuses and what it removes."""
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 
 import pytest
 
@@ -38,17 +40,25 @@ def _flags(argv: list[str], flag: str) -> list[str]:
     return [value for key, value in zip(argv, argv[1:]) if key == flag]
 
 
-def test_the_bundle_gets_secrets_by_name_only_and_least_privilege(plan):  # noqa: F811
+def test_secrets_reach_the_bundle_as_a_root_only_file_never_in_its_env_or_an_argv(plan):  # noqa: F811
     runner = _runner()
-    DockerBackend(Docker(runner)).start_bundle(plan, {"ANTHROPIC_API_KEY": SECRET, "GIT_TOKEN": "ghp_x" * 8})
+    secrets = {"ANTHROPIC_API_KEY": SECRET, "GIT_TOKEN": "ghp_x" * 8}
+    DockerBackend(Docker(runner)).start_bundle(plan, secrets)
     (create,) = runner.commands("docker", "create")
-    assert SECRET not in " ".join(create) and not any("ghp_x" in arg for arg in create)
-    env = _flags(create, "--env")
-    assert "ANTHROPIC_API_KEY" in env and "GIT_TOKEN" in env
-    # The values reach docker through its environment, never its argv.
-    assert runner.envs[runner.calls.index(create)] == {"ANTHROPIC_API_KEY": SECRET, "GIT_TOKEN": "ghp_x" * 8}
+    assert not any(name in " ".join(call) for call in runner.calls for name in ("ghp_x", SECRET))
+    # Not in Config.Env, not even by name: `docker inspect` of the bundle shows no token.
+    assert not any(e.split("=")[0] in secrets for e in _flags(create, "--env"))
+    assert all(env is None or not set(env) & set(secrets) for env in runner.envs)
+    # They go in on stdin, as a tar holding one 0600 root file, after create and before start.
+    (copy,) = runner.commands("docker", "cp")
+    assert copy == ["docker", "cp", "-", f"{plan.bundle.name}:/var/lib/bottle"]
+    assert runner.calls.index(create) < runner.calls.index(copy) < runner.calls.index(runner.commands("docker", "start")[0])
+    with tarfile.open(fileobj=io.BytesIO(runner.inputs[runner.calls.index(copy)])) as tar:
+        (member,) = tar.getmembers()
+        assert (member.name, member.mode, member.uid) == ("secrets.json", 0o600, 0)
+        assert json.loads(tar.extractfile(member).read()) == secrets
     assert _flags(create, "--cap-drop") == ["ALL"] and "no-new-privileges" in _flags(create, "--security-opt")
-    assert set(_flags(create, "--cap-add")) == {"NET_BIND_SERVICE", "SETUID", "SETGID", "DAC_OVERRIDE"}
+    assert set(_flags(create, "--cap-add")) == {"NET_BIND_SERVICE", "SETUID", "SETGID", "DAC_OVERRIDE", "KILL"}
     labels = dict(label.split("=", 1) for label in _flags(create, "--label"))
     assert labels[SLUG_LABEL] == plan.slug and labels[STATE_LABEL] == str(plan.state_dir)
     assert labels[ROLE_LABEL] == "bundle" and labels[FINGERPRINT_LABEL]
@@ -81,23 +91,44 @@ def test_a_name_held_by_someone_else_is_refused_and_left_alone(plan):  # noqa: F
     assert not runner.commands("docker", "rm") and not runner.commands("docker", "create")
 
 
-def test_the_guest_holds_no_capability_and_its_fence_is_applied_from_outside(plan):  # noqa: F811
+def test_the_guest_holds_no_capability_and_joins_a_namespace_whose_holder_applies_the_fence(plan):  # noqa: F811
     runner = _runner()
-    DockerBackend(Docker(runner)).start_guest(plan)
-    (create,) = runner.commands("docker", "create")
-    assert _flags(create, "--cap-drop") == ["ALL"] and not _flags(create, "--cap-add")
-    assert _flags(create, "--dns") == [plan.network.bundle_ip]
-    assert "net.ipv6.conf.all.disable_ipv6=1" in _flags(create, "--sysctl")
-    assert _flags(create, "--env-file") == [str(plan.guest.env_file.host_path)]
-    assert not any("=" in e for e in _flags(create, "-e") + _flags(create, "--env"))    # no values on argv
-    assert _flags(create, "--pids-limit") == [str(plan.guest.pids)]
-    fences = runner.commands("docker", "run")
-    assert [f[f.index("--entrypoint") + 1] for f in fences] == ["iptables-restore", "ip6tables-restore"]
-    for fence in fences:
-        assert _flags(fence, "--network") == [f"container:{plan.guest.name}"]
-        assert set(_flags(fence, "--cap-add")) == {"NET_ADMIN", "NET_RAW"}
-    rules = runner.inputs[runner.calls.index(fences[0])]
-    assert f"--dport {plan.bundle.guest_ports[0][1]}" in rules and ":OUTPUT DROP" in rules
+    backend = DockerBackend(Docker(runner))
+    backend.start_guest(plan)
+    holder_name = backend.netns_holder(plan)
+    holder, guest = runner.commands("docker", "create")
+    assert _flags(holder, "--name") == [holder_name] and _flags(guest, "--name") == [plan.guest.name]
+    # The guest: no capability at all, in the holder's namespace (its address, DNS and fence).
+    assert _flags(guest, "--cap-drop") == ["ALL"] and not _flags(guest, "--cap-add")
+    assert _flags(guest, "--network") == [f"container:{holder_name}"]
+    assert not _flags(guest, "--ip") and not _flags(guest, "--dns")
+    assert _flags(guest, "--env-file") == [str(plan.guest.env_file.host_path)]
+    assert not any("=" in e for e in _flags(guest, "-e") + _flags(guest, "--env"))    # no values on argv
+    assert _flags(guest, "--pids-limit") == [str(plan.guest.pids)]
+    # The holder: the only one with NET_ADMIN; it restarts by itself and fences itself at every start.
+    assert set(_flags(holder, "--cap-add")) == {"NET_ADMIN", "NET_RAW"} and _flags(holder, "--cap-drop") == ["ALL"]
+    assert _flags(holder, "--ip") == [plan.network.guest_ip] and _flags(holder, "--dns") == [plan.network.bundle_ip]
+    assert _flags(holder, "--restart") == ["unless-stopped"]
+    assert "net.ipv6.conf.all.disable_ipv6=1" in _flags(holder, "--sysctl")
+    fence = dict(e.split("=", 1) for e in _flags(holder, "--env"))
+    assert f"--dport {plan.bundle.guest_ports[0][1]}" in fence["BOTTLE_FENCE_V4"] and ":OUTPUT DROP" in fence["BOTTLE_FENCE_V4"]
+    script = holder[-1]
+    assert script.index("iptables-restore") < script.index("ip6tables-restore") < script.index("touch /run/bottle-fenced")
+    # The guest is created only once the holder said the fence is in place.
+    waited = runner.commands("docker", "exec", holder_name, "test", "-e", "/run/bottle-fenced")
+    assert waited and runner.calls.index(waited[-1]) < runner.calls.index(guest)
+
+
+def test_a_holder_that_cannot_fence_stops_the_start_and_is_removed(plan):  # noqa: F811
+    runner = _runner({("docker", "exec"): (1, "", "")})
+    dead = {"State": {"Running": False, "Status": "exited"}, "Config": {"Labels": {}}}
+    runner.answers[("docker", "container", "inspect")] = (
+        lambda argv: (0, json.dumps([dead]), "") if runner.commands("docker", "create") else (1, "", "No such container"))
+    backend = DockerBackend(Docker(runner))
+    with pytest.raises(BottleError, match="the guest's fence could not be applied"):
+        backend.start_guest(plan)
+    assert len(runner.commands("docker", "create")) == 1          # the guest was never created
+    assert runner.calls[-1] == ["docker", "rm", "-f", backend.netns_holder(plan)]
 
 
 def test_clean_selects_the_bottles_containers_by_label(plan):  # noqa: F811
@@ -114,3 +145,26 @@ def test_root_never_runs_from_the_agents_workspace(plan):  # noqa: F811
     as_agent = guest.exec_argv(["id"])
     assert as_root[as_root.index("-w") + 1] == "/" and as_agent[as_agent.index("-w") + 1] == "/workspace"
     assert as_agent[as_agent.index("-u") + 1] == "agent"
+
+
+def test_the_bundle_has_memory_and_pids_ceilings_sized_from_its_daemons(plan):  # noqa: F811
+    runner = _runner()
+    DockerBackend(Docker(runner)).start_bundle(plan, {})
+    (create,) = runner.commands("docker", "create")
+    memory = sum(d.memory_mib for d in plan.bundle.daemons) + 64
+    assert _flags(create, "--memory") == [f"{memory}m"] and _flags(create, "--memory-swap") == [f"{memory}m"]
+    assert _flags(create, "--pids-limit") == [str(sum(d.pids for d in plan.bundle.daemons) + 32)]
+
+
+def test_resources_bundle_overrides_the_sized_limits_and_a_tiny_one_is_refused(tmp_path):
+    from bottle_tasks.plan import make_plan
+    from bottle_tasks.spec import load_spec
+    from tests.unit.test_plan import settings
+
+    path = tmp_path / "small.yaml"
+    path.write_text("resources: {bundle: {memory: 2g, pids: 200}}\n")
+    plan = make_plan(load_spec(path), settings(tmp_path))
+    assert (plan.bundle.memory_mib, plan.bundle.pids) == (2048, 200)
+    path.write_text("resources: {bundle: {memory: 100m}}\n")
+    with pytest.raises(BottleError, match=r"small.yaml: resources.bundle.memory 100m is below 256m"):
+        make_plan(load_spec(path), settings(tmp_path))

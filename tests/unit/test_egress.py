@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +36,7 @@ from mitmproxy import certs, http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
-from bottle_tasks.sidecars import dlp, egress
+from bottle_tasks.sidecars import bodies, dlp, egress
 from bottle_tasks.sidecars.addresses import is_public_address
 from bottle_tasks.sidecars.scrub import SecretScrubber
 from bottle_tasks.sidecars.routes import parse_routes
@@ -103,7 +105,10 @@ def run(coro):
 
 
 def plain_flow(method: str, url: str, content: bytes = b"", headers: dict | None = None) -> http.HTTPFlow:
-    return tflow.tflow(req=http.Request.make(method, url, content, headers or {}))
+    """An absolute-form request sent to the proxy port, with the Host header a client sends."""
+    request = http.Request.make(method, url, content, headers or {})
+    request.headers.setdefault("Host", url.split("/")[2])
+    return tflow.tflow(req=request)
 
 
 def connect_flow(client, host: str, port: int = 443) -> http.HTTPFlow:
@@ -230,6 +235,89 @@ def test_inner_host_with_explicit_default_port_is_fine():
     assert_allowed(flow)
 
 
+def http2_tunnel_flow(addon, host: str, path: str, *, authority: str, host_headers: list[str] = ()) -> http.HTTPFlow:
+    """An HTTP/2 request inside a CONNECT tunnel: :authority, and any host headers the guest adds."""
+    flow = tunnel_flow(addon, "GET", host, path, host_header="")
+    flow.request.http_version = "HTTP/2.0"
+    flow.request.authority = authority
+    for value in host_headers:
+        flow.request.headers.add("host", value)
+    return flow
+
+
+@pytest.mark.parametrize("host_headers", [["other.example"], ["www.example.com:8080"], ["www.example.com:+80"],
+                                          ["www.example.com", "other.example"], []],
+                         ids=["other-host", "other-port", "signed-port", "duplicate", "none"])
+def test_domain_fronting_through_an_absolute_form_request_is_refused(host_headers):
+    # GET http://www.example.com/ HTTP/1.1 with a Host naming someone else: no tunnel, so before
+    # the fix no authority check ran and the spoofed Host reached the routed upstream.
+    addon = make_addon()
+    flow = plain_flow("GET", "http://www.example.com/", headers={"Host": "placeholder"})
+    flow.request.headers.pop("Host")
+    for value in host_headers:
+        flow.request.headers.add("Host", value)
+    run(addon.request(flow))
+    assert_blocked(flow, "authority_mismatch")
+
+
+def test_absolute_form_request_with_its_own_host_is_allowed():
+    addon = make_addon()
+    flow = plain_flow("GET", "http://www.example.com/", headers={"Host": "WWW.example.com:80"})
+    run(addon.request(flow))
+    assert_allowed(flow)
+
+
+def test_https_absolute_form_sent_in_the_clear_never_gets_the_token():
+    # GET https://api.anthropic.com/... to the proxy port in the clear: egress would dial TLS itself
+    # and fill the token with the guest's Host. Refused before any check that could let it through.
+    records: list = []
+    addon = make_addon(records)
+    flow = plain_flow("POST", "https://api.anthropic.com/v1/messages", headers={"x-api-key": PLACEHOLDER})
+    run(addon.request(flow))
+    assert "CONNECT" in assert_blocked(flow, "https_requires_connect")
+    assert flow.request.headers["x-api-key"] == PLACEHOLDER
+    assert records[-1]["reason"] == "https_requires_connect"
+
+
+def test_token_is_never_filled_for_a_spoofed_host():
+    addon = make_addon()
+    flow = tunnel_flow(addon, "POST", "api.anthropic.com", "/v1/messages", host_header="evil.example",
+                       headers={"x-api-key": PLACEHOLDER})
+    run(addon.request(flow))
+    assert_blocked(flow, "authority_mismatch")
+    assert flow.request.headers["x-api-key"] == PLACEHOLDER
+
+
+@pytest.mark.parametrize("authority, host_headers", [
+    ("evil.example.com", []),                                   # :authority names another host
+    ("www.example.com", ["evil.example.com"]),                  # host header disagrees with :authority
+    ("www.example.com", ["www.example.com", "www.example.com"]),  # duplicate host headers
+    ("www.example.com:8443", []),                               # another port
+], ids=["authority", "host-vs-authority", "duplicate-host", "port"])
+def test_http2_authority_and_host_must_both_name_the_tunnel(authority, host_headers):
+    addon = make_addon()
+    flow = http2_tunnel_flow(addon, "www.example.com", "/", authority=authority, host_headers=host_headers)
+    run(addon.request(flow))
+    assert_blocked(flow, "authority_mismatch")
+
+
+def test_http2_authority_naming_the_tunnel_is_allowed():
+    addon = make_addon()
+    flow = http2_tunnel_flow(addon, "www.example.com", "/", authority="www.example.com",
+                             host_headers=["www.example.com:443"])
+    run(addon.request(flow))
+    assert_allowed(flow)
+
+
+def test_duplicate_host_headers_in_a_tunnel_are_refused():
+    addon = make_addon()
+    flow = tunnel_flow(addon, "GET", "www.example.com", "/")
+    flow.request.headers.add("Host", "evil.example.com")
+    run(addon.request(flow))
+    assert_blocked(flow, "authority_mismatch")
+
+
+
 # -- 4. method and path ---------------------------------------------------------------------
 
 
@@ -245,6 +333,82 @@ def test_path_outside_route_is_refused():
     flow = tunnel_flow(addon, "POST", "api.anthropic.com", "/admin/keys")
     run(addon.request(flow))
     assert_blocked(flow, "path_not_allowed")
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/../admin/delete",          # curl --path-as-is
+    "/v1/./../admin",
+    "/v1/%2e%2e/admin",             # encoded dot segment
+    "/v1/%2E%2e/admin",
+    "/v1/%252e%252e/admin",         # double-encoded
+    "/v1/..;/admin",                # Tomcat-style path parameter on a dot segment
+    "/v1/x%2F..%2Fadmin",           # encoded slash
+    "/v1/x%5C..%5Cadmin",           # encoded backslash
+    "/v1\\..\\admin",               # backslash
+    "/v1/x%00.json",                # NUL
+    "/v1//../admin",                # empty segment, then a dot segment
+    "/v1/%6dessages",               # encoded unreserved character: not the normal form
+    "/v1/x#/../../admin",           # fragment
+    "/v1/%zz",                      # malformed escape
+])
+def test_path_traversal_past_a_glob_is_refused(path):
+    records: list = []
+    addon = make_addon(records)
+    flow = tunnel_flow(addon, "POST", "api.anthropic.com", "/v1/messages")
+    flow.request.path = path  # as sent on the wire: nothing normalises it before egress
+    run(addon.request(flow))
+    assert_blocked(flow, "path_ambiguous")
+    assert "x-api-key" not in flow.request.headers
+    assert records[-1]["reason"] == "path_ambiguous"
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages?beta=true&x=%2F..", "/v1/files/a%20b.txt",
+                                  "/v1/models/", "/v1/caf%C3%A9"])
+def test_paths_in_normal_form_still_match_the_glob(path):
+    addon = make_addon()
+    flow = tunnel_flow(addon, "POST", "api.anthropic.com", "/v1/messages")
+    flow.request.path = path
+    run(addon.request(flow))
+    assert_allowed(flow)
+    assert flow.request.path == path  # forwarded exactly as checked
+
+
+def test_a_route_without_path_globs_keeps_encoded_slashes():
+    addon = make_addon()  # *.example.com has no paths: nothing to get around, npm's @scope%2fname works
+    flow = tunnel_flow(addon, "GET", "www.example.com", "/@types%2fnode")
+    run(addon.request(flow))
+    assert_allowed(flow)
+
+
+@pytest.mark.parametrize("host, port", [("internal.example.org", 6379), ("www.example.com", 22),
+                                        ("api.anthropic.com", 8443)])
+def test_connect_to_a_port_the_route_does_not_list_is_refused(host, port):
+    records: list = []
+    addon = make_addon(records)
+    flow = connect_flow(tflow.tclient_conn(), host, port)
+    addon.http_connect(flow)
+    body = assert_blocked(flow, "port_not_allowed")
+    assert f"port {port}" in body and "443, 80" in body
+    assert records[-1]["reason"] == "port_not_allowed"
+
+
+def test_plain_request_to_a_port_the_route_does_not_list_is_refused():
+    addon = make_addon()
+    flow = plain_flow("GET", "http://www.example.com:22/")
+    run(addon.request(flow))
+    assert_blocked(flow, "port_not_allowed")
+
+
+def test_route_ports_replace_the_default_ones():
+    routes = [{"host": "internal.example.org", "private_network": True, "ports": [6379]}]
+    addon = make_addon(config=make_config(routes=routes))
+    flow = tunnel_flow(addon, "GET", "internal.example.org", "/", port=6379, host_header="internal.example.org:6379")
+    run(addon.request(flow))
+    assert_allowed(flow)
+    https = connect_flow(tflow.tclient_conn(), "internal.example.org", 443)
+    addon.http_connect(https)
+    assert_blocked(https, "port_not_allowed")
+
 
 
 # -- 5. private addresses -------------------------------------------------------------------
@@ -344,6 +508,184 @@ def test_a_key_smuggled_in_the_token_header_is_still_blocked():
     flow = tunnel_flow(addon, "POST", "api.anthropic.com", "/v1/messages", headers={"x-api-key": smuggled})
     run(addon.request(flow))
     assert_blocked(flow, "dlp_match")
+
+
+# -- request bodies: size, decompression, scanning off the event loop -------------------------
+
+
+def gzip_bomb(decoded_mib: int) -> bytes:
+    """gzip of decoded_mib MiB of zeros, compressed piece by piece (never held whole)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    return b"".join(compressor.compress(zeros) for _ in range(decoded_mib)) + compressor.flush()
+
+
+def body_flow(addon, content: bytes, *, encoding: str = "", host: str = "www.example.com") -> http.HTTPFlow:
+    flow = tunnel_flow(addon, "POST", host, "/upload")
+    if encoding:
+        flow.request.headers["Content-Encoding"] = encoding
+    flow.request.raw_content = content  # as the guest sent it, not re-encoded
+    return flow
+
+
+def test_request_body_over_max_body_bytes_gets_413_naming_the_limit():
+    addon = make_addon(config=make_config(routes=[{"host": "*.example.com", "max_body_bytes": 1000}]))
+    flow = body_flow(addon, b"x" * 1001)
+    run(addon.request(flow))
+    body = assert_blocked(flow, "body_too_large", status=413)
+    assert "1001 bytes" in body and "max_body_bytes (1000 bytes)" in body
+
+
+def test_declared_content_length_over_the_limit_is_answered_before_the_body():
+    records: list = []
+    addon = make_addon(records, config=make_config(routes=[{"host": "*.example.com", "max_body_bytes": 1000}]))
+    flow = tunnel_flow(addon, "POST", "www.example.com", "/upload")
+    flow.request.headers["Content-Length"] = "5000000000"
+    response = addon.body_limit_response(flow, None)  # what install_body_limit asks, headers only
+    assert response.status_code == 413 and response.headers[egress.BLOCK_HEADER] == "body_too_large"
+    assert b"5000000000 bytes" in response.content
+    assert addon.body_limit_response(flow, 1001).status_code == 413  # a chunked body, as it grows
+    assert addon.body_limit_response(flow, 1000) is None
+    assert records[-1]["reason"] == "body_too_large" and records[-1]["where"] == "body"
+
+
+def test_gzip_bomb_is_refused_without_being_decoded_whole():
+    # 600 KB of gzip that decodes to 600 MB stalled every client for 115 s at 1.3 GB RSS. This one is
+    # 64 MiB decoded; the decoder stops at the ratio limit, and memory stays far below it.
+    import tracemalloc
+
+    addon = make_addon()
+    bomb = gzip_bomb(64)
+    flow = body_flow(addon, bomb, encoding="gzip")
+    tracemalloc.start()
+    try:
+        run(addon.request(flow))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "200 times" in assert_blocked(flow, "compression_ratio", status=413)
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB while refusing a {len(bomb) >> 10} KiB bomb"
+
+
+def test_decoded_body_over_max_body_bytes_gets_413(monkeypatch):
+    monkeypatch.setattr(bodies, "MAX_RATIO", 10_000)  # the size limit, not the ratio, must stop this one
+    addon = make_addon(config=make_config(routes=[{"host": "*.example.com", "max_body_bytes": 2 << 20}]))
+    flow = body_flow(addon, gzip_bomb(8), encoding="gzip")
+    run(addon.request(flow))
+    assert "decoded request body exceeds max_body_bytes" in assert_blocked(flow, "body_too_large", status=413)
+
+
+@pytest.mark.parametrize("encoding, compress", [
+    ("deflate", zlib.compress),
+    ("deflate", lambda data: zlib.compress(data)[2:-4]),  # raw deflate, as some clients send it
+    ("zstd", lambda data: __import__("zstandard").ZstdCompressor().compress(data)),
+    ("gzip", lambda data: gzip.compress(b"harmless " * 10) + gzip.compress(data)),  # the secret in member 2
+])
+def test_compressed_request_bodies_are_decoded_for_dlp(encoding, compress):
+    addon = make_addon()
+    flow = body_flow(addon, compress(f"key={FAKE_AWS_KEY}".encode()), encoding=encoding)
+    run(addon.request(flow))
+    assert_blocked(flow, "dlp_match")
+
+
+@pytest.mark.parametrize("encoding, content", [
+    ("br", __import__("brotli").compress(b"hello")),          # no bounded decoder exists for br
+    ("gzip, gzip", gzip.compress(gzip.compress(b"hello"))),  # stacked encodings
+    ("gzip", gzip.compress(b"hello") + b"trailing bytes"),   # data an upstream might read, DLP would not
+    ("gzip", gzip.compress(b"hello" * 1000)[:-20]),           # truncated
+])
+def test_request_bodies_egress_cannot_decode_with_a_bound_fail_closed(encoding, content):
+    addon = make_addon()
+    flow = body_flow(addon, content, encoding=encoding)
+    run(addon.request(flow))
+    assert_blocked(flow, "dlp_unavailable")
+
+
+def test_secret_deep_in_a_large_body_is_still_blocked():
+    addon = make_addon()
+    filler = os.urandom(bodies.SCAN_WINDOW // 2).hex()[:bodies.SCAN_WINDOW - 10]  # the key straddles a window's end
+    after = os.urandom(bodies.SCAN_WINDOW * 2).hex()
+    flow = body_flow(addon, gzip.compress(f"{filler} {FAKE_AWS_KEY} {after}".encode()), encoding="gzip")
+    run(addon.request(flow))
+    assert_blocked(flow, "dlp_match")
+
+
+def test_another_client_is_served_while_a_big_scan_runs(monkeypatch):
+    # The scan of one body must not hold the event loop: while it is stuck (on an event, not a
+    # clock), a second request goes through the whole request hook.
+    scanning, release = threading.Event(), threading.Event()
+    real_scan_text = dlp.scan_text
+
+    def scan_text(text, where):
+        if "BIG-BODY" in text:
+            scanning.set()
+            assert release.wait(timeout=60), "never released"
+        return real_scan_text(text, where)
+
+    monkeypatch.setattr(dlp, "scan_text", scan_text)
+    addon = make_addon()
+
+    async def scenario():
+        big = asyncio.ensure_future(addon.request(body_flow(addon, b"BIG-BODY " * 1000)))
+        try:
+            assert await asyncio.to_thread(scanning.wait, 60), "the big scan never started"
+            small = tunnel_flow(addon, "GET", "www.example.com", "/small")
+            await addon.request(small)  # served while the big scan is still stuck
+            assert_allowed(small)
+            assert not big.done()
+        finally:
+            release.set()
+        await big
+
+    run(scenario())
+
+
+def test_a_flood_of_bombs_is_refused_and_a_normal_request_is_served_after():
+    addon = make_addon()
+    bomb = gzip_bomb(64)
+
+    async def scenario():
+        flood = [body_flow(addon, bomb, encoding="gzip") for _ in range(8)]
+        await asyncio.gather(*(addon.request(flow) for flow in flood))
+        for flow in flood:
+            assert_blocked(flow, "compression_ratio", status=413)
+        normal = body_flow(addon, b'{"ok": true}')
+        await addon.request(normal)
+        assert_allowed(normal)
+
+    run(scenario())
+
+
+def test_accept_encoding_is_cut_to_what_egress_can_decode_with_a_bound():
+    addon = make_addon()
+    flow = tunnel_flow(addon, "POST", "api.anthropic.com", "/v1/messages",
+                       headers={"Accept-Encoding": "gzip, deflate, br;q=1.0, zstd"})
+    run(addon.request(flow))
+    assert flow.request.headers["accept-encoding"] == "gzip, deflate, zstd"
+
+
+def test_compressed_response_bomb_is_not_decoded_whole():
+    import tracemalloc
+
+    records: list = []
+    addon = make_addon(records)
+    flow = tunnel_flow(addon, "POST", "api.anthropic.com", "/v1/messages")
+    run(addon.request(flow))
+    bomb = gzip_bomb(64)  # within BUFFER_LIMIT: buffered for redaction
+    flow.response = http.Response.make(200, b"", {"Content-Encoding": "gzip"})
+    flow.response.raw_content = bomb
+    addon.responseheaders(flow)
+    assert not flow.response.stream
+    tracemalloc.start()
+    try:
+        addon.response(flow)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB decoding a {len(bomb) >> 10} KiB response"
+    assert flow.response.raw_content == bomb  # passed on as is, like a large compressed response
+    assert records[-1]["event"] == "response_not_redacted"
+
 
 
 # -- 7. token over plain HTTP ---------------------------------------------------------------
@@ -731,12 +1073,13 @@ def make_leaf(directory: Path, ca_key, ca_cert, hostname: str) -> tuple[Path, Pa
 
 
 def write_routes(tmp_path: Path, listen_port: int, upstream_port: int, *, private: bool = True,
-                 upstream_proxy: str = "", scan_url: str = "") -> Path:
+                 upstream_proxy: str = "", scan_url: str = "", max_body_bytes: int = 1 << 20) -> Path:
     routes = {
         "version": 1, "agent": "integration", "listen": f"127.0.0.1:{listen_port}",
         "upstream_proxy": upstream_proxy, "pipelock_scan_url": scan_url,
         "routes": [{
             "host": "localhost", "methods": ["GET", "POST"], "paths": ["/v1/*"], "private_network": private,
+            "ports": [upstream_port], "max_body_bytes": max_body_bytes,
             "token": {"env": "BOTTLE_TEST_TOKEN", "header": "x-api-key", "format": "{value}",
                       "placeholder": "bottle-placeholder-BOTTLE_TEST_TOKEN"},
         }],
@@ -1048,3 +1391,110 @@ def test_integration_upstream_mode_with_scan_api(tmp_path):
     finally:
         proxy.close()
         scan_api.close()
+
+
+# -- request bodies, request targets and ports against the real egress ---------------------------
+
+
+def tls_tunnel(bottle) -> ssl.SSLSocket:
+    """A TLS connection to the echo upstream through a CONNECT tunnel, bottle CA trusted."""
+    sock, head = connect_tunnel(bottle.port, f"localhost:{bottle.echo.port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return client_context(bottle.ca).wrap_socket(sock, server_hostname="localhost")
+
+
+def read_response_head(sock: socket.socket) -> bytes:
+    """Up to the end of the response head, or what came before the peer closed (a bounded read)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_integration_oversized_content_length_gets_413_before_the_body_is_sent(bottle):
+    # Only the headers are sent: a proxy that waits for the body never answers (the read times out).
+    with tls_tunnel(bottle) as tls_sock:
+        tls_sock.settimeout(15)
+        tls_sock.sendall(f"POST /v1/upload HTTP/1.1\r\nHost: localhost:{bottle.echo.port}\r\n"
+                         f"Content-Length: {50 << 30}\r\n\r\n".encode())
+        head = read_response_head(tls_sock)
+        rest = tls_sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert b"X-Bottle-Block-Reason: body_too_large" in head
+    assert b"max_body_bytes (1048576 bytes)" in head + rest
+    assert bottle.echo.received == []
+    assert any(r["reason"] == "body_too_large" for r in log_records(bottle))
+
+
+def test_integration_chunked_flood_is_cut_off_and_a_normal_request_is_served(bottle):
+    with tls_tunnel(bottle) as tls_sock:
+        tls_sock.settimeout(15)
+        tls_sock.sendall(f"POST /v1/upload HTTP/1.1\r\nHost: localhost:{bottle.echo.port}\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"%x\r\n%s\r\n" % (64 << 10, b"f" * (64 << 10))
+        head = b""
+        for _ in range(64):  # 4 MiB at most, four times the route's limit; stops at the answer
+            if select.select([tls_sock], [], [], 0)[0] or tls_sock.pending():
+                tls_sock.settimeout(0.2)  # readable may be only a TLS session ticket: look, then go on
+                try:
+                    head += tls_sock.recv(65536)
+                except (TimeoutError, ssl.SSLWantReadError):
+                    pass
+                tls_sock.settimeout(15)
+                if head:
+                    break
+            try:
+                tls_sock.sendall(chunk)
+            except OSError:
+                break
+        head += read_response_head(tls_sock) if b"\r\n\r\n" not in head else b""
+    assert head.startswith(b"HTTP/1.1 413") and b"body_too_large" in head, head
+    assert bottle.echo.received == []
+    ((status, _, body),) = https_through_proxy(bottle, "POST", "/v1/messages", headers={}, body=b'{"after": "flood"}')
+    assert status == 200 and json.loads(body)["path"] == "/v1/messages"
+
+
+def test_integration_gzip_bomb_is_refused_and_others_are_served(bottle):
+    bomb = gzip_bomb(600)  # about 600 KiB that decode to 600 MiB
+    ((status, headers, body),) = https_through_proxy(bottle, "POST", "/v1/upload", body=bomb,
+                                                     headers={"Content-Encoding": "gzip"})
+    assert status == 413 and headers[egress.BLOCK_HEADER] in ("compression_ratio", "body_too_large"), body
+    ((status, _, _),) = https_through_proxy(bottle, "GET", "/v1/models", headers={})
+    assert status == 200 and [r["path"] for r in bottle.echo.received] == ["/v1/models"]
+
+
+def test_integration_absolute_form_with_a_spoofed_host_or_https_in_the_clear_is_refused(bottle):
+    for request, reason in (
+        (f"GET http://localhost:{bottle.echo.port}/v1/x HTTP/1.1\r\nHost: other.example\r\n", "authority_mismatch"),
+        (f"GET https://localhost:{bottle.echo.port}/v1/x HTTP/1.1\r\nHost: localhost:{bottle.echo.port}\r\n",
+         "https_requires_connect"),
+    ):
+        with socket.create_connection(("127.0.0.1", bottle.port), timeout=15) as plain:
+            plain.sendall((request + "Connection: close\r\n\r\n").encode())
+            reply = read_response_head(plain)
+        assert reply.startswith(b"HTTP/1.1 403") and f"X-Bottle-Block-Reason: {reason}".encode() in reply, reply
+    assert bottle.echo.received == []
+
+
+def test_integration_path_as_is_traversal_is_refused(bottle):
+    for path in ("/v1/../admin/delete", "/v1/%2e%2e/admin/delete"):
+        ((status, headers, _),) = https_through_proxy(bottle, "POST", path, headers={})
+        assert status == 403 and headers[egress.BLOCK_HEADER] == "path_ambiguous"
+    assert bottle.echo.received == []
+
+
+def test_integration_connect_to_an_unlisted_port_is_refused(bottle):
+    sock, head = connect_tunnel(bottle.port, "localhost:22")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 403") and b"X-Bottle-Block-Reason: port_not_allowed" in head
+
+
+def test_body_limit_refuses_to_install_on_a_mitmproxy_it_does_not_know(monkeypatch):
+    from mitmproxy.proxy.layers import http as layers
+
+    monkeypatch.setattr(layers.HttpStream, "check_body_size", lambda self, request, extra=None: None)
+    with pytest.raises(RuntimeError, match="cannot limit request bodies"):
+        egress.install_body_limit(lambda flow, buffered: None)

@@ -12,12 +12,14 @@ import io
 import json
 import os
 import random
+import signal
 import socket
 import string
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -30,14 +32,18 @@ from bottle_tasks.sidecars.gitgate.__main__ import main as gitgate_main
 from bottle_tasks.sidecars.gitgate.config import GitGateConfigError, parse_config
 from bottle_tasks.sidecars.gitgate.daemon import GUEST_REFRESH_INTERVAL_S, Gate, MissingTokenError
 from bottle_tasks.sidecars.gitgate.hooks import hook_pre_receive, read_spool
+from bottle_tasks.sidecars.gitgate import approval, policy
 from bottle_tasks.sidecars.gitgate.policy import RefUpdate, SecretScanner, evaluate_push
-from bottle_tasks.sidecars.gitgate.smart_http import GitCgiServer
+from bottle_tasks.sidecars.gitgate.smart_http import GitCgiServer, HttpLimits
 from bottle_tasks.sidecars.scrub import SecretScrubber
+from bottle_tasks.sidecars.supervise_store import Store
 from tests.unit.fakes import FakePipelock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "fake-git-token-" + "".join(random.choices(string.ascii_letters + string.digits, k=24))
 USERNAME = "x-access-token"
+MAX_PUSH_BYTES = 2 * 1024 * 1024  # the daemon's receive.maxInputSize
+HOLD_TIMEOUT_S = 120               # the "held" repo's pushes wait this long for a human
 
 
 def fake_aws_key() -> str:
@@ -104,7 +110,7 @@ class Upstream:
         self.seen_auth: list[str] = []
 
     def start(self) -> None:
-        self.server = AuthGitServer(("127.0.0.1", self.port), self.root, ["app", "lib"], self.env)
+        self.server = AuthGitServer(("127.0.0.1", self.port), self.root, ["app", "lib", "held"], self.env)
         self.server.seen_auth = self.seen_auth
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -142,7 +148,7 @@ def world(tmp_path_factory):
     git("config", "user.name", "Upstream", cwd=seed)
     git("config", "user.email", "upstream@example.invalid", cwd=seed)
     commit_file(seed, "README", "hello\n", "initial")
-    for name in ("app", "lib"):
+    for name in ("app", "lib", "held"):
         git("init", "--quiet", "--bare", "-b", "main", str(upstream_root / f"{name}.git"))
         git("push", "--quiet", str(upstream_root / f"{name}.git"), "main", cwd=seed)
     upstream = Upstream(upstream_root, {k: env[k] for k in ("PATH", "HOME", "GIT_CONFIG_NOSYSTEM")})
@@ -157,6 +163,8 @@ def world(tmp_path_factory):
         "mirrors_dir": str(mirrors),
         "audit_log": str(mirrors / "audit.jsonl"),
         "pipelock_scan_url": "",
+        "max_push_bytes": MAX_PUSH_BYTES,
+        "supervise": {"state_dir": str(tmp / "supervise"), "timeout_seconds": HOLD_TIMEOUT_S},
         "repos": [
             {"name": "app", "url": upstream.url("app"),
              "identity": {"kind": "token", "token_env": "GIT_TOKEN", "username": USERNAME, "ssh_key": ""},
@@ -164,6 +172,9 @@ def world(tmp_path_factory):
             {"name": "lib", "url": upstream.url("lib"),
              "identity": {"kind": "token", "token_env": "GIT_TOKEN", "username": USERNAME, "ssh_key": ""},
              "push": {"branches": ["*"], "force": True, "delete": True, "tags": True}},
+            {"name": "held", "url": upstream.url("held"),
+             "identity": {"kind": "token", "token_env": "GIT_TOKEN", "username": USERNAME, "ssh_key": ""},
+             "push": {"branches": ["bottle/test/*"], "approve": True}},
         ],
     }
     config_path = tmp / "git-gate.yaml"
@@ -187,7 +198,7 @@ def world(tmp_path_factory):
     assert wait_for(listening, timeout=15)
     gate_url = f"http://127.0.0.1:{gate_port}"
     guests = {}
-    for name in ("app", "lib"):
+    for name in ("app", "lib", "held"):
         guest = tmp / f"guest-{name}"
         git("clone", "--quiet", f"{gate_url}/{name}.git", str(guest))
         git("config", "user.name", "Agent", cwd=guest)
@@ -196,6 +207,7 @@ def world(tmp_path_factory):
     world = {
         "tmp": tmp, "upstream": upstream, "mirrors": mirrors, "gate_url": gate_url, "guests": guests,
         "daemon": daemon, "stdout": stdout_path, "stderr": stderr_path, "seed": seed, "config": config_path,
+        "store": Store(tmp / "supervise"),
     }
     yield world
     daemon.terminate()
@@ -585,6 +597,10 @@ def test_config_parses_the_contract_shape():
     ({"repos": [{**BASE["repos"][0], "identity": {"kind": "ssh", "ssh_key": ""}}]}, "repos[0].identity.ssh_key:"),
     ({"repos": [{**BASE["repos"][0], "push": {"force": "yes"}}]}, "repos[0].push.force: must be true or false"),
     ({"repos": [BASE["repos"][0], BASE["repos"][0]]}, "repos[1].name: duplicate"),
+    ({"repos": [{**BASE["repos"][0], "push": {"approve": True}}]}, "repos[0].push.approve: needs supervise"),
+    ({"supervise": {"state_dir": "relative", "timeout_seconds": 5}}, "supervise.state_dir: must be an absolute path"),
+    ({"supervise": {"state_dir": "/s", "timeout_seconds": 0}}, "supervise.timeout_seconds: must be an integer"),
+    ({"max_push_bytes": 0}, "max_push_bytes: must be a positive number"),
 ])
 def test_config_errors_name_file_and_key(patch, message):
     with pytest.raises(GitGateConfigError) as caught:
@@ -617,3 +633,391 @@ def test_upstream_ca_joins_the_system_store_for_upstream_git_only(tmp_path):
     assert Path(env["GIT_SSL_CAINFO"]).read_text().endswith(pem)
     assert env["GIT_GATE_PASSWORD"] == "t0ken" and "GIT_TOKEN" not in env
     assert "GIT_SSL_CAINFO" not in gate.cgi_env() and "t0ken" not in json.dumps(gate.cgi_env())
+
+
+# ---------------------------------------------------------------------------------------------
+# attack: walking around supervise. The guest hook matches Bash commands (best effort: `git -C dir
+# push`, `\git push`, `bash -c "git push"` slip past Bash(git push:*)); git-gate holds every push of
+# a repo with push.approve in the supervise queue until a human decides, however git was invoked.
+
+
+def _push_in_background(*args: str) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(proc=git(*args, check=False)), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _pending_push(store: Store, branch: str):
+    return wait_for(lambda: next((r for r in store.list_pending() if r.tool == "git push" and branch in r.summary),
+                                 None), timeout=30, what=f"a pending git push request for {branch}")
+
+
+def test_push_made_any_way_waits_for_a_human_and_lands_only_once_approved(world):
+    guest, store = world["guests"]["held"], world["store"]
+    new_branch(guest, "bottle/test/held")
+    sha = commit_file(guest, "held.txt", "one\ntwo\n", "work to approve")
+    thread, outcome = _push_in_background("-C", str(guest), "push", "origin", "HEAD:refs/heads/bottle/test/held")
+    request = _pending_push(store, "bottle/test/held")
+    # What the human sees (doit supervise prints summary and input): repo, branch, range, diffstat.
+    assert request.summary.startswith("git push to held: bottle/test/held new at " + sha[:12])
+    assert "1 commit(s), 1 file changed, 2 insertions(+)" in request.summary
+    [ref] = request.input["refs"]
+    assert (ref["ref"], ref["new"], ref["change"]) == ("refs/heads/bottle/test/held", sha, "create")
+    assert any("held.txt" in line for line in ref["diffstat"]) and ref["commits"][0].endswith("Agent: work to approve")
+    assert thread.is_alive(), "the push did not wait for the decision"
+    assert rev(mirror(world, "held"), "refs/heads/bottle/test/held") is None
+    assert rev(upstream_repo(world, "held"), "refs/heads/bottle/test/held") is None
+    store.decide(request.id, "approve", "tester", "looks fine")
+    thread.join(timeout=60)
+    proc = outcome["proc"]
+    assert proc.returncode == 0, proc.stderr
+    assert f"git-gate: the push to held waits for a human: request {request.id}" in proc.stderr
+    assert f"git-gate: approved by tester: looks fine (request {request.id})" in proc.stderr
+    assert wait_for(lambda: rev(upstream_repo(world, "held"), "refs/heads/bottle/test/held") == sha, timeout=15)
+    records = wait_for(lambda: [r for r in audit_records(world) if r["event"] == "push" and r["repo"] == "held"
+                                  and r["accepted"]], timeout=15)
+    assert records[-1]["approval"] == {"status": "approved", "request": request.id, "by": "tester",
+                                       "reason": "looks fine"}
+
+
+def test_push_denied_by_a_human_is_rejected_with_the_reason_and_never_arrives(world):
+    guest, store = world["guests"]["held"], world["store"]
+    new_branch(guest, "bottle/test/denied")
+    commit_file(guest, "denied.txt", "no\n", "work to deny")
+    thread, outcome = _push_in_background("-C", str(guest), "push", "origin", "HEAD:refs/heads/bottle/test/denied")
+    request = _pending_push(store, "bottle/test/denied")
+    store.decide(request.id, "deny", "tester", "not this one")
+    thread.join(timeout=60)
+    proc = outcome["proc"]
+    assert proc.returncode != 0
+    assert (f"git-gate: rejected refs/heads/bottle/test/denied: denied by tester: not this one "
+            f"(request {request.id})") in proc.stderr, proc.stderr
+    assert rev(mirror(world, "held"), "refs/heads/bottle/test/denied") is None
+    assert not list((mirror(world, "held") / "git-gate" / "queue").glob("*.json"))
+    assert rev(upstream_repo(world, "held"), "refs/heads/bottle/test/denied") is None
+
+
+class FakeTime:
+    """One clock for the store (UTC) and the wait (monotonic); sleeping advances it and runs on_sleep."""
+
+    def __init__(self):
+        self.elapsed = 0.0
+        self.sleeps = 0
+        self.on_sleep = lambda: None
+
+    def clock(self):
+        from datetime import datetime, timedelta, timezone
+        return datetime(2031, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=self.elapsed)
+
+    def monotonic(self) -> float:
+        return self.elapsed
+
+    def sleep(self, seconds: float) -> None:
+        self.elapsed += seconds
+        self.sleeps += 1
+        self.on_sleep()
+
+
+@pytest.fixture()
+def held_mirror(plain_repo, tmp_path):
+    """A mirror of plain_repo whose repo r holds pushes for a human, a commit on bottle/x that the
+    mirror has (fetched, so in the object store) but no ref reaches yet, and a fake clock."""
+    config = parse_config({
+        "version": 1, "listen": "127.0.0.1:0", "mirrors_dir": str(tmp_path / "m"),
+        "supervise": {"state_dir": str(tmp_path / "supervise"), "timeout_seconds": 30},
+        "repos": [{"name": "r", "url": "https://git.example.invalid/r.git",
+                   "push": {"branches": ["bottle/*"], "approve": True}}]})
+    mirror_dir = tmp_path / "m" / "r.git"
+    git("clone", "--quiet", "--bare", str(plain_repo), str(mirror_dir))
+    git("checkout", "--quiet", "-b", "bottle/x", cwd=plain_repo)
+    sha = commit_file(plain_repo, "feature.txt", "a\nb\nc\n", "feature work")
+    git("fetch", "--quiet", str(plain_repo), "bottle/x", cwd=mirror_dir)  # objects only (FETCH_HEAD)
+    fake = FakeTime()
+    store = Store(tmp_path / "supervise", clock=fake.clock)
+
+    def hold(link, repo, updates, repo_dir, out, env=None):
+        summary, details = approval.describe_push(repo, updates, repo_dir, env)
+        return approval.wait_for_human(store, repo, summary, details, link.timeout_seconds, out,
+                                       monotonic=fake.monotonic, sleep=fake.sleep)
+
+    def run(ref="refs/heads/bottle/x"):
+        stderr = io.StringIO()
+        code = hook_pre_receive(config, config.repos[0], f"{ZERO} {sha} {ref}\n", stderr, environ=os.environ,
+                                hold=hold)
+        return code, stderr.getvalue()
+
+    return types.SimpleNamespace(config=config, mirror=mirror_dir, sha=sha, fake=fake, store=store, run=run)
+
+
+def _decide_on_third_sleep(held, decision: str, reason: str) -> None:
+    def on_sleep():
+        if held.fake.sleeps == 3:
+            [request] = held.store.list_pending()
+            held.store.decide(request.id, decision, "alice", reason)
+    held.fake.on_sleep = on_sleep
+
+
+def test_held_push_goes_in_only_after_approval(held_mirror):
+    _decide_on_third_sleep(held_mirror, "approve", "ship it")
+    code, stderr = held_mirror.run()
+    assert code == 0, stderr
+    assert "git-gate: approved by alice: ship it" in stderr
+    [(_, event)] = read_spool(held_mirror.mirror / "git-gate" / "events")
+    assert event["accepted"] and event["approval"]["status"] == "approved" and event["approval"]["by"] == "alice"
+
+
+def test_held_push_denied_gets_the_human_reason_on_every_ref(held_mirror):
+    _decide_on_third_sleep(held_mirror, "deny", "wrong branch")
+    code, stderr = held_mirror.run()
+    assert code == 1
+    [line] = [l for l in stderr.splitlines() if l.startswith("git-gate: rejected")]
+    assert line.startswith("git-gate: rejected refs/heads/bottle/x: denied by alice: wrong branch (request ")
+    [(_, event)] = read_spool(held_mirror.mirror / "git-gate" / "events")
+    assert not event["accepted"] and "wrong branch" in event["reason"]
+
+
+def test_held_push_nobody_decides_expires_into_a_rejection(held_mirror):
+    code, stderr = held_mirror.run()
+    assert code == 1
+    assert "git-gate: rejected refs/heads/bottle/x: no human approved the push within 30 s, so it is denied" in stderr
+    assert stderr.count("git-gate: still waiting for a human to approve request") >= 2  # every 10 s
+    assert held_mirror.fake.elapsed < 60  # bounded by the timeout (fake seconds, no real wait)
+    assert [h["event"] for h in held_mirror.store.history()] == ["request", "expired"]
+
+
+def test_a_push_the_policy_rejects_never_bothers_the_human(held_mirror):
+    code, stderr = held_mirror.run("refs/heads/main")
+    assert code == 1 and "branch not allowed" in stderr
+    assert held_mirror.store.history() == []
+
+
+def test_the_wait_runs_as_the_state_dir_owner_when_git_gate_is_root(held_mirror, tmp_path, monkeypatch):
+    """In the bundle git-gate is root; what doit reads must be the host user's, so a child that has
+    become the state dir's owner files the request and waits; its verdict comes back to the hook."""
+    became = tmp_path / "became"
+    monkeypatch.setattr(approval, "state_dir_owner", lambda _dir: (os.getuid(), os.getgid()))
+    monkeypatch.setattr(approval, "become", lambda uid, gid: became.write_text(f"{uid}:{gid}"))
+    store = Store(tmp_path / "supervise").ensure_layout()  # the host lays it out before the bundle starts
+
+    def decide_when_asked():
+        request = wait_for(lambda: next(iter(store.list_pending()), None), timeout=30, what="the request")
+        store.decide(request.id, "deny", "bob", "from the parent")
+    decider = threading.Thread(target=decide_when_asked, daemon=True)
+    decider.start()
+    updates = [RefUpdate(ZERO, held_mirror.sha, "refs/heads/bottle/x")]
+    verdict = approval.hold_push(held_mirror.config.supervise, "r", updates, held_mirror.mirror, io.StringIO())
+    decider.join(timeout=30)
+    assert (verdict.status, verdict.by, verdict.reason) == ("denied", "bob", "from the parent")
+    assert became.read_text() == f"{os.getuid()}:{os.getgid()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# attack: denial of service against git-gate. Connections are capped, idle or trickling clients are
+# dropped and their git killed, the secret scan streams with bounded memory, packs are bounded.
+
+
+def _serving_processes(root: Path) -> list[int]:
+    """Live processes working in root (http-backend and the git under it chdir into the repo)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd").startswith(str(root)):
+                    pids.append(int(entry))
+            except OSError:
+                continue  # gone, or a zombie (no cwd): nothing left running
+    return pids
+
+
+@pytest.fixture()
+def served(plain_repo, tmp_path):
+    """GitCgiServers (tight limits) on a bare copy of plain_repo; whatever git they leave running is
+    killed at the end (the tests assert there is none)."""
+    root = tmp_path / "served"
+    git("clone", "--quiet", "--bare", str(plain_repo), str(root / "r.git"))
+    git("config", "http.receivepack", "true", cwd=root / "r.git")
+    cgi_env = {k: os.environ[k] for k in ("PATH", "HOME", "GIT_CONFIG_NOSYSTEM")}
+    servers: list[GitCgiServer] = []
+    logs: list[dict] = []
+
+    def start(limits: HttpLimits, max_connections: int = 64) -> GitCgiServer:
+        capped = type("Capped", (GitCgiServer,), {"max_connections": max_connections})
+        server = capped(("127.0.0.1", 0), root, ["r"], cgi_env, log=logs.append, limits=limits)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    def url(server) -> str:
+        return f"http://127.0.0.1:{server.server_address[1]}/r.git"
+
+    yield types.SimpleNamespace(root=root, start=start, url=url, logs=logs)
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    for pid in _serving_processes(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _closed_by_server(sock: socket.socket, rounds: int = 300, send: bytes = b"") -> bool:
+    """Poll (0.1 s a round, bounded) until the server closes the connection, optionally trickling send."""
+    sock.setblocking(False)
+    for _ in range(rounds):
+        try:
+            if send:
+                sock.send(send)
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return True
+        except BlockingIOError:
+            pass
+        except OSError:
+            return True  # reset: closed
+        time.sleep(0.1)
+    return False
+
+
+def _still_serves(served, server) -> None:
+    clone = served.root.parent / f"clone-{time.monotonic_ns()}"
+    git("clone", "--quiet", served.url(server), str(clone))
+    git("-c", "user.name=T", "-c", "user.email=t@example.invalid", "commit", "--quiet", "--allow-empty", "-m",
+        "after the attack", cwd=clone)
+    assert git("push", "--quiet", "origin", "HEAD:refs/heads/after", cwd=clone, check=False).returncode == 0
+
+
+def test_idle_connections_over_the_cap_start_nothing_and_idle_ones_are_dropped(served):
+    server = served.start(HttpLimits(idle_timeout_s=2, request_timeout_s=60, body_window_s=60), max_connections=4)
+    address = server.server_address[:2]
+    idle = [socket.create_connection(address) for _ in range(4)]
+    wait_for(lambda: server.watchdog.active() == 4, timeout=20, what="4 connections being served")
+    extra = [socket.create_connection(address) for _ in range(8)]
+    assert all(_closed_by_server(sock, rounds=100) for sock in extra), "a connection over the cap was served"
+    assert _serving_processes(served.root) == []
+    assert all(_closed_by_server(sock) for sock in idle), "an idle connection was kept"
+    for sock in idle + extra:
+        sock.close()
+    _still_serves(served, server)
+
+
+def test_trickled_headers_are_dropped(served):
+    server = served.start(HttpLimits(idle_timeout_s=30, request_timeout_s=1))
+    sock = socket.create_connection(server.server_address[:2])
+    sock.sendall(b"GET /r.git/info/refs?service=git-upload-pack HTTP/1.0\r\n")
+    assert _closed_by_server(sock, send=b"X-Pad: 1\r\n"), "a client trickling headers was kept"
+    sock.close()
+    assert any(r.get("event") == "http-drop" for r in served.logs)
+    _still_serves(served, server)
+
+
+def test_trickled_body_is_dropped_and_its_git_killed(served):
+    server = served.start(HttpLimits(idle_timeout_s=30, body_window_s=1, min_body_bytes=1000))
+    sock = socket.create_connection(server.server_address[:2])
+    sock.sendall(b"POST /r.git/git-upload-pack HTTP/1.0\r\nContent-Type: application/x-git-upload-pack-request\r\n"
+                 b"Content-Length: 100000\r\n\r\n")
+    wait_for(lambda: _serving_processes(served.root), timeout=20, what="http-backend started")
+    assert _closed_by_server(sock, send=b"0"), "a client trickling its body was kept"
+    sock.close()
+    wait_for(lambda: not _serving_processes(served.root), timeout=30, what="no git left running")
+    _still_serves(served, server)
+
+
+def test_client_gone_mid_body_leaves_no_git_running(served):
+    """Given CONTENT_LENGTH, git 2.39's http-backend spins forever on a body that ends early."""
+    server = served.start(HttpLimits())
+    for _ in range(3):
+        sock = socket.create_connection(server.server_address[:2])
+        sock.sendall(b"POST /r.git/git-receive-pack HTTP/1.0\r\nContent-Type: application/x-git-receive-pack-request"
+                     b"\r\nContent-Length: 100000\r\n\r\n0000")
+        wait_for(lambda: _serving_processes(served.root), timeout=20, what="http-backend started")
+        sock.close()
+    wait_for(lambda: not _serving_processes(served.root), timeout=30, what="no git left running")
+    _still_serves(served, server)
+
+
+def test_push_bigger_than_max_push_bytes_is_refused_and_a_normal_one_still_lands(world):
+    guest, up = world["guests"]["lib"], upstream_repo(world, "lib")
+    new_branch(guest, "toobig")
+    (guest / "huge.bin").write_bytes(random.randbytes(MAX_PUSH_BYTES + 512 * 1024))
+    git("add", "huge.bin", cwd=guest)
+    git("commit", "--quiet", "-m", "more than max_push_bytes", cwd=guest)
+    result = git("push", "origin", "HEAD:refs/heads/toobig", cwd=guest, check=False)
+    assert result.returncode != 0
+    assert "pack exceeds maximum allowed size" in result.stderr, result.stderr
+    assert rev(mirror(world, "lib"), "refs/heads/toobig") is None
+    new_branch(guest, "normal-after-toobig")
+    sha = commit_file(guest, "small.txt", "small\n", "a normal push")
+    assert git("push", "origin", "HEAD:refs/heads/normal-after-toobig", cwd=guest, check=False).returncode == 0
+    assert wait_for(lambda: rev(up, "refs/heads/normal-after-toobig") == sha, timeout=15)
+
+
+class RecordingScanner(SecretScanner):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def scan(self, text: str) -> list[str]:
+        self.largest = max(self.largest, len(text))
+        return super().scan(text)
+
+
+SCAN_BOUND = policy.SCAN_WINDOW_CHARS + policy.LINE_PIECE_BYTES + policy.SCAN_OVERLAP_CHARS
+
+
+def _pushed_commit(repo: Path, branch: str, files: dict[str, str | int]) -> RefUpdate:
+    """A commit of files (text, or a size for a file of zeros) on top of main, reachable from no ref:
+    what pre-receive sees of a push of it to refs/heads/<branch>."""
+    base = rev(repo, "HEAD")
+    git("update-ref", f"refs/heads/{branch}", base, cwd=repo)
+    git("checkout", "--quiet", branch, cwd=repo)
+    for name, content in files.items():
+        if isinstance(content, int):
+            with open(repo / name, "wb") as out:
+                out.truncate(content)
+        else:
+            (repo / name).write_text(content)
+    git("add", *files, cwd=repo)
+    git("commit", "--quiet", "-m", f"to {branch}", cwd=repo)
+    head = rev(repo, "HEAD")
+    git("checkout", "--quiet", "main", cwd=repo)  # HEAD must not reach it either
+    git("update-ref", "-d", f"refs/heads/{branch}", cwd=repo)
+    return RefUpdate(base, head, f"refs/heads/{branch}")
+
+
+def test_secret_deep_in_a_large_diff_is_caught_one_bounded_window_at_a_time(plain_repo):
+    lines = [f"line {i} {random.random()}\n" for i in range(120_000)]  # ~3.5 MB
+    lines[100_000] = f"key = {fake_aws_key()}\n"
+    update = _pushed_commit(plain_repo, "bottle/big", {
+        "big.txt": "".join(lines), "one-line.txt": "x" * 2_500_000 + fake_aws_key()})  # and one 2.5 MB line
+    scanner = RecordingScanner()
+    [decision] = evaluate_push(POLICY, [update], plain_repo, scanner)
+    assert decision.reasons == (f"secret in commit {update.new}: aws_access_key_id",)
+    assert 0 < scanner.largest <= SCAN_BOUND, scanner.largest
+
+
+def test_secret_split_across_a_scan_window_boundary_is_caught():
+    key = fake_aws_key()
+    window = policy._Window(SecretScanner(), policy.ScanBudget())
+    window.feed("a " * ((policy.SCAN_WINDOW_CHARS - 10) // 2) + key[:10])  # fills the first window
+    window.feed(key[10:] + "\n")
+    assert window.finish() == ["aws_access_key_id"]
+
+
+def test_object_too_big_to_scan_is_rejected_though_its_pack_is_tiny(plain_repo):
+    """A 33 MiB file of zeros packs into a few KB; the old scan held all of `git log -p` in memory."""
+    update = _pushed_commit(plain_repo, "bottle/zeros", {"zeros.bin": policy.MAX_SCAN_OBJECT_BYTES + 1024 * 1024})
+    blob = rev(plain_repo, f"{update.new}:zeros.bin")
+    scanner = RecordingScanner()
+    [decision] = evaluate_push(POLICY, [update], plain_repo, scanner)
+    assert decision.reasons == (f"blob {blob} (33 MiB, zeros.bin) is larger than the 32 MiB the secret scan reads; "
+                                "git-gate forwards nothing it has not scanned",)
+    assert scanner.largest == 0  # nothing of it was read
+
+
+def test_push_with_more_text_than_the_scan_budget_is_rejected(plain_repo):
+    update = _pushed_commit(plain_repo, "bottle/budget", {"text.txt": "words " * 2000})
+    [decision] = evaluate_push(POLICY, [update], plain_repo, SecretScanner(), budget=policy.ScanBudget(limit=4096))
+    assert len(decision.reasons) == 1 and "more than the secret scan reads in one push" in decision.reasons[0]

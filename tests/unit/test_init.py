@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 class InitProcess:
-    def __init__(self, tmp_path: Path, table: dict[str, Any], daemons: str) -> None:
+    def __init__(self, tmp_path: Path, table: dict[str, Any], daemons: str, extra_env: dict[str, str] | None = None) -> None:
         self.run_dir = tmp_path / "run"
         table_file = tmp_path / "table.json"
         table_file.write_text(json.dumps(table))
@@ -58,6 +58,7 @@ class InitProcess:
             "BOTTLE_RUN_DIR": str(self.run_dir),
             "BOTTLE_DAEMON_TABLE": str(table_file),
             "BUNDLE_DAEMONS": daemons,
+            **(extra_env or {}),
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bottle_tasks.sidecars.init"],
@@ -93,8 +94,8 @@ class InitProcess:
 def start_init(tmp_path: Path) -> Iterator[Callable[[dict[str, Any], str], InitProcess]]:
     started: list[InitProcess] = []
 
-    def start(table: dict[str, Any], daemons: str) -> InitProcess:
-        init = InitProcess(tmp_path, table, daemons)
+    def start(table: dict[str, Any], daemons: str, extra_env: dict[str, str] | None = None) -> InitProcess:
+        init = InitProcess(tmp_path, table, daemons, extra_env)
         started.append(init)
         return init
 
@@ -283,3 +284,42 @@ def test_split_host_port() -> None:
     assert split_host_port("[::1]:53") == ("::1", 53)
     with pytest.raises(ValueError):
         split_host_port("localhost")
+
+
+def test_each_daemon_gets_only_its_own_secrets(start_init, tmp_path: Path) -> None:
+    """A daemon whose entry names no secret (git-gate's children, the DNS sink) never sees the model key,
+    even when the bundle's own environment carried it; the one that names it gets it."""
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(json.dumps({"API_KEY": "sk-ant-secret-value", "GIT_TOKEN": "ghp-secret-value"}))
+    secrets.chmod(0o600)
+
+    def dumper(name: str) -> dict[str, Any]:
+        out = tmp_path / f"{name}.env.json"
+        return python_daemon("import json, os, time; json.dump({k: os.environ.get(k) for k in ('API_KEY', 'GIT_TOKEN')}, "
+                             f"open({str(out)!r}, 'w')); time.sleep(600)")
+
+    table = {"egress": {**dumper("egress"), "secrets": ["API_KEY"]},
+             "gitgate": {**dumper("gitgate"), "secrets": ["GIT_TOKEN"]},
+             "dns": dumper("dns")}
+    init = start_init(table, "egress,gitgate,dns",
+                      {"BOTTLE_SECRETS_FILE": str(secrets), "API_KEY": "leaked-through-the-container-env"})
+
+    def seen() -> dict[str, Any] | None:
+        try:
+            return {n: json.loads((tmp_path / f"{n}.env.json").read_text()) for n in ("egress", "gitgate", "dns")}
+        except (OSError, ValueError):
+            return None
+
+    assert wait_for(seen, what="every daemon's environment") == {
+        "egress": {"API_KEY": "sk-ant-secret-value", "GIT_TOKEN": None},
+        "gitgate": {"API_KEY": None, "GIT_TOKEN": "ghp-secret-value"},
+        "dns": {"API_KEY": None, "GIT_TOKEN": None}}
+    init.stop()
+
+
+def test_an_unreadable_secrets_file_stops_init_with_its_name(start_init, tmp_path: Path) -> None:
+    bad = tmp_path / "secrets.json"
+    bad.write_text("{not json")
+    init = start_init({"a": python_daemon(CHATTY)}, "a", {"BOTTLE_SECRETS_FILE": str(bad)})
+    code = init.process.wait(timeout=15)
+    assert code == 2 and f"{bad}: the secrets file is not valid JSON" in init.process.stderr.read()

@@ -69,3 +69,29 @@ def test_an_agent_without_git_or_supervise_gets_neither(tmp_path):
     provision(plain, guest)
     assert not any("git" in " ".join(argv) for argv, _, _ in guest.execs)
     assert [dest for _, dest in guest.copies] == [GUEST_CA_PATH]
+
+
+def test_root_never_writes_into_the_agents_home(tmp_path):
+    """The agent may have made any path under its home a link to /etc; so root's copies and commands
+    stay in root-owned places, and what lands in the agent's home is done with the agent's rights."""
+    from bottle_tasks.plan import GUEST_HOME, GUEST_SKILLS_DIR, GUEST_SKILLS_STORE, make_plan
+    from bottle_tasks.settings import ROOT
+    from bottle_tasks.spec import load_spec
+    from tests.unit.test_plan import settings
+
+    skill = tmp_path / "agents" / "skills" / "review"
+    skill.mkdir(parents=True)
+    (skill / "SKILL.md").write_text("---\nname: review\n---\n")
+    (tmp_path / "agents" / "skilled.yaml").write_text("skills: [skills/review]\n")
+    plan = make_plan(load_spec(tmp_path / "agents" / "skilled.yaml"), settings(tmp_path))
+    guest = RecordingGuest()
+    provision(plan, guest)
+    # docker cp (and smolvm cp) write as root: only ever into root-owned paths.
+    assert guest.copies and all(not dest.startswith(GUEST_HOME) for _, dest in guest.copies), guest.copies
+    assert (skill, f"{GUEST_SKILLS_STORE}/review") in guest.copies
+    for argv, user, _ in guest.execs:
+        if user == "root":
+            assert not any(GUEST_HOME in arg for arg in argv), f"root ran {argv} on the agent's home"
+    (link,) = [argv for argv, user, _ in guest.execs if GUEST_SKILLS_DIR in argv]
+    assert link[-2:] == [GUEST_SKILLS_DIR, f"{GUEST_SKILLS_STORE}/review"]
+    assert all(user == "agent" for argv, user, _ in guest.execs if GUEST_SKILLS_DIR in argv)

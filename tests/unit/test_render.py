@@ -35,6 +35,15 @@ def test_routes_yaml_round_trips_through_the_egress_loader(tmp_path):
     assert routes.upstream_proxy == "http://127.0.0.1:8888"
 
 
+def test_route_ports_and_body_limit_round_trip_through_the_egress_loader(tmp_path):
+    plan = _plan(tmp_path)
+    custom = replace(plan.routes[1], ports=(8443, 443), max_body_bytes=4096)
+    plan = replace(plan, routes=(plan.routes[0], custom))
+    path = tmp_path / "routes.yaml"
+    path.write_text(render("routes.yaml.j2", plan))
+    assert load_routes(path).routes == plan.routes
+
+
 def test_routes_yaml_without_pipelock_dials_directly(tmp_path):
     plan = replace(_plan(tmp_path), pipelock_enabled=False)
     path = tmp_path / "routes.yaml"

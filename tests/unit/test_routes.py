@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bottle_tasks.contract import Route, TokenSlot
+from bottle_tasks.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_ROUTE_PORTS, Route, TokenSlot
 from bottle_tasks.sidecars.routes import RoutesError, load_routes, parse_routes
 
 EXAMPLE = textwrap.dedent(
@@ -122,6 +122,16 @@ def test_methods_and_paths():
     assert any_route.allows_method("DELETE") and any_route.allows_path("/anything")
 
 
+def test_ports_and_body_limit_default_and_parse():
+    default, custom = parse_routes(minimal(routes=[
+        {"host": "a.example"},
+        {"host": "internal.example", "private_network": True, "ports": [6379, 8443], "max_body_bytes": 1024},
+    ])).routes
+    assert default.ports == DEFAULT_ROUTE_PORTS == (443, 80) and default.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 32 << 20
+    assert custom.ports == (6379, 8443) and custom.max_body_bytes == 1024
+    assert custom.allows_port(6379) and not custom.allows_port(443) and default.allows_port(80)
+
+
 def test_token_header_value_uses_format():
     slot = TokenSlot("T", "authorization", "Bearer {value}", "bottle-placeholder-T")
     assert slot.header_value("abc{0}") == "Bearer abc{0}"
@@ -169,6 +179,17 @@ def test_ipv6_listen():
                                                      "placeholder": "p" * 8}}]), "routes[0].token.format"),
         (minimal(routes=[{"host": "a.com", "token": {"env": "X", "header": "x", "placeholder": "p"}}]),
          "routes[0].token.placeholder"),
+        (minimal(routes=[{"host": "a.com", "ports": 443}]), "routes[0].ports"),
+        (minimal(routes=[{"host": "a.com", "ports": []}]), "routes[0].ports"),
+        (minimal(routes=[{"host": "a.com", "ports": [443, 0]}]), "routes[0].ports[1]"),
+        (minimal(routes=[{"host": "a.com", "ports": [65536]}]), "routes[0].ports[0]"),
+        (minimal(routes=[{"host": "a.com", "ports": [True]}]), "routes[0].ports[0]"),
+        (minimal(routes=[{"host": "a.com", "ports": ["443"]}]), "routes[0].ports[0]"),
+        (minimal(routes=[{"host": "a.com", "ports": [443, 443]}]), "routes[0].ports"),
+        (minimal(routes=[{"host": "a.com", "max_body_bytes": 0}]), "routes[0].max_body_bytes"),
+        (minimal(routes=[{"host": "a.com", "max_body_bytes": "32m"}]), "routes[0].max_body_bytes"),
+        (minimal(routes=[{"host": "a.com", "max_body_bytes": True}]), "routes[0].max_body_bytes"),
+        (minimal(routes=[{"host": "a.com", "max_body_bytes": (1 << 30) + 1}]), "routes[0].max_body_bytes"),
     ],
 )
 def test_malformed_routes_name_the_key(data, key):

@@ -36,6 +36,14 @@ def test_empty_file_is_a_valid_agent_with_defaults(tmp_path):
     assert spec.routes == ()
 
 
+def test_route_ports_and_body_limit(tmp_path):
+    spec = load_spec(write(tmp_path, "routes:\n  - host: a.com\n  - host: b.com\n    ports: [8443]\n"
+                                     "    max_body_bytes: 1048576\n"))
+    default, custom = spec.routes
+    assert default.ports == (443, 80) and default.max_body_bytes == 32 << 20
+    assert custom.ports == (8443,) and custom.max_body_bytes == 1 << 20
+
+
 def test_prompt_file_and_skills_resolve_relative_to_the_agent_file(tmp_path):
     (tmp_path / "p.md").write_text("be careful")
     (tmp_path / "skills" / "s1").mkdir(parents=True)
@@ -56,6 +64,9 @@ MALFORMED = [
     ("routes:\n  - host: a.com\n    token: {env: K}\n", "routes[0].token", "'header' is required"),
     ("routes:\n  - host: a.com\n    token: {env: K, header: x, format: 'Bearer'}\n", "routes[0].token.format", "{value}"),
     ("routes:\n  - host: a.com\n  - host: A.com\n", "routes[1].host", "already routed"),
+    ("routes:\n  - host: a.com\n    ports: [0]\n", "routes[0].ports[0]", "port numbers (1 to 65535)"),
+    ("routes:\n  - host: a.com\n    ports: [443, 443]\n", "routes[0].ports", "port numbers"),
+    ("routes:\n  - host: a.com\n    max_body_bytes: 32m\n", "routes[0].max_body_bytes", "whole number of bytes"),
     ("command: claude -p hi\n", "command", "as a list"),
     ("backend: podman\n", "backend", "docker or smolmachines"),
     ("resources: {memory: lots}\n", "resources.memory", "512m"),

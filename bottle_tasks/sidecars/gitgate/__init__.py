@@ -6,7 +6,8 @@
 
 Implements "git-gate" in docs/bundle-contract.md. The guest fetches and pushes over git smart HTTP
 (``smart_http``); a mirror's ``pre-receive`` hook applies the push policy and scans new commits for
-secrets (``policy``, ``hooks``); ``post-receive`` queues accepted updates, which the forwarder pushes to
+secrets (``policy``, ``hooks``), then, for a repo with ``push.approve``, holds the push in the supervise
+queue until a human decides (``approval``); ``post-receive`` queues accepted updates, which the forwarder pushes to
 the upstream with the repo's identity, retrying with backoff (``forwarder``). Every push decision and
 forward attempt is one JSON line in ``audit_log`` and on stdout (``audit``). ``daemon`` keeps the
 mirrors and wires it all; ``config`` reads git-gate.yaml.

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bottle_tasks.contract import GitIdentity, GitRepo, PushPolicy
+from bottle_tasks.contract import DEFAULT_MAX_PUSH_BYTES, GitIdentity, GitRepo, PushPolicy
 from bottle_tasks.sidecars.configfile import (
     ENV_NAME, bool_value, check_http_url, config_failer, list_of, listen_address, nested_mapping, read_yaml,
     refuse_duplicates, string_list, string_value, versioned_document,
 )
+from bottle_tasks.sidecars.supervise_store import MAX_TIMEOUT_S, MIN_TIMEOUT_S
 
 SUPPORTED_VERSION = 1
 DEFAULT_CONFIG = "/etc/bottle/git-gate.yaml"
@@ -33,6 +34,13 @@ class GitGateConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class SuperviseLink:
+    """Where pushes that need a human wait: the supervise state dir (the queue doit approve reads)."""
+    state_dir: Path
+    timeout_seconds: int  # no decision by then means deny
+
+
+@dataclass(frozen=True)
 class GateConfig:
     listen_host: str
     listen_port: int
@@ -41,6 +49,8 @@ class GateConfig:
     audit_log: Path
     pipelock_scan_url: str
     repos: tuple[GitRepo, ...]
+    max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES  # receive.maxInputSize of every mirror
+    supervise: SuperviseLink | None = None        # None: no push waits for a human
 
     def repo(self, name: str) -> GitRepo | None:
         return next((repo for repo in self.repos if repo.name == name), None)
@@ -55,8 +65,8 @@ def load_config(path: str | Path) -> GateConfig:
 
 def parse_config(data: Any, *, source: str = "git-gate.yaml") -> GateConfig:
     fail = config_failer(GitGateConfigError, source)
-    versioned_document(data, {"listen", "refresh_seconds", "mirrors_dir", "audit_log", "pipelock_scan_url", "repos"},
-                       SUPPORTED_VERSION, fail)
+    versioned_document(data, {"listen", "refresh_seconds", "mirrors_dir", "audit_log", "pipelock_scan_url", "repos",
+                              "max_push_bytes", "supervise"}, SUPPORTED_VERSION, fail)
     host, port = listen_address(string_value(data, "listen", "listen", fail, required=True), "listen", fail)
     refresh = data.get("refresh_seconds", 60)
     if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh <= 0:
@@ -67,9 +77,29 @@ def parse_config(data: Any, *, source: str = "git-gate.yaml") -> GateConfig:
     audit_log = string_value(data, "audit_log", "audit_log", fail) or str(Path(mirrors_dir) / "audit.jsonl")
     scan_url = check_http_url(string_value(data, "pipelock_scan_url", "pipelock_scan_url", fail), "pipelock_scan_url",
                               fail)
+    max_push = data.get("max_push_bytes", DEFAULT_MAX_PUSH_BYTES)
+    if isinstance(max_push, bool) or not isinstance(max_push, int) or max_push < 1:
+        raise fail("max_push_bytes", f"must be a positive number of bytes, got {max_push!r}")
+    supervise = _supervise(data["supervise"], fail) if data.get("supervise") is not None else None
     repos = tuple(_repo(item, f"repos[{i}]", fail) for i, item in enumerate(list_of(data, "repos", fail)))
     refuse_duplicates([repo.name for repo in repos], "repos", "name", fail)
-    return GateConfig(host, port, float(refresh), Path(mirrors_dir), Path(audit_log), scan_url, repos)
+    for i, repo in enumerate(repos):
+        if repo.push.approve and supervise is None:
+            raise fail(f"repos[{i}].push.approve", "needs supervise (state_dir, timeout_seconds): where the push waits")
+    return GateConfig(host, port, float(refresh), Path(mirrors_dir), Path(audit_log), scan_url, repos,
+                      max_push_bytes=max_push, supervise=supervise)
+
+
+def _supervise(raw: Any, fail: Fail) -> SuperviseLink:
+    nested_mapping(raw, {"state_dir", "timeout_seconds"}, "supervise", fail,
+                   "must be a mapping with state_dir and timeout_seconds")
+    state_dir = string_value(raw, "state_dir", "supervise.state_dir", fail, required=True)
+    if not state_dir.startswith("/"):
+        raise fail("supervise.state_dir", f"must be an absolute path, got {state_dir!r}")
+    timeout = raw.get("timeout_seconds")
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not MIN_TIMEOUT_S <= timeout <= MAX_TIMEOUT_S:
+        raise fail("supervise.timeout_seconds", f"must be an integer from {MIN_TIMEOUT_S} to {MAX_TIMEOUT_S}, got {timeout!r}")
+    return SuperviseLink(Path(state_dir), timeout)
 
 
 def _repo(item: Any, key: str, fail: Fail) -> GitRepo:
@@ -107,11 +137,12 @@ def _identity(raw: Any, key: str, fail: Fail) -> GitIdentity:
 
 
 def _push(raw: Any, key: str, fail: Fail) -> PushPolicy:
-    nested_mapping(raw, {"branches", "force", "delete", "tags"}, key, fail)
+    nested_mapping(raw, {"branches", "force", "delete", "tags", "approve"}, key, fail)
     branches = string_list(raw.get("branches") or [], f"{key}.branches", fail, what="fnmatch globs")
     return PushPolicy(
         branches=tuple(branches),
         force=bool_value(raw, "force", f"{key}.force", fail),
         delete=bool_value(raw, "delete", f"{key}.delete", fail),
         tags=bool_value(raw, "tags", f"{key}.tags", fail),
+        approve=bool_value(raw, "approve", f"{key}.approve", fail),
     )

@@ -5,6 +5,8 @@ HTTP server (``smart_http``), the hooks (``hooks``), the forwarder (``forwarder`
   absent). The mirror's ``core.hooksPath`` is ``<name>.git/git-gate/hooks``, rewritten at every start.
 - A guest ``info/refs`` first refreshes the mirror from the upstream (at most every 2 s per repo); a
   background thread also refreshes every ``refresh_seconds``. A refresh never prunes.
+- A push's pack is at most ``max_push_bytes`` (each mirror's ``receive.maxInputSize``); its request
+  body at most that plus BODY_SLACK_BYTES.
 
 Credentials: a token identity reaches git only through the environment of the git child (a tiny
 GIT_ASKPASS script prints ``$GIT_GATE_USERNAME`` / ``$GIT_GATE_PASSWORD``); it is never on an argv,
@@ -37,7 +39,7 @@ from bottle_tasks.sidecars.gitgate.config import (
 from bottle_tasks.sidecars.gitgate.forwarder import FORWARD_BACKOFF, Forwarder
 from bottle_tasks.sidecars.gitgate.git import BACKGROUND_GIT_TIMEOUT_S, git_error_line, run_git
 from bottle_tasks.sidecars.gitgate.hooks import HOOKS, MirrorPaths, hook_script, pending_refs
-from bottle_tasks.sidecars.gitgate.smart_http import GitCgiServer
+from bottle_tasks.sidecars.gitgate.smart_http import BODY_SLACK_BYTES, GitCgiServer, HttpLimits
 from bottle_tasks.sidecars.scrub import SecretScrubber
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -192,6 +194,7 @@ class Gate:
                                                              hook, self.pipelock_config), mode=0o755)
             for key, value in (("http.receivepack", "true"), ("core.hooksPath", str(paths.hooks)),
                                ("receive.fsckObjects", "true"), ("receive.denyNonFastForwards", "false"),
+                               ("receive.maxInputSize", str(self.config.max_push_bytes)),
                                ("uploadpack.allowFilter", "true")):
                 result = run_git(["config", key, value], cwd=paths.root, env=env, timeout=60)
                 if result.returncode != 0:
@@ -265,7 +268,8 @@ class Gate:
             (self.config.listen_host, self.config.listen_port), self.config.mirrors_dir,
             [repo.name for repo in self.config.repos], self.cgi_env(),
             before=self.before_advertisement, after=self.after_rpc,
-            log=lambda record: self.audit.emit(record, audit=False))
+            log=lambda record: self.audit.emit(record, audit=False),
+            limits=HttpLimits(max_body_bytes=self.config.max_push_bytes + BODY_SLACK_BYTES))
         self.server = server
         host, port = server.server_address[:2]
         self.audit.emit({"event": "start", "listen": f"{host}:{port}",

@@ -3,8 +3,9 @@
 git runs ``<name>.git/git-gate/hooks/{pre,post}-receive`` (written by the daemon at every start), which
 run ``python -m bottle_tasks.sidecars.gitgate pre-receive|post-receive --config ... --repo <name>``:
 
-- pre-receive applies the push policy (``policy``), prints one ``git-gate: rejected <ref>: <reason>``
-  line per reason and spools the push record in ``events/``;
+- pre-receive applies the push policy (``policy``); a push it accepts for a repo with ``push.approve``
+  then waits for a human (``approval``); it prints one ``git-gate: rejected <ref>: <reason>`` line per
+  reason and spools the push record in ``events/``;
 - post-receive spools every accepted ref update in ``queue/`` for the forwarder.
 
 The hooks cannot reach the daemon's stdout (git relays hook output to the client), hence the spools:
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from bottle_tasks.contract import GitRepo
 from bottle_tasks.sidecars import dlp
@@ -30,8 +31,11 @@ from bottle_tasks.sidecars.files import atomic_write
 from bottle_tasks.sidecars.gitgate.config import (
     DEFAULT_CONFIG, DEFAULT_PIPELOCK_CONFIG, GateConfig, GitGateConfigError, load_config,
 )
+from bottle_tasks.sidecars.gitgate.approval import Verdict, hold_push
 from bottle_tasks.sidecars.gitgate.git import is_ancestor
-from bottle_tasks.sidecars.gitgate.policy import SecretScanner, evaluate_push, parse_ref_updates, pipelock_scanner
+from bottle_tasks.sidecars.gitgate.policy import (
+    RefDecision, SecretScanner, evaluate_push, parse_ref_updates, pipelock_scanner,
+)
 
 STATE_DIR = "git-gate"  # inside each <name>.git: hooks/, queue/, events/
 HOOKS = ("pre-receive", "post-receive")
@@ -92,22 +96,38 @@ def pending_refs(paths: MirrorPaths) -> set[str]:
 
 def hook_pre_receive(config: GateConfig, repo: GitRepo, stdin: str, stderr: TextIO, *,
                      environ: Mapping[str, str] = os.environ,
-                     pipelock_config: Path = Path(DEFAULT_PIPELOCK_CONFIG)) -> int:
+                     pipelock_config: Path = Path(DEFAULT_PIPELOCK_CONFIG),
+                     hold: Callable[..., Verdict] = hold_push) -> int:
+    """The policy, then (repo.push.approve) a human: a push the policy accepts waits for the decision."""
     paths = MirrorPaths.of(config, repo)
     updates = parse_ref_updates(stdin)
     scanner = SecretScanner(pipelock_scanner(config, environ, pipelock_config))
     decisions = evaluate_push(repo.push, updates, paths.root, scanner, environ)
+    verdict = None
+    if repo.push.approve and decisions and all(d.accepted for d in decisions):
+        if config.supervise is None:  # config.py refuses this; never forward unapproved
+            verdict = Verdict("error", reason="git-gate.yaml names no supervise queue")
+        else:
+            verdict = hold(config.supervise, repo.name, updates, paths.root, stderr, environ)
+        if verdict.approved:
+            stderr.write(f"git-gate: {verdict.message()}\n")
+        else:
+            decisions = [RefDecision(d.update, (verdict.message(),)) for d in decisions]
     rejected = [d for d in decisions if not d.accepted]
     for decision in rejected:
         for reason in decision.reasons:
             stderr.write(f"git-gate: rejected {decision.update.ref}: {reason}\n")
     stderr.flush()
     reasons = [f"{d.update.ref}: {reason}" for d in rejected for reason in d.reasons]
-    write_spool(paths.events, {
+    record: dict[str, Any] = {
         "ts": round(time.time(), 3), "event": "push", "repo": repo.name,
         "refs": [{**d.update.as_record(), "reasons": list(d.reasons)} for d in decisions],
         "accepted": not rejected, "reason": "; ".join(reasons),
-    })
+    }
+    if verdict is not None:
+        record["approval"] = {"status": verdict.status, "request": verdict.request_id, "by": verdict.by,
+                              "reason": verdict.reason}
+    write_spool(paths.events, record)
     return 1 if rejected else 0
 
 

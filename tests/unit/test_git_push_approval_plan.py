@@ -1,0 +1,104 @@
+"""The host side of git-gate's server-side approval and push size limit: the agent file's keys
+(git.repos[].push.approve, git.max_push_bytes), how the plan turns a supervise rule about git push
+into approval, what the bundle mounts for it, and the rendered git-gate.yaml read back by git-gate."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bottle_tasks.bundle_plan import GIT_DIR, SUPERVISE_DIR
+from bottle_tasks.contract import DEFAULT_MAX_PUSH_BYTES
+from bottle_tasks.plan import covers_git_push, make_plan
+from bottle_tasks.render import render
+from bottle_tasks.settings import Settings
+from bottle_tasks.sidecars.gitgate.config import parse_config
+from bottle_tasks.spec import SpecError, load_spec
+
+import yaml
+
+GIT = """
+git:
+  repos:
+    - name: app
+      url: https://git.example.com/org/app.git
+      identity: {token_env: GIT_TOKEN}
+"""
+
+
+def _plan(tmp_path: Path, text: str):
+    path = tmp_path / "agents" / "held.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    settings = Settings.from_env({"HOME": str(tmp_path), "BOTTLE_STATE_DIR": str(tmp_path / "state"),
+                                  "BOTTLE_CACHE_DIR": str(tmp_path / "cache")})
+    return make_plan(load_spec(path), settings)
+
+
+@pytest.mark.parametrize("rule", ["Bash(git push:*)", "Bash(git push*)", "Bash(git:*)", "Bash", "*",
+                                  "Bash(git  push origin main)", "Bash(*push*)"])
+def test_a_rule_about_git_push_covers_every_push(rule):
+    assert covers_git_push(rule)
+
+
+@pytest.mark.parametrize("rule", ["WebFetch", "Bash(npm publish)", "Bash(git status:*)", "Read(/etc/*)", "Bash(("])
+def test_rules_about_other_things_do_not(rule):
+    assert not covers_git_push(rule)
+
+
+def test_supervising_git_push_holds_every_push_in_git_gate_whatever_the_guest_hook_sees(tmp_path):
+    """`git -C dir push`, `\\git push`, `bash -c "git push"` slip past Bash(git push:*) in the guest;
+    the rule now also turns on approval in git-gate, which every push passes."""
+    plan = _plan(tmp_path, GIT + 'supervise: {tools: ["Bash(git push:*)"], timeout: 45}\n')
+    assert [r.push.approve for r in plan.git.repos] == [True]
+    assert plan.git.approval_timeout == 45
+    git_gate = next(d for d in plan.bundle.daemons if d.name == "git-gate")
+    supervise = next(d for d in plan.bundle.daemons if d.name == "supervise")
+    assert [s.target for s in git_gate.state] == [GIT_DIR, SUPERVISE_DIR]
+    assert git_gate.state[1] == supervise.state[0]  # the same host dir doit approve decides in
+    targets = [m.target for m in plan.bundle.mounts]
+    assert targets.count(SUPERVISE_DIR) == 1, "docker refuses two mounts at one target"
+
+    config = parse_config(yaml.safe_load(render("git-gate.yaml.j2", plan)))
+    assert config.repos[0].push.approve
+    assert config.supervise is not None
+    assert (str(config.supervise.state_dir), config.supervise.timeout_seconds) == (SUPERVISE_DIR, 45)
+    assert config.max_push_bytes == DEFAULT_MAX_PUSH_BYTES
+
+
+def test_explicit_approve_holds_pushes_under_a_supervise_section_that_names_other_tools(tmp_path):
+    plan = _plan(tmp_path, GIT + "      push: {approve: true}\nsupervise: {tools: [WebFetch]}\n")
+    assert plan.git.repos[0].push.approve and plan.git.approval_timeout == 300
+
+
+def test_without_a_push_rule_nothing_is_held_and_git_gate_mounts_only_its_mirrors(tmp_path):
+    plan = _plan(tmp_path, GIT + "supervise: {tools: [WebFetch]}\n")
+    assert not plan.git.repos[0].push.approve and plan.git.approval_timeout is None
+    git_gate = next(d for d in plan.bundle.daemons if d.name == "git-gate")
+    assert [s.target for s in git_gate.state] == [GIT_DIR]
+    config = parse_config(yaml.safe_load(render("git-gate.yaml.j2", plan)))
+    assert config.supervise is None and not config.repos[0].push.approve
+
+
+def test_approve_without_a_supervise_section_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(SpecError) as caught:
+        _plan(tmp_path, GIT + "      push: {approve: true}\n")
+    assert "git.repos[0].push.approve" in str(caught.value) and "supervise" in str(caught.value)
+
+
+def test_max_push_bytes_reaches_git_gate(tmp_path):
+    plan = _plan(tmp_path, GIT.replace("git:\n", "git:\n  max_push_bytes: 5242880\n"))
+    assert plan.git.max_push_bytes == 5242880
+    assert parse_config(yaml.safe_load(render("git-gate.yaml.j2", plan))).max_push_bytes == 5242880
+
+
+@pytest.mark.parametrize("text,key,words", [
+    (GIT.replace("git:\n", "git:\n  max_push_bytes: 10\n"), "git.max_push_bytes", "1048576"),
+    (GIT + "      push: {approve: sometimes}\n", "git.repos[0].push.approve", "true or false"),
+])
+def test_malformed_push_limits_name_the_key(tmp_path, text, key, words):
+    with pytest.raises(SpecError) as caught:
+        _plan(tmp_path, text)
+    assert key in str(caught.value) and words in str(caught.value), str(caught.value)

@@ -56,12 +56,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+# Who filed a request, in words: the agent's text is its own claim; git-gate's is the bundle's account of a push.
+SOURCE_WORDS = {"guest": "the agent in the guest (its own words: tool, summary and input are unverified)",
+                "git-gate": "git-gate, holding a push it received (repo, refs, commits and diffstat are git-gate's)"}
+
+
 def format_request(request: Request) -> str:
     """One pending request: id, age, tool, summary, full input, time left; every field printable."""
     body = json.dumps(request.input, indent=2, ensure_ascii=False, sort_keys=True)
     return "\n".join([
         f"request {printable(request.id)}  ({_duration(request.age_seconds())} ago, "
         f"{_duration(request.seconds_left())} left, expires {printable(request.expires_at)})",
+        f"  from:    {SOURCE_WORDS.get(request.source, printable(request.source))}",
         f"  tool:    {printable(request.tool)}",
         f"  summary: {printable(request.summary)}",
         "  input:",

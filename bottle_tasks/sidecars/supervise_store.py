@@ -75,6 +75,11 @@ DEFAULT_MAX_PER_MINUTE: int = SupervisePolicy.max_requests_per_minute  # created
 RATE_WINDOW_S = 60.0
 
 
+# Who files requests: the guest through the daemon's HTTP API, or git-gate in the bundle (held pushes).
+# The daemon never lets the guest choose; the host shows it, so a guest cannot pass its request off as git-gate's.
+SOURCES = ("guest", "git-gate")
+
+
 class SuperviseError(Exception):
     """A one-line, user-facing error."""
 
@@ -162,6 +167,7 @@ class Request:
     by: str = ""
     reason: str = ""
     decided_at: str = ""
+    source: str = "guest"   # who filed it: "guest" (the agent, through the daemon) or "git-gate" (the bundle)
 
     @property
     def pending(self) -> bool:
@@ -276,20 +282,24 @@ class Store:
         return records
 
     # operations
-    def create_request(self, tool: str, input: dict[str, Any], summary: str, timeout_seconds: int) -> Request:
-        """A new pending request. TooManyRequests when max_pending are pending or max_per_minute
-        were created in the last minute (by any process using this state dir)."""
+    def create_request(self, tool: str, input: dict[str, Any], summary: str, timeout_seconds: int,
+                       source: str = "guest") -> Request:
+        """A new pending request. TooManyRequests when max_pending of the same source are pending or
+        max_per_minute of it were created in the last minute (by any process using this state dir).
+        Each source has its own quota, so a guest flooding the queue cannot crowd out git-gate."""
         validate_request_fields(tool, input, summary, timeout_seconds)
+        if source not in SOURCES:
+            raise InvalidArgument(f"source must be one of {', '.join(SOURCES)}")
         owner = state_dir_owner(self.state_dir)
         if owner is not None:  # root (git-gate in the bundle): the file must still be the host user's
-            return self._create_as(owner, tool, input, summary, timeout_seconds)
+            return self._create_as(owner, tool, input, summary, timeout_seconds, source)
         self.ensure_layout()
         with self._create_lock, _dir_lock(self.requests_dir):
-            self._admit()
-            return self._create(tool, input, summary, timeout_seconds)
+            self._admit(source)
+            return self._create(tool, input, summary, timeout_seconds, source)
 
     def _create_as(self, owner: tuple[int, int], tool: str, input: dict[str, Any], summary: str,
-                   timeout_seconds: int) -> Request:
+                   timeout_seconds: int, source: str) -> Request:
         """create_request in a forked child that has become the state dir's owner (a root process
         cannot chown here); its answer, or its error, comes back through a pipe."""
         read_end, write_end = os.pipe()
@@ -302,7 +312,7 @@ class Store:
                 become(*owner)
                 store = Store(Path("."), clock=self.clock, max_pending=self.max_pending,
                               max_per_minute=self.max_per_minute)
-                answer = {"request": store.create_request(tool, input, summary, timeout_seconds).as_dict()}
+                answer = {"request": store.create_request(tool, input, summary, timeout_seconds, source).as_dict()}
             except TooManyRequests as error:
                 answer = {"error": "TooManyRequests", "message": str(error), "retry_after": error.retry_after}
             except BaseException as error:
@@ -330,19 +340,19 @@ class Store:
             raise InvalidArgument(answer["message"])
         raise SuperviseError(f"creating the request as uid {owner[0]}: {answer.get('error')}: {answer.get('message')}")
 
-    def _admit(self) -> None:
+    def _admit(self, source: str = "guest") -> None:
         if self.max_pending is None and self.max_per_minute is None:
             return
         now = self.clock()
         if self.max_per_minute is not None:
-            recent = self._created_within(now, RATE_WINDOW_S)
+            recent = self._created_within(now, RATE_WINDOW_S, source)
             if len(recent) >= self.max_per_minute:
                 retry = RATE_WINDOW_S - (now - min(recent)).total_seconds()
                 raise TooManyRequests(
                     f"too many supervise requests: {len(recent)} in the last {int(RATE_WINDOW_S)} s "
                     f"(at most {self.max_per_minute} a minute); wait before asking again", retry)
         if self.max_pending is not None:
-            pending = self.count_pending()
+            pending = self.count_pending(source)
             if pending >= self.max_pending:
                 raise TooManyRequests(
                     f"too many supervise requests: {pending} are already waiting for a human (at most "
@@ -355,19 +365,20 @@ class Store:
         except FileNotFoundError:
             return set()
 
-    def count_pending(self) -> int:
-        """How many requests are pending; only those without a decision or expiry file are read
-        (and an expiry found on the way is recorded)."""
+    def count_pending(self, source: str | None = None) -> int:
+        """How many requests (of source, or of any) are pending; only those without a decision or
+        expiry file are read (and an expiry found on the way is recorded)."""
         undecided = self._ids(self.requests_dir) - self._ids(self.decisions_dir) - self._ids(self.expired_dir)
         count = 0
         for request_id in undecided:
             try:
-                count += self.get(request_id).pending
+                request = self.get(request_id)
             except SuperviseError:
                 continue
+            count += request.pending and (source is None or request.source == source)
         return count
 
-    def _created_within(self, now: datetime, seconds: float) -> list[datetime]:
+    def _created_within(self, now: datetime, seconds: float, source: str | None = None) -> list[datetime]:
         """created_at of the requests made in the last ``seconds``; files older than that by their
         mtime (plus a margin) are not even read."""
         horizon = time.time() - seconds - 10.0
@@ -384,21 +395,26 @@ class Store:
                 moment = parse_iso(str(document["created_at"]))
             except (OSError, KeyError, ValueError, SuperviseError):
                 continue
+            if source is not None and document.get("source", "guest") != source:
+                continue
             if (now - moment).total_seconds() < seconds:
                 created.append(moment)
         return created
 
-    def _create(self, tool: str, input: dict[str, Any], summary: str, timeout_seconds: int) -> Request:
+    def _create(self, tool: str, input: dict[str, Any], summary: str, timeout_seconds: int,
+                source: str = "guest") -> Request:
         now = self.clock()
         request = Request(
             id=secrets.token_urlsafe(12), tool=tool, input=dict(input), summary=summary,
             timeout_seconds=timeout_seconds, created_at=iso(now),
-            expires_at=iso(now + timedelta(seconds=timeout_seconds)),
+            expires_at=iso(now + timedelta(seconds=timeout_seconds)), source=source,
         )
         document = {key: value for key, value in request.as_dict().items()
-                    if key in ("id", "tool", "input", "summary", "timeout_seconds", "created_at", "expires_at")}
+                    if key in ("id", "tool", "input", "summary", "timeout_seconds", "created_at", "expires_at",
+                               "source")}
         publish_json(self.requests_dir / f"{request.id}.json", document)
-        self.append_history({"event": "request", "id": request.id, "at": request.created_at, "tool": tool,
+        self.append_history({"event": "request", "id": request.id, "at": request.created_at, "source": source,
+                             "tool": tool,
                              "summary": summary, "timeout_seconds": timeout_seconds,
                              "expires_at": request.expires_at})
         return request
@@ -418,6 +434,7 @@ class Store:
                 id=str(document["id"]), tool=str(document["tool"]), input=dict(document["input"]),
                 summary=str(document.get("summary", "")), timeout_seconds=int(document["timeout_seconds"]),
                 created_at=str(document["created_at"]), expires_at=str(document["expires_at"]),
+                source=str(document.get("source", "guest")),
             )
             expires = parse_iso(request.expires_at)
         except (KeyError, TypeError, ValueError):

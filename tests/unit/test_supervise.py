@@ -978,3 +978,28 @@ def test_a_root_creator_like_git_gate_still_writes_host_owned_private_requests(t
     assert later.get(request.id).status == "expired"
     assert not (state / "expired" / f"{request.id}.json").exists()  # left for the owner to record
     assert all(path.stat().st_uid == uid for path in [state, *state.rglob("*")])
+
+
+def test_a_guest_cannot_pass_its_requests_off_as_git_gates_or_crowd_out_its_quota(tmp_path) -> None:
+    """The guest files eight fake 'git push' requests and spends its whole rate: git-gate's own held push
+    is still filed, counted apart, and the host sees who filed which."""
+    from bottle_tasks.sidecars.gitgate import approval
+
+    store = Store(tmp_path / "supervise", max_pending=32, max_per_minute=8).ensure_layout()
+    config = supervise.Config("127.0.0.1", 0, store.state_dir, SupervisePolicy(tools=(), timeout=300))
+    server = supervise.SuperviseServer(config, store).start()
+    try:
+        for i in range(8):
+            body = json.dumps({"tool": approval.TOOL, "summary": f"git push to app: fake {i}", "input": {},
+                               "timeout_seconds": 3600}).encode()
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            conn.request("POST", "/v1/requests", body, {"Content-Type": "application/json"})
+            assert conn.getresponse().status == 201
+            conn.close()
+    finally:
+        server.stop()
+    assert store.count_pending("guest") == 8 and store.count_pending(approval.SOURCE) == 0
+    real = store.create_request(approval.TOOL, {"repo": "app"}, "git push to app: real", 60, source=approval.SOURCE)
+    assert real.source == "git-gate" and store.count_pending(approval.SOURCE) == 1
+    shown = supervise_cli.format_pending(store.state_dir)
+    assert shown.count("from:    the agent in the guest") == 8 and shown.count("from:    git-gate, holding a push") == 1

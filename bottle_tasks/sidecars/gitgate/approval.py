@@ -31,6 +31,7 @@ from bottle_tasks.sidecars.supervise_store import (
 )
 
 TOOL = "git push"                # the request's tool, as doit supervise shows it
+SOURCE = "git-gate"              # the request's source (supervise_store.SOURCES); the guest cannot claim it
 POLL_INTERVAL_S = 0.5
 KEEPALIVE_S = 10.0
 MAX_HELD_PUSHES = 8              # pushes waiting at once; each holds a connection and its git processes
@@ -143,11 +144,13 @@ def wait_for_human(store: Store, repo: str, summary: str, details: Mapping[str, 
     """File the request and wait for the human's decision, at most timeout_s (plus the store's grace),
     or until wanted() says nobody waits for the answer any more."""
     try:
-        held = sum(1 for request in store.list_pending() if request.tool == TOOL)
+        # Only git-gate's own requests count: the guest can file a request named "git push" too, but
+        # not one with git-gate as its source, and it has its own quota.
+        held = store.count_pending(SOURCE)
         if held >= MAX_HELD_PUSHES:
             return Verdict("error", reason=f"{held} pushes are already waiting for a human (at most "
                                            f"{MAX_HELD_PUSHES}); wait until they are decided")
-        request = store.create_request(TOOL, dict(details), summary, timeout_s)
+        request = store.create_request(TOOL, dict(details), summary, timeout_s, source=SOURCE)
     except (SuperviseError, OSError) as exc:
         return Verdict("error", reason=_one_line(str(exc)))
     _say(out, f"the push to {repo} waits for a human: request {request.id}, up to {timeout_s} s "

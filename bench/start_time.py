@@ -14,6 +14,7 @@ import sys
 
 from common import BenchEnv, machine, summary, timed
 
+from bottle_tasks.backends.docker import DockerBackend
 from bottle_tasks.render import render
 
 AGENT = "bench-start"
@@ -41,7 +42,7 @@ def floor_up(plan) -> None:
     while sh("docker", "inspect", "-f", "{{.State.Health.Status}}", b.name).strip() != "healthy":
         pass
     # The fenced namespace holder, then the guest in it (backends/docker.py's topology).
-    holder = f"bottle-{plan.slug}-guestnet"
+    holder = DockerBackend.netns_holder(plan)
     v4, v6 = render("guest-fence.rules.j2", plan), render("guest-fence6.rules.j2", plan)
     sh("docker", "create", "--name", holder, "--network", net.guest_side.name, "--ip", net.guest_ip,
        "--dns", net.bundle_ip, "--sysctl", "net.ipv6.conf.all.disable_ipv6=1", "--cap-drop", "ALL",
@@ -61,7 +62,7 @@ def floor_up(plan) -> None:
 
 
 def floor_down(plan) -> None:
-    subprocess.run(["docker", "rm", "-f", plan.guest.name, f"bottle-{plan.slug}-guestnet", plan.bundle.name],
+    subprocess.run(["docker", "rm", "-f", plan.guest.name, DockerBackend.netns_holder(plan), plan.bundle.name],
                    capture_output=True)
     subprocess.run(["docker", "network", "rm", plan.network.guest_side.name, plan.network.outbound.name], capture_output=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from functools import cache
 from pathlib import Path
+from typing import Iterable
 
 from bottle_tasks import bundle_plan, plan as plan_module
 from bottle_tasks.bundle_plan import ConfigFile
@@ -47,9 +48,11 @@ def render(template: str, plan: Plan, **extra: object) -> str:
     return _environment().get_template(template).render(plan=plan, **extra)
 
 
-def render_file(file: ConfigFile, plan: Plan) -> None:
+def render_files(files: Iterable[ConfigFile], plan: Plan) -> None:
+    """Each file from its template, with the same context (the scan token read once)."""
     extra = {"scan_token": scan_token(plan)} if plan.pipelock_enabled else {}
-    write_atomic(file.host_path, render(file.template, plan, **extra), mode=file.mode)
+    for file in files:
+        write_atomic(file.host_path, render(file.template, plan, **extra), mode=file.mode)
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:

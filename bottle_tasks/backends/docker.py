@@ -22,7 +22,7 @@ from bottle_tasks.docker_cli import Docker
 from bottle_tasks.errors import BottleError
 from bottle_tasks.labels import FINGERPRINT_LABEL
 from bottle_tasks.plan import GUEST_USER, GUEST_WORKSPACE, Bridge, NetworkPlan, Plan
-from bottle_tasks.render import render
+from bottle_tasks.render import TEMPLATES_DIR, render
 from bottle_tasks.runner import Result
 from bottle_tasks.settings import Settings
 from bottle_tasks.spec import AgentSpec
@@ -30,6 +30,7 @@ from bottle_tasks.subnets import bottle_subnet
 
 
 FENCE_TIMEOUT = 30.0
+FENCE_TEMPLATES = ("guest-fence.rules.j2", "guest-fence6.rules.j2")     # IPv4, IPv6
 
 
 class DockerBackend(DockerBundle):
@@ -59,12 +60,15 @@ class DockerBackend(DockerBundle):
     # ---- the namespace holder: the fence ------------------------------------------------------
 
     def holder_fingerprint(self, plan: Plan) -> str:
+        # The rules are a function of the network, the guest ports and the templates: hash those, so a
+        # probe of an unchanged start renders nothing (jinja2 stays unimported).
         return digest_of(self.docker.image_id(plan.bundle_image.tag), plan.network, plan.bundle.guest_ports,
-                         *self.fence_rules(plan))
+                         *(content_digest(TEMPLATES_DIR / template) for template in FENCE_TEMPLATES))
 
     @staticmethod
     def fence_rules(plan: Plan) -> tuple[str, str]:
-        return render("guest-fence.rules.j2", plan), render("guest-fence6.rules.j2", plan)
+        v4, v6 = FENCE_TEMPLATES
+        return render(v4, plan), render(v6, plan)
 
     def holder_create_argv(self, plan: Plan) -> list[str]:
         net = plan.network

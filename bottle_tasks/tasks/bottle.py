@@ -11,7 +11,7 @@ from doit.tools import config_changed
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import Plan
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
-from bottle_tasks.render import TEMPLATES_DIR, render_file
+from bottle_tasks.render import TEMPLATES_DIR, render_files
 from bottle_tasks.sidecars.supervise_store import Store
 from bottle_tasks.tasks.common import action, backend, current_run, files_under, plans, probe, purge_requested, settings
 from bottle_tasks.tasks.images import pipelock_ok
@@ -58,8 +58,7 @@ def ensure_state_dir(plan: Plan) -> None:
 def render_configs(plan: Plan) -> None:
     """Every file of plan.rendered_files (the bundle's list and the guest's), from its template."""
     ensure_state_dir(plan)
-    for file in plan.rendered_files:
-        render_file(file, plan)
+    render_files(plan.rendered_files, plan)
     if plan.git:
         plan.git.mirrors_dir.mkdir(parents=True, exist_ok=True)
     if plan.supervise:

@@ -15,6 +15,7 @@ import pytest
 from bottle_tasks.labels import LABEL
 from bottle_tasks.plan import GUEST_PROMPT_PATH
 from bottle_tasks.settings import ROOT
+from bottle_tasks.backends.docker import DockerBackend
 from tests.integration.conftest import docker
 
 
@@ -93,7 +94,7 @@ def test_a_guest_restarted_outside_doit_is_never_unfenced(lifecycle, host_listen
     assert _reaches(plan.guest.name, bundle, 8080).returncode == 0, "the positive control: the bundle still answers"
     # The holder restarted by hand fences its new namespace before anything can use it; the guest is left
     # in the old one, with no way out at all, until start puts it in the new one.
-    holder = f"bottle-{plan.slug}-guestnet"
+    holder = DockerBackend.netns_holder(plan)
     before = _container_id(plan.guest.name)
     docker("restart", "-t", "0", holder)
     assert _reaches(plan.guest.name, gateway, host_listener).returncode != 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bottle_tasks.backends.docker import DockerBackend
 from tests.integration.conftest import Env, _bottle, _teardown, docker
 from tests.integration.test_lifecycle import _reaches
 
@@ -58,7 +59,7 @@ def test_an_engine_restart_leaves_the_bottle_fenced_or_down(bottle_env: Env, hos
     bottle_env.write_agent(AGENT, "routes: []\n")
     bottle = _bottle(bottle_env, AGENT)
     plan = bottle.plan
-    holder = f"bottle-{plan.slug}-guestnet"
+    holder = DockerBackend.netns_holder(plan)
     gateway = plan.network.guest_side.gateway
     try:
         assert _reaches(plan.guest.name, gateway, host_listener).returncode != 0

@@ -78,7 +78,7 @@ from mitmproxy import connection, http, tcp, tls, websocket
 from mitmproxy.proxy import server_hooks
 
 from bottle_tasks.contract import DEFAULT_MAX_BODY_BYTES, Route, TokenSlot, normalize_host
-from bottle_tasks.sidecars import bodies, dlp
+from bottle_tasks.sidecars import bodies, dlp, pipelock_scan
 from bottle_tasks.sidecars.addresses import is_public_address, resolve_host
 from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token
 from bottle_tasks.sidecars.routes import RoutesConfig, RoutesError, load_routes
@@ -133,7 +133,7 @@ class Egress:
         secrets: Mapping[str, str],
         *,
         emit: Emit | None = None,
-        pipelock: dlp.PipelockScanner | None = None,
+        pipelock: pipelock_scan.PipelockScanner | None = None,
         resolve: Resolver = resolve_host,
         dial_directly: bool | None = None,
     ):
@@ -322,7 +322,7 @@ class Egress:
                 advisories.extend(rules)
         except bodies.BodyRefused as refused:
             return Block(refused.reason, refused.detail, status=refused.status), advisories
-        except dlp.DlpUnavailable as exc:
+        except pipelock_scan.DlpUnavailable as exc:
             return Block("dlp_unavailable", str(exc)), advisories
         if matches:
             first = matches[0]
@@ -604,7 +604,7 @@ async def run_proxy(config: RoutesConfig, secrets: Mapping[str, str], confdir: P
         next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
     )
     master.options.update(**mitmproxy_options(config, confdir, upstream_ca))
-    pipelock = dlp.PipelockScanner(config.pipelock_scan_url, pipelock_token) if config.pipelock_scan_url else None
+    pipelock = pipelock_scan.PipelockScanner(config.pipelock_scan_url, pipelock_token) if config.pipelock_scan_url else None
     addon = Egress(config, secrets, pipelock=pipelock)
     master.addons.add(addon)  # last, so tls_start_client runs after mitmproxy's TlsConfig
     install_body_limit(addon.body_limit_response)

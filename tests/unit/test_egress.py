@@ -36,7 +36,7 @@ from mitmproxy import certs, http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
-from bottle_tasks.sidecars import bodies, dlp, egress
+from bottle_tasks.sidecars import bodies, dlp, egress, pipelock_scan
 from bottle_tasks.sidecars.addresses import is_public_address
 from bottle_tasks.sidecars.scrub import SecretScrubber
 from bottle_tasks.sidecars.routes import parse_routes
@@ -861,7 +861,7 @@ def test_pipelock_match_blocks():
 
 
 def test_pipelock_failure_fails_closed():
-    addon = make_addon(pipelock=FakePipelockScanner(error=dlp.DlpUnavailable("pipelock scan API unreachable")))
+    addon = make_addon(pipelock=FakePipelockScanner(error=pipelock_scan.DlpUnavailable("pipelock scan API unreachable")))
     flow = tunnel_flow(addon, "POST", "api.anthropic.com", "/v1/messages")
     run(addon.request(flow))
     assert_blocked(flow, "dlp_unavailable")

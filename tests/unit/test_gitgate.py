@@ -27,7 +27,7 @@ import pytest
 from tests.waiting import wait_for
 
 from bottle_tasks.contract import GitIdentity, PushPolicy
-from bottle_tasks.sidecars import dlp
+from bottle_tasks.sidecars import dlp, pipelock_scan
 from bottle_tasks.sidecars.gitgate.__main__ import main as gitgate_main
 from bottle_tasks.sidecars.gitgate.config import GitGateConfigError, parse_config
 from bottle_tasks.sidecars.gitgate.daemon import GUEST_REFRESH_INTERVAL_S, Gate, MissingTokenError
@@ -550,9 +550,9 @@ def test_pipelock_verdicts_reject_and_its_absence_fails_closed(plain_repo):
     down = FakePipelock(lambda _: (503, {"status": "error", "errors": [{"code": "busy"}]}))
     try:
         [denied] = evaluate_push(POLICY, update, plain_repo,
-                                         SecretScanner(dlp.PipelockScanner(deny.url, "t")))
+                                         SecretScanner(pipelock_scan.PipelockScanner(deny.url, "t")))
         [unavailable] = evaluate_push(POLICY, update, plain_repo,
-                                              SecretScanner(dlp.PipelockScanner(down.url, "t")))
+                                              SecretScanner(pipelock_scan.PipelockScanner(down.url, "t")))
     finally:
         deny.close()
         down.close()

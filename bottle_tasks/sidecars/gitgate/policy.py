@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from bottle_tasks.contract import PushPolicy
-from bottle_tasks.sidecars import dlp
+from bottle_tasks.sidecars import dlp, pipelock_scan
 from bottle_tasks.sidecars.configfile import pipelock_scan_token
 from bottle_tasks.sidecars.gitgate.config import GateConfig
 from bottle_tasks.sidecars.gitgate.git import BACKGROUND_GIT_TIMEOUT_S, git_error_line, is_ancestor, is_zero, run_git
@@ -75,11 +75,11 @@ def parse_ref_updates(text: str) -> list[RefUpdate]:
 class SecretScanner:
     """dlp's built-in patterns, then pipelock's scan API when configured. Returns pattern names only."""
 
-    def __init__(self, pipelock: dlp.PipelockScanner | None = None):
+    def __init__(self, pipelock: pipelock_scan.PipelockScanner | None = None):
         self.pipelock = pipelock
 
     def scan(self, text: str) -> list[str]:
-        """Pattern names found in text. Raises dlp.DlpUnavailable when pipelock cannot give a verdict."""
+        """Pattern names found in text. Raises pipelock_scan.DlpUnavailable when pipelock cannot give a verdict."""
         found = dlp.matching_pattern_names(text)
         if not found and self.pipelock is not None and text.strip():
             matches, _advisories = self.pipelock.scan(dlp.RequestParts("", (), text))
@@ -332,7 +332,7 @@ def evaluate_push(policy: PushPolicy, updates: Sequence[RefUpdate], repo_dir: Pa
             reasons += scan_update(update, repo_dir, scanner, commit_findings, env, budget)
         except ScanRefused as exc:
             reasons.append(str(exc))
-        except dlp.DlpUnavailable as exc:
+        except pipelock_scan.DlpUnavailable as exc:
             reasons.append(f"secret scan unavailable ({exc}); try again later")
         except RuntimeError as exc:
             reasons.append(f"secret scan failed ({exc})")
@@ -371,7 +371,7 @@ def _mib(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MiB".replace(".0 MiB", " MiB")
 
 
-def pipelock_scanner(config: GateConfig, environ: Mapping[str, str], pipelock_config: Path) -> dlp.PipelockScanner | None:
+def pipelock_scanner(config: GateConfig, environ: Mapping[str, str], pipelock_config: Path) -> pipelock_scan.PipelockScanner | None:
     if not config.pipelock_scan_url:
         return None
-    return dlp.PipelockScanner(config.pipelock_scan_url, pipelock_scan_token(environ, pipelock_config))
+    return pipelock_scan.PipelockScanner(config.pipelock_scan_url, pipelock_scan_token(environ, pipelock_config))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Patterns are kept specific (prefixes that real providers use) so ordinary traffic does not trip
 # them; each needs enough trailing entropy that a placeholder such as "sk-ant-placeholder" does not.
@@ -50,6 +50,9 @@ _MAX_DECODE_ROUNDS = 3
 class DlpMatch:
     pattern: str  # pattern name, e.g. "aws_access_key_id" or "pipelock:DLP-AWS Access Key"
     where: str  # "url", "header:<name>", "body", "request"
+    # Character offsets [start, end) of the match in the text that was scanned, when known: what
+    # redaction replaces. Never the matched text itself, which must not reach a log.
+    span: tuple[int, int] | None = field(default=None, compare=False)
 
 
 def decoded_views(text: str) -> list[str]:

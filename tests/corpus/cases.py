@@ -35,7 +35,7 @@ LAYERS = ("floor", "pipelock", "none")
 FAMILIES = ("exfil", "ssrf", "injection", "benign")
 CASE_KEYS = {"id", "category", "kind", "layer", "why", "request", "requests", "response", "transports"}
 REQUEST_KEYS = {"method", "url", "headers", "body", "json", "form", "multipart", "content_type", "encoding",
-                "trailers", "connect", "sni", "websocket", "follow_redirects"}
+                "trailers", "http2", "connect", "sni", "websocket", "follow_redirects"}
 RESPONSE_KEYS = {"status", "headers", "body", "json", "sse", "encoding", "websocket"}
 TRANSPORTS = ("local", "live")
 
@@ -67,11 +67,7 @@ class Site:
 
     agent: dict
     dns: dict[str, list[str]]  # name or "*.domain" -> addresses; "public" = a harness-chosen global address
-
-    @property
-    def model_hosts(self) -> set[str]:
-        """Hosts that carry the model conversation: a 403 there bricks the session."""
-        return {r["host"] for r in self.agent["routes"] if r.get("token") and r["host"] == "api.anthropic.com"}
+    model_hosts: frozenset[str] = frozenset()  # carry the model conversation: a 403 there bricks the session
 
     @property
     def token_headers(self) -> set[str]:
@@ -89,22 +85,20 @@ class Site:
         """A name that resolves to a non-public address of the site, or an IP literal: SSRF ground."""
         addresses = self.addresses(host)
         if addresses is None:
-            return _looks_like_ip(host)
+            return literal_address(host) is not None
         return any(address != "public" for address in addresses)
 
 
-def _looks_like_ip(host: str) -> bool:
-    """An IP literal in any form getaddrinfo accepts (decimal, octal and hex IPv4 included)."""
+def literal_address(host: str) -> str | None:
+    """host as an address when getaddrinfo would take it as one (dotted, decimal, octal, hex, IPv6)."""
     try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
+        return str(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
         pass
     try:
-        socket.inet_aton(host)
-        return True
+        return socket.inet_ntoa(socket.inet_aton(host))
     except OSError:
-        return False
+        return None
 
 
 @dataclass
@@ -118,7 +112,8 @@ class WireRequest:
     target: str  # path and query, as sent
     headers: list[list[str]]
     body: bytes = b""
-    trailers: list[list[str]] = field(default_factory=list)
+    trailers: list[list[str]] = field(default_factory=list)  # needs http2 (mitmproxy refuses HTTP/1 trailers)
+    http2: bool = False
     connect: str = ""  # CONNECT authority when it differs from host:port
     sni: str | None = None  # None: the host; "": no SNI
     websocket: dict | None = None  # {"send": [str], "binary": bool, "receive": int}
@@ -128,11 +123,6 @@ class WireRequest:
         data = {k: v for k, v in self.__dict__.items() if k != "body"}
         data["body_b64"] = base64.b64encode(self.body).decode()
         return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> "WireRequest":
-        fields = {k: v for k, v in data.items() if k != "body_b64"}
-        return cls(body=base64.b64decode(data.get("body_b64", "")), **fields)
 
 
 @dataclass
@@ -162,7 +152,7 @@ class RenderedCase:
 def load_site(path: Path = SITE_FILE) -> Site:
     data = yaml.safe_load(path.read_text())
     dns = {name.lower(): value if isinstance(value, list) else [value] for name, value in data["dns"].items()}
-    return Site(agent=data["agent"], dns=dns)
+    return Site(agent=data["agent"], dns=dns, model_hosts=frozenset(data.get("model_hosts", ())))
 
 
 def load_cases(directory: Path = CASES_DIR) -> list[Case]:
@@ -203,6 +193,8 @@ def _case(raw: Any, source: str) -> Case:
         unknown = set(request) - REQUEST_KEYS
         if unknown or "url" not in request:
             raise CorpusError(f"{source}: a request needs url and knows {sorted(REQUEST_KEYS)}, got {sorted(request)}")
+        if request.get("trailers") and not request.get("http2"):
+            raise CorpusError(f"{source}: trailers need http2 (mitmproxy cannot read HTTP/1 trailers)")
     response = raw.get("response")
     if response is not None and set(response) - RESPONSE_KEYS:
         raise CorpusError(f"{source}: response keys are {sorted(RESPONSE_KEYS)}")
@@ -259,7 +251,7 @@ def _wire(spec: dict, renderer: Renderer) -> WireRequest:
                      "binary": bool(websocket.get("binary")), "receive": int(websocket.get("receive", 0))}
     method = spec.get("method") or ("POST" if body else "GET")
     return WireRequest(method=method, scheme=scheme, host=host, port=port, target=target, headers=headers,
-                       body=body, trailers=_pairs(spec.get("trailers"), renderer),
+                       body=body, trailers=_pairs(spec.get("trailers"), renderer), http2=bool(spec.get("http2")),
                        connect=renderer.render(spec.get("connect", "")),
                        sni=renderer.render(spec["sni"]) if "sni" in spec else None, websocket=websocket,
                        follow_redirects=bool(spec.get("follow_redirects")))
@@ -278,7 +270,7 @@ def _body(spec: dict, renderer: Renderer) -> tuple[bytes, str]:
         return renderer.render(text, json_string=True).encode(), spec.get("content_type", "application/json")
     if "form" in spec:
         pairs = _pairs(spec["form"], renderer)
-        return (urllib.parse.urlencode(pairs).encode(),
+        return (urllib.parse.urlencode([tuple(pair) for pair in pairs]).encode(),
                 spec.get("content_type", "application/x-www-form-urlencoded"))
     if "multipart" in spec:
         boundary = "corpus-" + renderer.value("session_id")

@@ -64,7 +64,7 @@ class SniContexts:
                     handle.write(cert + key)
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                 context.load_cert_chain(handle.name)
-                context.set_alpn_protocols(["http/1.1"])
+                context.set_alpn_protocols(["h2", "http/1.1"])
                 self._contexts[name] = context
             return self._contexts[name]
 

@@ -91,11 +91,13 @@ def websocket_accept(key: str) -> str:
 # requests
 
 
-def perform(wire: dict, proxy: tuple[str, int], context: ssl.SSLContext, timeout: float = 15.0) -> list[dict]:
-    """Send one wire request (following redirects when it asks to); one exchange per hop."""
+def perform(wire: dict, proxy: tuple[str, int], context: ssl.SSLContext, timeout: float = 15.0,
+            http2_context: ssl.SSLContext | None = None) -> list[dict]:
+    """Send one wire request (following redirects when it asks to); one exchange per hop.
+    http2_context: a context offering ALPN h2, for wires that ask for HTTP/2."""
     exchanges = []
     for _ in range(4):
-        exchange = _exchange(wire, proxy, context, timeout)
+        exchange = _exchange(wire, proxy, http2_context if wire.get("http2") else context, timeout)
         exchanges.append(exchange)
         location = _header(exchange["headers"], "location")
         if not (wire.get("follow_redirects") and exchange["status"] in REDIRECTS and location):
@@ -120,6 +122,9 @@ def _exchange(wire: dict, proxy: tuple[str, int], context: ssl.SSLContext, timeo
             sni = wire.get("sni")
             server_name = wire["host"] if sni is None else (sni or None)
             sock = _tls_context(context, server_name).wrap_socket(sock, server_hostname=server_name)
+            if wire.get("http2"):
+                exchange.update(_http2_exchange(sock, wire))
+                return exchange
             target = wire["target"]
         else:
             target = f"http://{_authority(wire['host'], wire['port'], 'http')}{wire['target']}"
@@ -198,6 +203,49 @@ def _request_bytes(wire: dict, target: str, ws_key: str) -> bytes:
             headers.append(["Content-Length", str(len(body))])
     head = f"{wire['method']} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
     return head.encode("utf-8") + body
+
+
+def _http2_exchange(sock: ssl.SSLSocket, wire: dict) -> dict:
+    """One HTTP/2 request, trailers included (HTTP/1 trailers stop mitmproxy: NotImplementedError).
+    Needs the h2 package: the local transport has it (mitmproxy's), the guest does not."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    if sock.selected_alpn_protocol() != "h2":
+        raise ValueError("the proxy did not negotiate h2")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    body = base64.b64decode(wire.get("body_b64", ""))
+    trailers = [(k.lower(), v) for k, v in wire.get("trailers") or []]
+    headers = [(":method", wire["method"]), (":scheme", "https"),
+               (":authority", _authority(wire["host"], wire["port"], "https")), (":path", wire["target"])]
+    headers += [(k.lower(), v) for k, v in wire["headers"] if k.lower() not in ("host", "connection")]
+    conn.send_headers(stream, headers, end_stream=not body and not trailers)
+    if body:
+        conn.send_data(stream, body, end_stream=not trailers)
+    if trailers:
+        conn.send_headers(stream, trailers, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    result = {"status": None, "headers": [], "body_b64": ""}
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("connection closed")
+        for event in conn.receive_data(chunk):
+            if isinstance(event, h2.events.ResponseReceived):
+                pairs = [(str(k), str(v)) for k, v in event.headers]
+                result["status"] = int(dict(pairs)[":status"])
+                result["headers"] = [[k, v] for k, v in pairs if not k.startswith(":")]
+            elif isinstance(event, h2.events.DataReceived):
+                data += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                result["body_b64"] = base64.b64encode(data).decode()
+                return result
+        sock.sendall(conn.data_to_send())
 
 
 def _websocket(sock: socket.socket, stream, spec: dict) -> list[str]:

@@ -17,27 +17,14 @@ Everything else (routes, DLP, pipelock's scan API, TLS, mitmproxy's options) is 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
-import socket
 import sys
 from pathlib import Path
 
 from bottle_tasks.sidecars import egress
+from tests.corpus.cases import literal_address
 
 REFUSED = "harness_unmapped_destination"
-
-
-def literal_address(host: str) -> str | None:
-    """host as an address when getaddrinfo would take it as one (dotted, decimal, octal, hex, IPv6)."""
-    try:
-        return str(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        pass
-    try:
-        return socket.inet_ntoa(socket.inet_aton(host))
-    except OSError:
-        return None
 
 
 def lookup(table: dict[str, list[str]], host: str) -> list[str]:

@@ -102,6 +102,8 @@ class LocalTransport:
                      "--confdir", str(self.tmp / "mitmproxy")], self.egress_log, env)
         _wait_for_port(self.proxy, self._processes[-1], self.tmp / "egress.out.err")
         self.context = ssl.create_default_context(cafile=str(bottle_ca / "ca.pem"))
+        self.http2_context = ssl.create_default_context(cafile=str(bottle_ca / "ca.pem"))
+        self.http2_context.set_alpn_protocols(["h2"])
 
     def _plan(self):
         agents = self.tmp / "agents"
@@ -158,7 +160,8 @@ class LocalTransport:
         start = time.perf_counter()
         self.upstream.begin(rendered.response)
         self._read_log()  # what is left from earlier cases is theirs
-        exchanges = [[Exchange.from_client(x) for x in client.perform(wire.to_json(), self.proxy, self.context)]
+        exchanges = [[Exchange.from_client(x) for x in client.perform(wire.to_json(), self.proxy, self.context,
+                                                                   http2_context=self.http2_context)]
                      for wire in rendered.wires]
         arrivals = self.upstream.settle()
         records = self._read_log()

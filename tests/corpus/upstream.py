@@ -51,7 +51,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle(self):
         try:
-            super().handle()
+            if getattr(self.request, "selected_alpn_protocol", lambda: None)() == "h2":
+                self._serve_http2()
+            else:
+                super().handle()
         except (OSError, EOFError):
             pass  # the proxy hung up: nothing to answer
 
@@ -73,7 +76,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._websocket(arrival, served)
             if served.sse is not None:
                 return self._events(arrival, served)
-            arrival.served_body = served.body
+            arrival.served_body = served.body if self.command != "HEAD" else b""
             self.send_response(served.status)
             for name, value in served.headers:
                 self.send_header(name, value)
@@ -81,6 +84,45 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(served.body)
+
+    def _serve_http2(self) -> None:
+        """HTTP/2 (what mitmproxy speaks upstream when the guest does): trailers arrive only this way."""
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        owner = self.server.owner
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_connection()
+        self.request.sendall(conn.data_to_send())
+        streams: dict[int, dict] = {}
+        while chunk := self.request.recv(65536):
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.RequestReceived):
+                    streams[event.stream_id] = {"headers": list(event.headers), "body": b"", "trailers": []}
+                elif isinstance(event, h2.events.DataReceived):
+                    streams[event.stream_id]["body"] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    streams[event.stream_id]["trailers"] = list(event.headers)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id in streams:
+                    with owner.busy():
+                        self._answer_http2(conn, event.stream_id, streams.pop(event.stream_id))
+            self.request.sendall(conn.data_to_send())
+
+    def _answer_http2(self, conn, stream_id: int, stream: dict) -> None:
+        pseudo = {k: v for k, v in stream["headers"] if k.startswith(":")}
+        headers = [(k, v) for k, v in stream["headers"] if not k.startswith(":")]
+        served = self.server.owner.response or ServedResponse(headers=[["content-type", "application/json"]],
+                                                              body=DEFAULT_BODY)
+        body = b"".join(e + b"\n\n" for e in served.sse) if served.sse is not None else served.body
+        self.server.owner.record(Arrival(
+            private=self.server.private, method=pseudo.get(":method", ""), path=pseudo.get(":path", ""),
+            host=pseudo.get(":authority", ""), headers=headers, body=stream["body"], trailers=stream["trailers"],
+            served_status=served.status, served_body=body))
+        conn.send_headers(stream_id, [(":status", str(served.status))]
+                          + [(k.lower(), v) for k, v in served.headers] + [("content-length", str(len(body)))])
+        conn.send_data(stream_id, body, end_stream=True)  # small answers only: no flow-control wait
 
     def _read_body(self) -> tuple[bytes, list[tuple[str, str]]]:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():

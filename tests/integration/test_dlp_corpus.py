@@ -1,0 +1,105 @@
+"""The DLP corpus (tests/corpus) through a live bottle, sent from inside the guest.
+
+The bundle runs as `start` makes it: with pipelock when BOTTLE_PIPELOCK_BIN (or a pipelock on PATH)
+is there, floor-only with BOTTLE_PIPELOCK=off. The module prints the corpus table (run with -s) and
+asserts: every benign case passes, the model API never refuses a benign case, every floor-layer
+malicious case is contained and, with pipelock, every pipelock-layer case too.
+
+The bottle's agent is the corpus site (tests/corpus/site.yaml, public routes marked private_network
+since the stand-in upstream sits on a private network); the stand-in upstream answers to every fixed
+name of the corpus, with a certificate for them signed by the session's upstream CA.
+
+It relies on the stand-in upstream (tests/integration/upstream/server.py) to serve a configured
+answer, log raw bodies and what it answered, and speak WebSocket, as tests/corpus/live.py describes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from bottle_tasks.labels import LABEL
+from tests.corpus.cases import load_cases, load_site
+from tests.corpus.certs import leaf_pem
+from tests.corpus.live import RESPONSE_FILE, LiveTransport, live_agent, live_aliases
+from tests.corpus.report import print_failures, print_table
+from tests.corpus.runner import run_cases
+from tests.integration.conftest import UPSTREAM_IMAGE, Bottle, docker
+
+AGENT = "probe-corpus"
+WILDCARDS = ["*.wild.test", "*.cdn.wild.test", "*.nopriv.test"]
+
+
+def _start_corpus_upstream(bottle: Bottle, aliases: list[str]) -> None:
+    """The stand-in upstream on the bottle's egress network under every corpus name (as
+    conftest.start_upstream, with its own certificate: the session's covers only its own names)."""
+    env = bottle.env
+    certs, ca = env.root / "corpus-certs", env.root / "upstream-certs"
+    certs.mkdir(exist_ok=True)
+    cert, key = leaf_pem((ca / "ca.pem").read_bytes(), (ca / "ca-key.pem").read_bytes(), aliases + WILDCARDS)
+    (certs / "server.pem").write_bytes(cert)
+    (certs / "server-key.pem").write_bytes(key)
+    (certs / "server-key.pem").chmod(0o644)  # read by the upstream container's user
+    docker("rm", "-f", bottle.upstream, check=False)
+    docker("run", "-d", "--name", bottle.upstream, "--label", f"{LABEL}.test=upstream",
+           "--network", bottle.plan.network.outbound.name, *sum((["--network-alias", n] for n in aliases), []),
+           "--cap-add", "NET_ADMIN", "-v", f"{certs}:/certs:ro", UPSTREAM_IMAGE,
+           "/certs/server.pem", "/certs/server-key.pem")
+    docker("exec", bottle.upstream, "ip", "addr", "add", "169.254.169.254/32", "dev", "eth0")
+    for _ in range(100):
+        if '"ready"' in docker("logs", bottle.upstream).stdout:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the corpus upstream did not start")
+
+
+@pytest.fixture(scope="module")
+def corpus_bottle(bottle_env):
+    site = load_site()
+    bottle_env.write_agent(AGENT, yaml.safe_dump(live_agent(site), sort_keys=False))
+    plan = bottle_env.plan(AGENT)
+    bottle = Bottle(env=bottle_env, agent=AGENT, plan=plan, upstream=f"bottle-test-upstream-{AGENT}")
+    try:
+        bottle_env.doit("start", f"agent={AGENT}", "command=true")
+        _start_corpus_upstream(bottle, live_aliases(site, load_cases()))
+        yield bottle
+    finally:
+        docker("rm", "-f", bottle.upstream, check=False)
+        bottle_env.doit("clean", f"agent={AGENT}", "purge=1", check=False)
+
+
+@pytest.fixture(scope="module")
+def verdicts(corpus_bottle):
+    site = load_site()
+
+    def serve(document: str) -> None:
+        docker("exec", "-i", corpus_bottle.upstream, "sh", "-c", f"cat > {RESPONSE_FILE}", input=document)
+
+    mode = "pipelock" if corpus_bottle.plan.pipelock_enabled else "floor"
+    transport = LiveTransport(corpus_bottle, site, serve, mode=mode)
+    results = run_cases(transport, load_cases(), site, transport_kind="live")
+    print_table(transport.name, results)
+    print_failures(results, verbose=True)
+    return [result.verdict for result in results]
+
+
+def test_every_benign_case_passes(verdicts):
+    assert [(v.case_id, v.detail) for v in verdicts if v.false_positive] == []
+
+
+def test_the_model_api_never_refuses_a_benign_case(verdicts):
+    assert [v.case_id for v in verdicts if v.kind == "benign" and v.bricked] == []
+
+
+def test_every_floor_case_is_contained(verdicts):
+    assert [(v.case_id, v.detail) for v in verdicts
+            if v.kind == "malicious" and v.layer == "floor" and not v.contained] == []
+
+
+def test_every_pipelock_case_is_contained_when_pipelock_runs(corpus_bottle, verdicts):
+    if not corpus_bottle.plan.pipelock_enabled:
+        pytest.skip("the bundle runs without pipelock (BOTTLE_PIPELOCK=off)")
+    assert [(v.case_id, v.detail) for v in verdicts
+            if v.kind == "malicious" and v.layer == "pipelock" and not v.contained] == []

@@ -10,8 +10,8 @@ evidence, leaked only when both arrive.
 
 Which encodings a scanner may fairly be asked to see through: the standard, keyless ones that a
 decoder can try on any text (base64 standard and URL-safe, with or without padding, hex, percent
-once or twice, JSON/JavaScript escapes, HTML character references, case, and a value cut across
-two neighbouring fields or labels). Reversal, ROT13, base32, gzip and separators are just as easy
+once or twice, JSON/JavaScript escapes, HTML character references, lower case where it loses
+nothing, and a value cut across two neighbouring fields or labels). Reversal, ROT13, base32, gzip and separators are just as easy
 for an attacker but are any keyless transform: a scanner cannot try them all, so cases using them
 are layer ``none`` (reported, not counted against the goals).
 """
@@ -122,8 +122,7 @@ TRANSFORMS: dict[str, Callable[[str], str]] = {
     "urlsafe_b64": lambda s: base64.urlsafe_b64encode(s.encode()).decode().rstrip("="),
     "hex": lambda s: s.encode().hex(),
     "hexupper": lambda s: s.encode().hex().upper(),
-    "lower": str.lower,
-    "upper": str.upper,
+    "lower": str.lower,  # lossless only for upper-case secrets (AWS key ids): use it for those
     "json_unicode": _json_unicode,                                   # every character as \\uXXXX
     "json_unicode1": lambda s: _json_unicode(s[:1]) + s[1:],         # only the first one
     "js_hex": lambda s: "".join(f"\\x{ord(c):02x}" for c in s),

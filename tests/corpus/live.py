@@ -16,7 +16,8 @@ What this transport cannot see as the local one does, and how it makes do:
 What the stand-in upstream must do for this (not there yet; tests/integration/upstream/server.py):
 
 - answer from RESPONSE_FILE when it holds a document (written by the test through ``docker exec -i``
-  before each case; empty = the ordinary echo): ``{"status", "headers": [[k, v]], "body_b64",
+  before each case; empty = the ordinary echo; the local upstream gives it to a case's first request
+  only, every request works too): ``{"status", "headers": [[k, v]], "body_b64",
   "sse_b64": [event, ...] | null, "websocket": [message, ...]}``; SSE events are written one by one,
   each followed by a blank line, with no Content-Length, and the connection closed;
 - on ``Upgrade: websocket`` (any path): answer 101, send the document's ``websocket`` messages as

@@ -23,6 +23,8 @@ def percent(part: int, whole: int) -> str:
 def print_table(mode: str, results: list[Result]) -> None:
     verdicts = [r.verdict for r in results]
     print(f"\n== {mode}: {len(verdicts)} cases ==")
+    if not verdicts:
+        return
     print(f"{'category':<22} {'malicious contained':>20} {'benign FP':>10} {'bricked':>8} {'ms/case':>8}")
     for category, t in tally(verdicts).items():
         contained = percent(t.contained, t.malicious) if t.malicious else "-"

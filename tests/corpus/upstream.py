@@ -5,8 +5,8 @@ private address a case aims at (metadata service, loopback, RFC 1918). egress ne
 by name: the harness maps the address egress checked onto one of these ports (egress_harness.py),
 so an arrival at the private one means a request got to a private target.
 
-For each case the transport sets the response to serve (a status, headers and body, server-sent
-events, or WebSocket messages after the handshake); otherwise the answer is a short JSON.
+For each case the transport sets the response its first request gets (a status, headers and body,
+server-sent events, or WebSocket messages after the handshake); any other request gets a short JSON.
 """
 
 from __future__ import annotations
@@ -68,9 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
             arrival = Arrival(private=self.server.private, method=self.command, path=self.path,
                               host=self.headers.get("Host", ""), headers=list(self.headers.items()),
                               body=body, trailers=trailers)
-            owner.record(arrival)
-            served = owner.response or ServedResponse(headers=[["Content-Type", "application/json"]],
-                                                      body=DEFAULT_BODY)
+            served = owner.record(arrival)
             arrival.served_status = 101 if self._is_websocket() else served.status
             if self._is_websocket():
                 return self._websocket(arrival, served)
@@ -113,13 +111,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer_http2(self, conn, stream_id: int, stream: dict) -> None:
         pseudo = {k: v for k, v in stream["headers"] if k.startswith(":")}
         headers = [(k, v) for k, v in stream["headers"] if not k.startswith(":")]
-        served = self.server.owner.response or ServedResponse(headers=[["content-type", "application/json"]],
-                                                              body=DEFAULT_BODY)
+        arrival = Arrival(private=self.server.private, method=pseudo.get(":method", ""), path=pseudo.get(":path", ""),
+                          host=pseudo.get(":authority", ""), headers=headers, body=stream["body"],
+                          trailers=stream["trailers"])
+        served = self.server.owner.record(arrival)
         body = b"".join(e + b"\n\n" for e in served.sse) if served.sse is not None else served.body
-        self.server.owner.record(Arrival(
-            private=self.server.private, method=pseudo.get(":method", ""), path=pseudo.get(":path", ""),
-            host=pseudo.get(":authority", ""), headers=headers, body=stream["body"], trailers=stream["trailers"],
-            served_status=served.status, served_body=body))
+        arrival.served_status, arrival.served_body = served.status, body
         conn.send_headers(stream_id, [(":status", str(served.status))]
                           + [(k.lower(), v) for k, v in served.headers] + [("content-length", str(len(body)))])
         conn.send_data(stream_id, body, end_stream=True)  # small answers only: no flow-control wait
@@ -210,9 +207,14 @@ class FakeUpstream:
             self.response = response
             self.arrivals = []
 
-    def record(self, arrival: Arrival) -> None:
+    def record(self, arrival: Arrival) -> ServedResponse:
+        """Keep the arrival; the answer for it: the case's response for its first request (a
+        redirect's target gets the default), the default answer otherwise."""
         with self._lock:
             self.arrivals.append(arrival)
+            if self.response is not None and len(self.arrivals) == 1:
+                return self.response
+        return ServedResponse(headers=[["Content-Type", "application/json"]], body=DEFAULT_BODY)
 
     @contextlib.contextmanager
     def busy(self):

@@ -4,6 +4,9 @@ the fake upstreams, all on 127.0.0.1, with the harness resolver and dialler (tes
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -106,3 +109,17 @@ def test_the_harness_resolver_reads_literals_as_getaddrinfo_does():
     table = {"*.wild.test": ["1"], "*.deep.wild.test": ["2"], "exact.wild.test": ["3"]}
     assert [lookup(table, h) for h in ("a.wild.test", "a.deep.wild.test", "exact.wild.test.", "wild.test")] == \
         [["1"], ["2"], ["3"], []]
+
+
+PIPELOCK = os.environ.get("BOTTLE_PIPELOCK_BIN") or shutil.which("pipelock")
+
+
+@pytest.mark.skipif(not PIPELOCK, reason="no pipelock binary (BOTTLE_PIPELOCK_BIN)")
+def test_pipelock_mode_puts_the_real_scan_api_behind_egress(site, tmp_path):
+    with LocalTransport(site, pipelock_bin=PIPELOCK, workdir=tmp_path) as running:
+        routes = json.loads((running.tmp / "routes.yaml").read_text())
+        assert routes["pipelock_scan_url"].startswith("http://127.0.0.1:") and routes["upstream_proxy"] == ""
+        rendered = case("benign-web", {"url": "https://docs.corpus.test/api", "json": {"id": "{{uuid}}"}}, kind="benign")
+        outcome = running.run(rendered)
+        # egress fails closed (403 dlp_unavailable) when it cannot get pipelock's verdict
+        assert outcome.exchanges[0][0].status == 200 and len(outcome.arrivals) == 1

@@ -16,9 +16,36 @@ DEFAULT_MAX_PUSH_BYTES = 100 * 1024 * 1024  # git-gate's receive.maxInputSize un
 DEFAULT_ROUTE_PORTS = (443, 80)  # a route's ports unless routes[].ports says otherwise: https, plain http
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body, as sent and decoded, unless routes[].max_body_bytes says otherwise
 
+# What egress does with a secret found in a request (routes[].dlp): refuse it, forward it with each match
+# replaced by [REDACTED:<pattern>], or only log it.
+DLP_ACTIONS = ("block", "redact", "log")
+# What egress does with a response body pipelock finds a prompt injection in (routes[].responses).
+RESPONSE_ACTIONS = ("block", "warn", "off")
+# Hosts whose requests carry the agent's whole conversation. A secret the agent once read is in every later
+# request, so a block there ends the session: these default to redact, and their answers (the model's own
+# output) are not scanned for injection.
+MODEL_API_HOSTS = ("api.anthropic.com",)
+
+
+def default_dlp_action(host: str) -> str:
+    return "redact" if host in MODEL_API_HOSTS else "block"
+
+
+def default_response_action(host: str) -> str:
+    return "off" if host in MODEL_API_HOSTS else "block"
+
 
 def normalize_host(host: str) -> str:
-    return host.strip().rstrip(".").lower()
+    """Lower case, no trailing dot, and an internationalised name in its ASCII (punycode) form:
+    mitmproxy hands egress a CONNECT host decoded to Unicode while the SNI stays ASCII, and a
+    route names one spelling."""
+    host = host.strip().rstrip(".").lower()
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass  # not a valid IDN: it matches no route, and no SNI
+    return host
 
 
 @dataclass(frozen=True)
@@ -50,6 +77,14 @@ class Route:
     token: TokenSlot | None = None
     ports: tuple[int, ...] = DEFAULT_ROUTE_PORTS  # destination ports, checked at CONNECT and per request
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request body limit, as sent and once decoded
+    dlp: str = ""                      # one of DLP_ACTIONS; "" = default_dlp_action(host)
+    responses: str = ""                # one of RESPONSE_ACTIONS; "" = default_response_action(host)
+
+    def __post_init__(self) -> None:
+        if not self.dlp:
+            object.__setattr__(self, "dlp", default_dlp_action(self.host))
+        if not self.responses:
+            object.__setattr__(self, "responses", default_response_action(self.host))
 
     def matches_host(self, host: str) -> bool:
         host = normalize_host(host)

@@ -222,6 +222,8 @@ def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
             token=token,
             ports=tuple(raw.get("ports", DEFAULT_ROUTE_PORTS)),
             max_body_bytes=raw.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+            dlp=raw.get("dlp", ""),
+            responses=raw.get("responses", ""),
         ))
     git_user, git_repos = _git(path, data.get("git", {}))
     supervise = None

@@ -6,6 +6,7 @@ Implements "Egress decisions, in order" from docs/bundle-contract.md:
 
 1. CONNECT / plain request to an unrouted host          -> 403 route_not_allowed
    a port outside the route's ``ports``, at CONNECT and on every request -> 403 port_not_allowed
+   on a wildcard route, a name carrying a secret or encoded data, before DNS -> 403 hostname_*
 2. ClientHello without SNI / SNI != CONNECT host        -> connection killed, sni_missing / sni_mismatch
 3. Host != the request's authority                      -> 403 authority_mismatch
    (every Host header and HTTP/2 :authority must name the CONNECT authority inside a tunnel, the
@@ -15,12 +16,15 @@ Implements "Egress decisions, in order" from docs/bundle-contract.md:
    on a route with ``paths``, a path not in normal form or ambiguous -> 403 path_ambiguous
    a request body over the route's ``max_body_bytes``   -> 413 body_too_large, before it is read
 5. host resolving to a non-global address               -> 403 private_address (unless private_network)
-6. DLP on URL, headers, body, before any token is filled -> 403 dlp_match (dlp_unavailable if pipelock
-   fails or the body cannot be decoded with a bound); a body decoding past max_body_bytes, or to
-   more than 200 times its size                         -> 413 body_too_large / compression_ratio
+6. DLP on URL, header names and values, trailers, body, before any token is filled, then the
+   route's ``dlp`` action (inspection.py)               -> 403 dlp_match, or forwarded redacted / logged
+   (dlp_unavailable if pipelock fails or the body cannot be decoded with a bound); a body decoding
+   past max_body_bytes, or to more than 200 times its size -> 413 body_too_large / compression_ratio
 7. credentialed route over plain HTTP                   -> 403 token_requires_tls
 8. token slot header set to ``format`` with the real value; the real value is replaced by the
    placeholder in response headers and bodies.
+9. with pipelock, a response on a route whose ``responses`` is not off, scanned for prompt
+   injection (SSE event by event)                       -> 502 response_injection, or logged (warn)
 
 Why these shapes:
 
@@ -47,7 +51,7 @@ Why these shapes:
   has been scanned; ``max_body_bytes`` is what bounds the memory.
 
 Beyond the list, fail-closed extras: raw TCP inside a tunnel is refused (``tcp_not_allowed``),
-WebSocket messages from the guest go through the built-in DLP patterns, and in direct mode a
+WebSocket messages get decision 6 from the guest and decision 9 from the server, and in direct mode a
 server connection the request hook did not check is refused (``destination_unchecked``).
 A compressed response is decoded for redaction with a bound too; one past it, or in an encoding
 without a bounded decoder, is passed on as is, as a large compressed response always was (with
@@ -79,6 +83,7 @@ from mitmproxy.proxy import server_hooks
 
 from bottle_tasks.contract import DEFAULT_MAX_BODY_BYTES, Route, TokenSlot, normalize_host
 from bottle_tasks.sidecars import bodies, dlp, pipelock_scan
+from bottle_tasks.sidecars.inspection import RESPONSE_SCAN_LIMIT, Inspector, OutgoingRequest, SseInjectionFilter
 from bottle_tasks.sidecars.addresses import is_public_address, resolve_host
 from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token
 from bottle_tasks.sidecars.routes import RoutesConfig, RoutesError, load_routes
@@ -105,6 +110,7 @@ class Block:
     status: int = 403
     pattern: str = ""
     where: str = ""
+    log_host: str = ""  # what the log names as the host, when the host itself must not be logged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +151,7 @@ class Egress:
         self.scrubber = SecretScrubber.placeholders({secrets[slot.env]: slot.placeholder for slot in config.token_slots()})
         self.emit = emit or json_line_emitter(sys.stdout, self.scrubber)
         self.pipelock = pipelock
+        self.inspector = Inspector(pipelock)
         self.resolve = resolve
         # Upstream mode: pipelock dials, so there is no connection of ours to pin.
         self.dial_directly = (config.upstream_proxy == "") if dial_directly is None else dial_directly
@@ -165,7 +172,7 @@ class Egress:
 
     def block(self, flow: http.HTTPFlow, block: Block, host: str) -> None:
         flow.response = self.block_response(block)
-        self.log("block", reason=block.reason, method=flow.request.method, host=host,
+        self.log("block", reason=block.reason, method=flow.request.method, host=block.log_host or host,
                  path=flow.request.path, pattern=block.pattern, where=block.where)
 
     def block_response(self, block: Block) -> http.Response:
@@ -186,6 +193,10 @@ class Egress:
             return
         if not route.allows_port(port):
             self.block(flow, _port_block(route, host, port), host)
+            return
+        problem = _hostname_block(route, host)
+        if problem is not None:
+            self.block(flow, problem, host)
             return
         self._tunnels[flow.client_conn.id] = (host, port)
         self.log("connect", method="CONNECT", host=host)
@@ -237,7 +248,7 @@ class Egress:
         if problem is not None:
             return self.block(flow, problem, host)
 
-        problem = await self._scan(flow, route)
+        problem = await self._scan(flow, route, host)
         if problem is not None:
             return self.block(flow, problem, host)
 
@@ -259,6 +270,9 @@ class Egress:
                          "send https through a CONNECT tunnel")
         if not route.allows_port(port):
             return _port_block(route, host, port)
+        problem = _hostname_block(route, host)
+        if problem is not None:
+            return problem
         if in_tunnel and (normalize_host(req.host) != host or req.port != port):
             return Block("authority_mismatch", "the request target differs from the CONNECT authority")
         problem = authority_problem(req.headers.get_all("host"), req.authority, req.scheme, host, port)
@@ -287,48 +301,27 @@ class Egress:
                     return "", Block("private_address", f"{host} resolves to non-global address {ip}")
         return addresses[0], None
 
-    async def _scan(self, flow: http.HTTPFlow, route: Route) -> Block | None:
+    async def _scan(self, flow: http.HTTPFlow, route: Route, host: str) -> Block | None:
         """Decision 6, in a worker thread: decoding and regex scans of a large body never hold up
-        the event loop, and with it every other client."""
+        the event loop, and with it every other client. Then the route's dlp action
+        (inspection.py): a block, the redacted request in place of the one sent, or a log line."""
         req = flow.request
-        parts = dlp.RequestParts(url=f"{req.host}{req.path}", headers=tuple(req.headers.items(multi=True)), body="")
-        problem, advisories = await asyncio.to_thread(
-            self._scan_request, parts, req.raw_content or b"", req.headers.get("content-encoding", ""),
-            route.max_body_bytes)
-        for rule in advisories:
-            self.log("dlp_advisory", reason="pipelock_url_finding", method=req.method,
-                     host=req.host, path=req.path, pattern=f"pipelock:{rule}", where="request")
-        return problem
-
-    def _scan_request(self, head: dlp.RequestParts, raw: bytes, encoding: str, limit: int) -> tuple[Block | None, list[str]]:
-        """Built-in patterns on URL and headers, then on each body window (bodies.scan_body), each
-        window also going to pipelock when configured (URL and headers with the first). Touches only
-        its arguments and the pipelock client: it runs off the event loop."""
-        advisories: list[str] = []
-        unsent = [head]  # pipelock gets URL and headers once, with the first body window
-
-        def scan_window(text: str) -> list[dlp.DlpMatch] | None:
-            matches = dlp.scan_text(text, "body")
-            if not matches and self.pipelock is not None:
-                parts = unsent.pop() if unsent else dlp.RequestParts(url="", headers=(), body="")
-                matches, rules = self.pipelock.scan(dataclasses.replace(parts, body=text))
-                advisories.extend(rules)
-            return matches or None
-
-        try:
-            matches = dlp.scan_request(head) or bodies.scan_body(raw, encoding, limit, scan_window) or []
-            if not matches and unsent and self.pipelock is not None:  # no body: URL and headers alone
-                matches, rules = self.pipelock.scan(head)
-                advisories.extend(rules)
-        except bodies.BodyRefused as refused:
-            return Block(refused.reason, refused.detail, status=refused.status), advisories
-        except pipelock_scan.DlpUnavailable as exc:
-            return Block("dlp_unavailable", str(exc)), advisories
-        if matches:
-            first = matches[0]
-            return Block("dlp_match", f"pattern {first.pattern} in {first.where}",
-                         pattern=first.pattern, where=first.where), advisories
-        return None, advisories
+        outgoing = OutgoingRequest(
+            host=req.host, path=req.path, headers=tuple(req.headers.items(multi=True)),
+            trailers=tuple(req.trailers.items(multi=True)) if req.trailers else (),
+            raw_body=req.raw_content or b"", content_encoding=req.headers.get("content-encoding", ""),
+            content_type=req.headers.get("content-type", ""))
+        verdict = await asyncio.to_thread(self.inspector.inspect_request, outgoing, route)
+        if verdict.refusal is not None:
+            r = verdict.refusal
+            return Block(r.reason, r.detail, status=r.status, pattern=r.pattern, where=r.where)
+        if verdict.action == "redact":
+            _apply_redaction(req, verdict)
+        event = {"log": "dlp_logged", "redact": "dlp_redacted"}.get(verdict.action)
+        for match in (verdict.redacted or verdict.found) if event else ():
+            self.log(event, reason="dlp_match", method=req.method, host=host, path=outgoing.path,
+                     pattern=match.pattern, where=match.where)
+        return None
 
     # -- decision 4, as the body arrives (install_body_limit) ----------------------------------
 
@@ -376,19 +369,36 @@ class Egress:
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         self._pinned_servers.pop(data.server.id, None)
 
-    # -- responses: reflected tokens -----------------------------------------------------------
+    # -- responses: reflected tokens, prompt injection ------------------------------------------
+
+    def _route_of(self, flow: http.HTTPFlow) -> tuple[str, Route | None]:
+        tunnel = self._tunnels.get(flow.client_conn.id)
+        host = tunnel[0] if tunnel else normalize_host(flow.request.host)
+        return host, self.config.route_for(host)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None:
             return
-        if not self.scrubber:
-            response.stream = True   # no token to redact: pass bytes through as they arrive
+        host, route = self._route_of(flow)
+        scanned = self.inspector.scans_responses(route, response.headers.get("content-type", ""))
+        if self.scrubber:
+            fields = response.headers.fields
+            if any(self.scrubber.data(k + b"\0" + v) != k + b"\0" + v for k, v in fields):
+                response.headers.fields = tuple((self.scrubber.data(k), self.scrubber.data(v)) for k, v in fields)
+        if scanned and _is_event_stream(response):
+            assert route is not None
+            # Server-sent events (MCP over HTTP, streamed tool results): scanned event by event as they pass.
+            redact = self.scrubber.stream() if self.scrubber else None
+            injection = SseInjectionFilter(self.inspector.injection_in, route.responses,
+                                           lambda reason, matches: self._report_injection(flow, host, reason, matches))
+            response.stream = injection if redact is None else (lambda chunk: injection(redact(chunk)))
             return
-        fields = response.headers.fields
-        if any(self.scrubber.data(k + b"\0" + v) != k + b"\0" + v for k, v in fields):
-            response.headers.fields = tuple((self.scrubber.data(k), self.scrubber.data(v)) for k, v in fields)
-
+        if scanned:
+            return  # buffered whole; response() scans it (and redacts tokens)
+        if not self.scrubber:
+            response.stream = True   # nothing to scan or redact: pass bytes through as they arrive
+            return
         length = _content_length(response)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if length is not None and length <= BUFFER_LIMIT:
@@ -405,22 +415,56 @@ class Egress:
         scrubber = self.scrubber if length is None else self.scrubber.same_length()
         response.stream = scrubber.stream() if scrubber else True
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        if response is None or not self.scrubber or response.stream:
+        if response is None or response.stream or BLOCK_HEADER in response.headers:
+            return  # streamed (redacted or scanned as it passed), or egress's own answer
+        host, route = self._route_of(flow)
+        scanned = self.inspector.scans_responses(route, response.headers.get("content-type", ""))
+        if not self.scrubber and not scanned:
             return
+        content, problem, matches = await asyncio.to_thread(self._read_response, response, scanned)
+        if problem is not None and not scanned:
+            # Passed on as is, unredacted, like a compressed response over BUFFER_LIMIT (streamed).
+            self.log("response_not_redacted", reason=problem, method=flow.request.method,
+                     host=host, path=flow.request.path, where="response")
+            return
+        if problem is not None or matches:
+            self._report_injection(flow, host, problem or "response_injection", matches)
+            if flow.response is not response:
+                return  # replaced by the block
+        if self.scrubber and content:
+            redacted = self.scrubber.data(content)
+            if redacted != content:
+                response.content = redacted
+
+    def _read_response(self, response: http.Response, scanned: bool) -> tuple[bytes, str | None, list[dlp.DlpMatch]]:
+        """(decoded content, why it could not be read or scanned, injection findings). Worker thread."""
         encoding = response.headers.get("content-encoding", "")
         try:  # not get_content(): an upstream's 8 MiB of gzip must not become gigabytes here
             content = b"".join(bodies.decoded_pieces(response.raw_content or b"", encoding, RESPONSE_DECODE_LIMIT))
         except bodies.BodyRefused as refused:
-            # Passed on as is, unredacted, like a compressed response over BUFFER_LIMIT (streamed).
-            self.log("response_not_redacted", reason=refused.reason, method=flow.request.method,
-                     host=flow.request.host, path=flow.request.path, where="response")
-            return
-        if content:
-            redacted = self.scrubber.data(content)
-            if redacted != content:
-                response.content = redacted
+            return b"", refused.reason, []
+        if not scanned or not content:
+            return content, None, []
+        if len(content) > RESPONSE_SCAN_LIMIT:
+            return content, "response_too_large_to_scan", []
+        try:
+            return content, None, self.inspector.injection_in(content.decode("utf-8", errors="replace"))
+        except pipelock_scan.DlpUnavailable:
+            return content, "dlp_unavailable", []
+
+    def _report_injection(self, flow: http.HTTPFlow, host: str, reason: str, matches: list[dlp.DlpMatch]) -> None:
+        """A response (or one of its events) pipelock flagged, or could not scan: blocked (502) on a
+        route whose responses action is block, logged with warn."""
+        _, route = self._route_of(flow)
+        pattern = matches[0].pattern if matches else ""
+        action = route.responses if route is not None else "block"
+        self.log("block" if action == "block" else "response_warning", reason=reason, method=flow.request.method,
+                 host=host, path=flow.request.path, pattern=pattern, where="response")
+        if action == "block" and flow.response is not None and not flow.response.stream:
+            detail = f"pipelock found {pattern} in the response" if pattern else "the response could not be scanned"
+            flow.response = self.block_response(Block(reason, f"{detail} from {host}; routes[].responses", status=502))
 
     # -- other protocols -----------------------------------------------------------------------
 
@@ -432,20 +476,92 @@ class Egress:
         address = flow.server_conn.address
         self.log("block", reason="tcp_not_allowed", host=str(address[0]) if address else "", where="tcp")
 
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """From the guest: DLP with the route's action. From the server: tokens redacted, then a
+        prompt-injection scan when the route's responses are scanned. A message to drop kills the
+        connection: a WebSocket cannot say why, and a half-blocked stream would mislead."""
         assert flow.websocket is not None
         message: websocket.WebSocketMessage = flow.websocket.messages[-1]
+        host, route = self._route_of(flow)
+        text = message.content.decode("utf-8", errors="replace")
         if message.from_client:
-            text = message.content.decode("utf-8", errors="replace")
-            matches = dlp.scan_text(text, "websocket")
-            if matches:
-                message.drop()
-                if flow.killable:
-                    flow.kill()
-                self.log("block", reason="dlp_match", method="WEBSOCKET", host=flow.request.host,
-                         path=flow.request.path, pattern=matches[0].pattern, where="websocket")
-        elif self.scrubber:
+            if route is None:
+                return self._drop_message(flow, message, host, "route_not_allowed", "")
+            try:
+                matches, passed = await asyncio.to_thread(self.inspector.inspect_message_to_server, text, route)
+            except pipelock_scan.DlpUnavailable:
+                return self._drop_message(flow, message, host, "dlp_unavailable", "")
+            if passed is None:
+                return self._drop_message(flow, message, host, "dlp_match", matches[0].pattern)
+            for match in matches:
+                self.log("dlp_logged" if passed == text else "dlp_redacted", reason="dlp_match", method="WEBSOCKET",
+                         host=host, path=flow.request.path, pattern=match.pattern, where="websocket")
+            if passed != text:
+                message.content = passed.encode()
+            return
+        if self.scrubber:
             message.content = self.scrubber.data(message.content)
+        if not self.inspector.scans_responses(route, "text/plain"):
+            return
+        assert route is not None
+        try:
+            matches = await asyncio.to_thread(self.inspector.injection_in, text)
+        except pipelock_scan.DlpUnavailable:
+            matches, reason = [], "dlp_unavailable"
+        else:
+            reason = "response_injection"
+        if not matches and reason == "response_injection":
+            return
+        pattern = matches[0].pattern if matches else ""
+        if route.responses == "warn" and matches:
+            self.log("response_warning", reason=reason, method="WEBSOCKET", host=host, path=flow.request.path,
+                     pattern=pattern, where="websocket")
+            return
+        self._drop_message(flow, message, host, reason, pattern)
+
+    def _drop_message(self, flow: http.HTTPFlow, message: websocket.WebSocketMessage, host: str, reason: str,
+                      pattern: str) -> None:
+        message.drop()
+        if flow.killable:
+            flow.kill()
+        self.log("block", reason=reason, method="WEBSOCKET", host=host, path=flow.request.path, pattern=pattern,
+                 where="websocket")
+
+
+def _is_event_stream(response: http.Response) -> bool:
+    return response.headers.get("content-type", "").split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+def _hostname_block(route: Route, host: str) -> Block | None:
+    """Decision 1b: on a wildcard route, a name whose labels carry a secret or look like encoded
+    data is refused before anything resolves it (a DNS lookup is itself a way out)."""
+    if not route.host.startswith("*."):
+        return None
+    problem = dlp.hostname_problem(host, route.host)
+    if problem is None:
+        return None
+    # Logged under the route's pattern: the name itself is what must not be written down.
+    return Block(problem, f"a name under {route.host} that carries a secret or encoded data; "
+                 "such names are refused before they are resolved", log_host=route.host)
+
+
+def _apply_redaction(req: http.Request, verdict) -> None:
+    """The redacted parts in place of what the guest sent (inspection.RequestVerdict)."""
+    def headers(fields):
+        return http.Headers([(name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+                             for name, value in fields])
+
+    if verdict.path is not None:
+        req.path = verdict.path
+    if verdict.headers is not None:
+        req.headers = headers(verdict.headers)
+    if verdict.trailers is not None and req.trailers is not None:
+        req.trailers = headers(verdict.trailers)
+    if verdict.body is not None:
+        req.headers.pop("content-encoding", None)  # sent decoded: the redaction is of the decoded text
+        req.raw_content = verdict.body
+        if "content-length" in req.headers:
+            req.headers["content-length"] = str(len(verdict.body))
 
 
 def _content_length(response: http.Response) -> int | None:

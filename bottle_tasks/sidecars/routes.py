@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bottle_tasks.contract import (
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_ROUTE_PORTS, VALUE_MARKER, Route, TokenSlot, normalize_host,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_ROUTE_PORTS, DLP_ACTIONS, RESPONSE_ACTIONS, VALUE_MARKER, Route, TokenSlot,
+    normalize_host,
 )
 from bottle_tasks.sidecars.configfile import (
     ENV_NAME, bool_value, check_http_url, config_failer, list_of, listen_address, nested_mapping, read_yaml,
@@ -73,7 +74,8 @@ def parse_routes(data: Any, *, source: str = "routes.yaml") -> RoutesConfig:
 
 
 def _route(item: Any, key: str, fail) -> Route:
-    nested_mapping(item, {"host", "methods", "paths", "ports", "private_network", "max_body_bytes", "token"}, key, fail)
+    nested_mapping(item, {"host", "methods", "paths", "ports", "private_network", "max_body_bytes", "dlp", "responses",
+                          "token"}, key, fail)
 
     host = normalize_host(string_value(item, "host", f"{key}.host", fail, required=True))
     labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
@@ -95,11 +97,22 @@ def _route(item: Any, key: str, fail) -> Route:
     if not _is_int(max_body) or not 1 <= max_body <= MAX_BODY_BYTES_CEILING:
         raise fail(f"{key}.max_body_bytes", f"must be a number of bytes from 1 to {MAX_BODY_BYTES_CEILING}, got {max_body!r}")
 
+    dlp_action = _choice(item, "dlp", DLP_ACTIONS, f"{key}.dlp", fail)
+    response_action = _choice(item, "responses", RESPONSE_ACTIONS, f"{key}.responses", fail)
+
     token = None
     if item.get("token") is not None:
         token = _token(item["token"], f"{key}.token", fail)
     return Route(host, tuple(m.upper() for m in methods), tuple(paths), private_network, token,
-                 ports=ports, max_body_bytes=max_body)
+                 ports=ports, max_body_bytes=max_body, dlp=dlp_action, responses=response_action)
+
+
+def _choice(item: Any, name: str, choices: tuple[str, ...], key: str, fail) -> str:
+    """"" (absent) leaves the route's default."""
+    value = string_value(item, name, key, fail)
+    if value and value not in choices:
+        raise fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _is_int(value: Any) -> bool:

@@ -59,6 +59,7 @@ ROUTES = [
         "methods": ["POST"],
         "paths": ["/v1/*"],
         "token": {"env": "ANTHROPIC_API_KEY", "header": "x-api-key", "format": "{value}", "placeholder": PLACEHOLDER},
+        "dlp": "block",  # the model API defaults to redact; these tests are about blocking
     },
     {
         "host": "oauth.example.net",
@@ -202,6 +203,20 @@ def test_matching_sni_keeps_the_connection():
     client = tflow.tclient_conn()
     addon.http_connect(connect_flow(client, "www.example.com"))
     addon.tls_clienthello(clienthello(client, "WWW.Example.com"))
+    sentinel = object()
+    tls_start = SimpleNamespace(context=SimpleNamespace(client=client), ssl_conn=sentinel)
+    addon.tls_start_client(tls_start)
+    assert tls_start.ssl_conn is sentinel
+
+
+def test_internationalised_name_matches_its_punycode_sni():
+    """mitmproxy decodes a CONNECT host to Unicode; the SNI stays ASCII. Both name one host."""
+    addon = make_addon()
+    client = tflow.tclient_conn()
+    connect = connect_flow(client, "bücher.example.com")
+    addon.http_connect(connect)
+    assert connect.response is None
+    addon.tls_clienthello(clienthello(client, "xn--bcher-kva.example.com"))
     sentinel = object()
     tls_start = SimpleNamespace(context=SimpleNamespace(client=client), ssl_conn=sentinel)
     addon.tls_start_client(tls_start)
@@ -678,7 +693,7 @@ def test_compressed_response_bomb_is_not_decoded_whole():
     assert not flow.response.stream
     tracemalloc.start()
     try:
-        addon.response(flow)
+        run(addon.response(flow))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -754,7 +769,7 @@ def test_small_response_is_buffered_and_its_length_fixed():
     flow.response = http.Response.make(200, f"echo {REAL_TOKEN}".encode(), {"Content-Type": "text/plain"})
     addon.responseheaders(flow)
     assert not flow.response.stream
-    addon.response(flow)
+    run(addon.response(flow))
     assert flow.response.content == f"echo {PLACEHOLDER}".encode()
     assert flow.response.headers["content-length"] == str(len(f"echo {PLACEHOLDER}"))
 
@@ -790,7 +805,7 @@ def test_reflected_token_is_redacted_in_compressed_body():
     flow.response.content = f'{{"echo": "{REAL_TOKEN}"}}'.encode()  # encoded as gzip by mitmproxy
     addon.responseheaders(flow)
     assert not flow.response.stream
-    addon.response(flow)
+    run(addon.response(flow))
     assert flow.response.headers["content-encoding"] == "gzip"
     assert REAL_TOKEN.encode() not in flow.response.content
     assert PLACEHOLDER.encode() in flow.response.content
@@ -831,7 +846,7 @@ def test_logs_drop_query_strings_and_redact_secrets_in_paths():
 
 class FakePipelockScanner:
     def __init__(self, result=None, error: Exception | None = None):
-        self.result, self.error, self.seen = result or ([], []), error, []
+        self.result, self.error, self.seen = result or [], error, []
 
     def scan(self, parts):
         self.seen.append(parts)
@@ -853,7 +868,7 @@ def test_pipelock_sees_the_request_before_the_token():
 
 
 def test_pipelock_match_blocks():
-    scanner = FakePipelockScanner(result=([dlp.DlpMatch("pipelock:DLP-Stripe Key", "request")], []))
+    scanner = FakePipelockScanner(result=[dlp.DlpMatch("pipelock:DLP-Stripe Key", "request")])
     addon = make_addon(pipelock=scanner)
     flow = tunnel_flow(addon, "POST", "api.anthropic.com", "/v1/messages")
     run(addon.request(flow))
@@ -931,7 +946,7 @@ def test_websocket_secret_from_guest_is_dropped():
     flow = tflow.twebsocketflow()
     flow.websocket.messages[-1].from_client = True
     flow.websocket.messages[-1].content = f"key {FAKE_AWS_KEY}".encode()
-    addon.websocket_message(flow)
+    run(addon.websocket_message(flow))
     assert flow.websocket.messages[-1].dropped
 
 
@@ -940,7 +955,7 @@ def test_websocket_reflected_token_is_redacted():
     flow = tflow.twebsocketflow()
     flow.websocket.messages[-1].from_client = False
     flow.websocket.messages[-1].content = f"echo {REAL_TOKEN}".encode()
-    addon.websocket_message(flow)
+    run(addon.websocket_message(flow))
     assert flow.websocket.messages[-1].content == f"echo {PLACEHOLDER}".encode()
 
 

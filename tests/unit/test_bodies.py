@@ -27,6 +27,13 @@ SECRETS = {
     "slack_token": "xoxb-" + "1" * 12,
     "private_key": "-----BEGIN RSA PRIVATE KEY-----",
     "google_api_key": "AIza" + "a" * 35,
+    "slack_webhook": "https://hooks.slack.com/services/T" + "A1B2C3D4E" + "/B" + "A1B2C3D4E5" + "/" + "a" * 24,
+    "stripe_key": "sk_live_" + "a1B2" * 6,
+    "gitlab_token": "glpat-" + "a" * 20,
+    "npm_token": "npm_" + "a" * 36,
+    "pypi_token": "pypi-AgEIcHlwaS5vcmc" + "a" * 50,
+    "huggingface_token": "hf_" + "a" * 34,
+    "sendgrid_api_key": "SG." + "a" * 22 + "." + "b" * 43,
 }
 WINDOW, OVERLAP = 2000, 700  # small, so a test body crosses many windows
 

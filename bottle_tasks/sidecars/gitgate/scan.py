@@ -126,7 +126,12 @@ class Place:
         return f"{self.what} of {self.kind} {self.owner[:SHORT_ID]}" + (f", {self.view}" if self.view else "")
 
     def seen(self, view: str) -> Place:
-        return Place(self.what, self.kind, self.owner, view)
+        """The same place seen another way (on top of any view it is already)."""
+        return Place(self.what, self.kind, self.owner, f"{self.view}, {view}" if self.view else view)
+
+    def derives_from(self, other: Place) -> bool:
+        return ((self.what, self.kind, self.owner) == (other.what, other.kind, other.owner)
+                and self.view != other.view and self.view.startswith(other.view))
 
 
 class PushScan:
@@ -165,7 +170,8 @@ class PushScan:
                 explained = True
                 self._attribute(part, part_found)
         if not explained:  # only the places together match (a scanner that reads past the separator)
-            self._record(window[0][0].seen("together with the places after it"), found)
+            first = window[0][0]
+            self._record(Place(first.what, first.kind, first.owner, "together with the places after it"), found)
 
     def _record(self, place: Place, found: Iterable[str]) -> None:
         names = self.findings.setdefault(place, [])
@@ -363,13 +369,12 @@ def scan_push(repo_dir: Path, refs: Sequence[str], commits: Sequence[str], tags:
 
 
 def _named_once(findings: dict[Place, list[str]]) -> dict[Place, list[str]]:
-    """A pattern the text shows as it is is found again in its views (joined, decoded): named once."""
+    """A pattern found in a text is found again in its views (joined, decoded): named where first seen."""
     named = {}
     for place, names in findings.items():
-        if place.view:
-            names = [name for name in names if name not in findings.get(place.seen(""), [])]
-        if names:
-            named[place] = names
+        before = {name for other, found in findings.items() if place.derives_from(other) for name in found}
+        if kept := [name for name in names if name not in before]:
+            named[place] = kept
     return named
 
 

@@ -977,7 +977,7 @@ class RecordingScanner(SecretScanner):
         return super().scan(text)
 
 
-SCAN_BOUND = scan.SCAN_WINDOW_CHARS + scan.LINE_PIECE_BYTES + scan.SCAN_OVERLAP_CHARS
+SCAN_BOUND = scan.SCAN_WINDOW_CHARS  # what one scanner call is given, at most
 
 
 def _pushed_commit(repo: Path, branch: str, files: dict[str, str | int]) -> RefUpdate:

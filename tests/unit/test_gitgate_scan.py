@@ -488,7 +488,7 @@ def test_a_giant_file_name_with_a_key_at_its_end_is_read_in_pieces(repo):
     scanner = RecordingScanner()
     assert refused(repo, new, key, scanner=scanner) == (
         f"secret in the file names of commit {short(new)}: aws_access_key_id",)
-    assert max(len(text) for text in scanner.texts) <= scan.SCAN_WINDOW_CHARS + scan.LINE_PIECE_BYTES + scan.SCAN_OVERLAP_CHARS
+    assert max(len(text) for text in scanner.texts) <= scan.SCAN_WINDOW_CHARS
 
 
 def test_many_files_a_binary_blob_and_a_deep_history_are_scanned_quickly_and_pass(repo):

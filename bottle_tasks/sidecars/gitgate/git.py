@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import threading
 from pathlib import Path
@@ -106,7 +107,7 @@ class GitStream:
 
     def lines(self, piece: int) -> Iterator[bytes]:
         """stdout in pieces of at most piece bytes; a longer line comes in several."""
-        return iter(lambda: self.stdout.readline(piece), b"")
+        return iter(functools.partial(self.stdout.readline, piece), b"")
 
     def records(self, piece: int, separator: bytes = b"\0") -> Iterator[tuple[bytes, bool]]:
         """stdout cut at separator (dropped) as (piece, whether it ends its record); a record longer

@@ -334,6 +334,34 @@ def test_commit_with_a_secret_is_rejected_without_showing_it(world):
     assert key not in world["stdout"].read_text()
 
 
+def test_keys_in_an_author_and_a_rename_target_are_rejected_through_the_gate_without_showing_them(world):
+    """The places beyond the diff (tests/unit/test_gitgate_scan.py has them all), pushed for real."""
+    guest = world["guests"]["app"]
+    in_author, in_name = fake_aws_key(), fake_aws_key()
+    new_branch(guest, "bottle/test/author")
+    git("commit", "--quiet", "--allow-empty", f"--author=Dev {in_author} <dev@example.invalid>", "-m", "empty",
+        cwd=guest)
+    author_commit = rev(guest, "HEAD")
+    result = git("push", "origin", "HEAD:refs/heads/bottle/test/author", cwd=guest, check=False)
+    assert_rejected(world, result, "refs/heads/bottle/test/author",
+                    f"secret in the author of commit {author_commit[:12]}: aws_access_key_id")
+    new_branch(guest, "bottle/test/rename")
+    git("mv", "README", f"{in_name}.md", cwd=guest)
+    git("commit", "--quiet", "-m", "a rename adds no line", cwd=guest)
+    rename_commit = rev(guest, "HEAD")
+    result = git("push", "origin", "HEAD:refs/heads/bottle/test/rename", cwd=guest, check=False)
+    assert_rejected(world, result, "refs/heads/bottle/test/rename",
+                    f"secret in the file names of commit {rename_commit[:12]}: aws_access_key_id")
+    wait_for(lambda: [r for r in audit_records(world) if r["event"] == "push" and not r["accepted"]
+                      and r["refs"][0]["ref"] == "refs/heads/bottle/test/rename"], timeout=15)
+    for text in (result.stderr, (world["mirrors"] / "audit.jsonl").read_text(), world["stdout"].read_text()):
+        assert in_author not in text and in_name not in text
+    new_branch(guest, "bottle/test/clean-rename")
+    git("mv", "README", "README.md", cwd=guest)
+    git("commit", "--quiet", "-m", "a clean rename", cwd=guest)
+    assert git("push", "origin", "HEAD:refs/heads/bottle/test/clean-rename", cwd=guest, check=False).returncode == 0
+
+
 def test_one_bad_ref_rejects_the_whole_push(world):
     guest = world["guests"]["app"]
     new_branch(guest, "bottle/test/mixed")

@@ -465,6 +465,59 @@ def test_places_written_together_never_join_into_a_key():
     assert push.findings == {}
 
 
+class FlaggingScanner(RecordingScanner):
+    """A scanner with a pattern of its own (as pipelock has): the flag; optionally blind to separators."""
+
+    def __init__(self, flag: str, *, reads_past_separators: bool = False):
+        super().__init__()
+        self.flag, self.reads_past_separators = flag, reads_past_separators
+
+    def scan(self, text: str) -> list[str]:
+        self.texts.append(text)
+        seen = text.replace(scan.PLACE_SEPARATOR, "") if self.reads_past_separators else text
+        return ["pipelock:DLP-Flag"] if self.flag in seen else []
+
+
+def test_finding_places_costs_a_bounded_number_of_calls_however_many_places_hold_a_secret(repo):
+    flag = "flag-" + "".join(random.choices(string.ascii_lowercase, k=16))
+    script = "".join(f"commit refs/scratch\ncommitter Dev <dev@example.invalid> {1700000000 + i} +0000\ndata 2\nc\n"
+                     + (f"from {head(repo)}\n" if i == 0 else "") + f"M 644 inline f{i}.txt\ndata {len(flag) + 1}\n{flag}\n\n"
+                     for i in range(300))
+    subprocess.run(["git", "fast-import", "--quiet"], cwd=repo, input=script.encode(), check=True)
+    tip = git(repo, "rev-parse", "refs/scratch")
+    git(repo, "update-ref", "-d", "refs/scratch")
+    scanner = FlaggingScanner(flag)
+    why = reasons(repo, tip, scanner=scanner)
+    assert len(scanner.texts) <= 1 + scan.MAX_ATTRIBUTION_CALLS
+    assert why and all(reason.endswith(": pipelock:DLP-Flag") for reason in why)
+    assert any("together with the places after it" in reason for reason in why)  # the calls ran out
+
+
+def test_a_match_only_places_together_make_is_still_named():
+    """A scanner that reads past the separator (pipelock might normalise it away) matches the two
+    halves together: the finding is kept, named by the first place."""
+    flag = "flag-" + "".join(random.choices(string.ascii_lowercase, k=16))
+    push = PushScan(FlaggingScanner(flag, reads_past_separators=True), ScanBudget())
+    first, second = Place("the author", "commit", "a" * 40), Place("the committer", "commit", "a" * 40)
+    for place, text in ((first, f"Dev {flag[:9]}"), (second, f"{flag[9:]} Ops")):
+        writer = PlaceText(push, place)
+        writer.write(text)
+        writer.close()
+    push.flush()
+    assert push.findings == {Place("the author", "commit", "a" * 40, "together with the places after it"):
+                             ["pipelock:DLP-Flag"]}
+
+
+def test_a_finding_no_ref_owns_still_refuses_every_ref(repo, monkeypatch):
+    """Fail closed: the scan found something the policy cannot pin on a ref (it never should)."""
+    from bottle_tasks.sidecars.gitgate import policy
+    monkeypatch.setattr(policy, "scan_push", lambda *args, **kwargs: {Place("the message", "commit", "f" * 40): ["x"]})
+    new = file_commit(repo, {"a.txt": "clean\n"})
+    decisions = evaluate_push(POLICY, [RefUpdate(ZERO, new, REF), RefUpdate(ZERO, new, "refs/heads/bottle/y")], repo,
+                              SecretScanner())
+    assert [d.reasons for d in decisions] == [("secret in the push: x",)] * 2
+
+
 def test_a_push_with_two_refs_scans_their_shared_commits_once_and_names_both(repo):
     key = fake_aws_key()
     leaky = file_commit(repo, {"k.txt": f"{key}\n"})

@@ -92,16 +92,25 @@ def evaluate_push(policy: PushPolicy, updates: Sequence[RefUpdate], repo_dir: Pa
         failure = f"secret scan unavailable ({exc}); try again later"
     except RuntimeError as exc:
         failure = f"secret scan failed ({exc})"
+    placed: set[Place] = set()
     for index, update in enumerate(updates):
         if failure:  # every ref's name was in the scan
             reasons[index].append(failure)
             continue
-        if Place("the ref name", "ref", update.ref) in findings:
-            reasons[index].append("the ref name looks like a secret")
-        if index in brought:
-            owned = {*brought[index].commits, *brought[index].tags}
-            reasons[index] += [f"secret in {place.describe()}: {', '.join(names)}"
-                               for place, names in findings.items() if place.kind != "ref" and place.owner in owned]
+        owned = {*brought[index].commits, *brought[index].tags} if index in brought else set()
+        for place, names in findings.items():
+            if place.kind == "ref" and place.owner == update.ref:
+                reason = "the ref name looks like a secret"
+            elif place.kind != "ref" and place.owner in owned:
+                reason = f"secret in {place.describe()}: {', '.join(names)}"
+            else:
+                continue
+            placed.add(place)
+            if reason not in reasons[index]:
+                reasons[index].append(reason)
+    for place in findings.keys() - placed:  # found, but in no ref's objects: never let it pass
+        for why in reasons:
+            why.append(f"secret in the push: {', '.join(findings[place])}")
     return [RefDecision(update, tuple(why)) for update, why in zip(updates, reasons)]
 
 

@@ -7,7 +7,7 @@ The places, for each new commit (``git cat-file``, ``git log``):
 - every header of the raw object, each its own place: author, committer, encoding, gpgsig,
   mergetag, any header git keeps and does not know (its name is never repeated in a reason);
 - the message as stored, and, when an encoding header is set, as git decodes it (a message stored
-  as UTF-16 reads as nonsense raw and as the secret decoded);
+  as UTF-7 reads "+AEEASwBJ..." raw and the secret decoded);
 - the lines its diff adds (a combined diff for merges), which holds symlink targets (a symlink's
   blob is its target) and gitlinks (``Subproject commit <id>``; their URLs are added lines of
   ``.gitmodules``);
@@ -35,8 +35,9 @@ Batching: the places of all commits of a push are written, separated by PLACE_SE
 pattern crosses), into windows of about SCAN_WINDOW_CHARS: one scanner call each, however many
 commits the push has. A place longer than a window is cut, each piece repeating the end of the one
 before (SCAN_OVERLAP_CHARS, more while a match may still be open). A window with a finding is split
-in halves, and the halves scanned again, until each finding has its place. Reasons name the place
-and the pattern, never the text.
+in halves, and the halves scanned again, until each finding has its place (at most
+MAX_ATTRIBUTION_CALLS more calls a push: past them a finding is named by the first place of its
+window). Reasons name the place and the pattern, never the text.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ LINE_PIECE_BYTES = 64 * 1024       # a longer line (or name) is read, and scanne
 RUN_CHUNK_BYTES = 64 * 1024        # the text of a place is decoded and joined this much at a time
 PLACE_SEPARATOR = "\n\n#\n\n"      # between places in one scanner call: no pattern matches across "#"
 MAX_RAW_ENTRY_BYTES = 1024 * 1024  # a `git log --raw` status record (modes and ids, one per parent)
+MAX_ATTRIBUTION_CALLS = 64         # scanner calls a push may spend on finding where its findings are
 SHORT_ID = 12
 NO_REPLACE = "--no-replace-objects"  # the scan reads what is pushed, never a replacement the mirror knows
 MOST_OVERSIZED = 5
@@ -94,7 +96,7 @@ class ScanBudget:
     limit: int = MAX_SCAN_BYTES
     spent: int = 0
     seconds: float = SCAN_TIMEOUT_S
-    deadline: float = field(default=0.0)
+    deadline: float = 0.0  # monotonic; from seconds when not given
 
     def __post_init__(self) -> None:
         self.deadline = self.deadline or time.monotonic() + self.seconds
@@ -145,6 +147,7 @@ class PushScan:
         self.findings: dict[Place, list[str]] = {}
         self._window: list[tuple[Place, str]] = []
         self._size = 0
+        self._attribution_calls = MAX_ATTRIBUTION_CALLS
 
     def add(self, place: Place, text: str) -> None:
         if self._window and self._size + len(text) > SCAN_WINDOW_CHARS:
@@ -163,14 +166,16 @@ class PushScan:
         if len(window) == 1:
             self._record(window[0][0], found)
             return
-        half = len(window) // 2
         explained = False
-        for part in (window[:half], window[half:]):
-            part_found = self.scanner.scan(_together(part))
-            if part_found:
-                explained = True
-                self._attribute(part, part_found)
-        if not explained:  # only the places together match (a scanner that reads past the separator)
+        if self._attribution_calls >= 2:
+            self._attribution_calls -= 2
+            half = len(window) // 2
+            for part in (window[:half], window[half:]):
+                part_found = self.scanner.scan(_together(part))
+                if part_found:
+                    explained = True
+                    self._attribute(part, part_found)
+        if not explained:  # out of calls, or only the places together match (a scanner reading past the separator)
             first = window[0][0]
             self._record(Place(first.what, first.kind, first.owner, "together with the places after it"), found)
 
@@ -215,8 +220,8 @@ class PlaceText:
         self.push.add(self.place, text)
         return text
 
-    def close(self, *, discard: bool = False) -> None:
-        if self._parts and not discard:
+    def close(self) -> None:
+        if self._parts:
             self._emit()
         self._parts, self._size, self._carry = [], 0, ""
 

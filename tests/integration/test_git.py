@@ -100,6 +100,11 @@ def test_push_to_an_allowed_branch_reaches_the_upstream(bottle_git):
     assert _wait_upstream_has(bottle_git, f"refs/heads/{branch}", sha), _audit(bottle_git)
 
 
+# A fresh fake AWS key in $K, made in the guest.
+_FAKE_KEY_SH = ("K=AKIA$(python3 -c 'import secrets,string; "
+                "print(\"\".join(secrets.choice(string.ascii_uppercase+\"234567\") for _ in range(16)))')")
+
+
 @pytest.mark.parametrize("case,script,reason", [
     ("protected branch", "git checkout -q main && git reset -q --hard origin/main && echo x >> README.md && git commit -qam 'to main' && git push origin main",
      "not allowed"),
@@ -110,6 +115,17 @@ def test_push_to_an_allowed_branch_reaches_the_upstream(bottle_git):
                            "'import secrets,string; print(\"\".join(secrets.choice(string.ascii_uppercase+\"234567\") for _ in range(16)))')\" "
                            "> leak.txt && git add leak.txt && git commit -qm leak && git push origin bottle/probe-git/leak",
      "secret"),
+    # git-gate scans every place of a push, not only what the diff adds (tests/unit/test_gitgate_scan.py)
+    ("secret in the author", f"{_FAKE_KEY_SH} && git checkout -q -B bottle/probe-git/author origin/main && "
+                             "git commit -q --allow-empty --author=\"Dev $K <dev@example.invalid>\" -m author && "
+                             "git push origin bottle/probe-git/author", "secret in the author of commit"),
+    ("secret as a rename target", f"{_FAKE_KEY_SH} && git checkout -q -B bottle/probe-git/rename origin/main && "
+                                  "git mv README.md \"$K.md\" && git commit -qm rename && "
+                                  "git push origin bottle/probe-git/rename", "secret in the file names of commit"),
+    ("secret cut across two lines", f"{_FAKE_KEY_SH} && git checkout -q -B bottle/probe-git/split origin/main && "
+                                    "printf '%s\\n%s\\n' \"${K%??????????}\" \"${K#??????????}\" > split.txt && "
+                                    "git add split.txt && git commit -qm split && git push origin bottle/probe-git/split",
+     "joined across line breaks"),
 ])
 def test_pushes_against_policy_are_rejected_with_a_reason(bottle_git, case, script, reason):
     before = _upstream_git(bottle_git, "for-each-ref")

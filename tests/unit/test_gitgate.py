@@ -32,8 +32,9 @@ from bottle_tasks.sidecars.gitgate.__main__ import main as gitgate_main
 from bottle_tasks.sidecars.gitgate.config import GitGateConfigError, parse_config
 from bottle_tasks.sidecars.gitgate.daemon import GUEST_REFRESH_INTERVAL_S, Gate, MissingTokenError
 from bottle_tasks.sidecars.gitgate.hooks import hook_pre_receive, read_spool
-from bottle_tasks.sidecars.gitgate import approval, policy
-from bottle_tasks.sidecars.gitgate.policy import RefUpdate, SecretScanner, evaluate_push
+from bottle_tasks.sidecars.gitgate import approval, scan
+from bottle_tasks.sidecars.gitgate.policy import RefUpdate, evaluate_push
+from bottle_tasks.sidecars.gitgate.scan import SecretScanner
 from bottle_tasks.sidecars.gitgate.smart_http import GitCgiServer, HttpLimits
 from bottle_tasks.sidecars.scrub import SecretScrubber
 from bottle_tasks.sidecars.supervise_store import Store
@@ -321,8 +322,9 @@ def test_commit_with_a_secret_is_rejected_without_showing_it(world):
     clean = commit_file(guest, "ok.txt", "fine\n", "clean commit")
     leaky = commit_file(guest, "config.ini", f"[aws]\naccess_key = {key}\n", "add config")
     result = git("push", "origin", "HEAD:refs/heads/bottle/test/secret", cwd=guest, check=False)
-    assert_rejected(world, result, "refs/heads/bottle/test/secret", f"secret in commit {leaky}: aws_access_key_id")
-    assert clean not in result.stderr  # only the commit that adds the secret is named
+    assert_rejected(world, result, "refs/heads/bottle/test/secret",
+                    f"secret in the added lines of commit {leaky[:12]}: aws_access_key_id")
+    assert clean[:12] not in result.stderr  # only the commit that adds the secret is named
     assert key not in result.stderr and key not in result.stdout
     assert rev(upstream_repo(world), "refs/heads/bottle/test/secret") is None
     records = wait_for(lambda: [r for r in audit_records(world) if r["event"] == "push" and not r["accepted"]
@@ -330,6 +332,34 @@ def test_commit_with_a_secret_is_rejected_without_showing_it(world):
     assert "aws_access_key_id" in records[0]["reason"]
     assert key not in (world["mirrors"] / "audit.jsonl").read_text()
     assert key not in world["stdout"].read_text()
+
+
+def test_keys_in_an_author_and_a_rename_target_are_rejected_through_the_gate_without_showing_them(world):
+    """The places beyond the diff (tests/unit/test_gitgate_scan.py has them all), pushed for real."""
+    guest = world["guests"]["app"]
+    in_author, in_name = fake_aws_key(), fake_aws_key()
+    new_branch(guest, "bottle/test/author")
+    git("commit", "--quiet", "--allow-empty", f"--author=Dev {in_author} <dev@example.invalid>", "-m", "empty",
+        cwd=guest)
+    author_commit = rev(guest, "HEAD")
+    result = git("push", "origin", "HEAD:refs/heads/bottle/test/author", cwd=guest, check=False)
+    assert_rejected(world, result, "refs/heads/bottle/test/author",
+                    f"secret in the author of commit {author_commit[:12]}: aws_access_key_id")
+    new_branch(guest, "bottle/test/rename")
+    git("mv", "README", f"{in_name}.md", cwd=guest)
+    git("commit", "--quiet", "-m", "a rename adds no line", cwd=guest)
+    rename_commit = rev(guest, "HEAD")
+    result = git("push", "origin", "HEAD:refs/heads/bottle/test/rename", cwd=guest, check=False)
+    assert_rejected(world, result, "refs/heads/bottle/test/rename",
+                    f"secret in the file names of commit {rename_commit[:12]}: aws_access_key_id")
+    wait_for(lambda: [r for r in audit_records(world) if r["event"] == "push" and not r["accepted"]
+                      and r["refs"][0]["ref"] == "refs/heads/bottle/test/rename"], timeout=15)
+    for text in (result.stderr, (world["mirrors"] / "audit.jsonl").read_text(), world["stdout"].read_text()):
+        assert in_author not in text and in_name not in text
+    new_branch(guest, "bottle/test/clean-rename")
+    git("mv", "README", "README.md", cwd=guest)
+    git("commit", "--quiet", "-m", "a clean rename", cwd=guest)
+    assert git("push", "origin", "HEAD:refs/heads/bottle/test/clean-rename", cwd=guest, check=False).returncode == 0
 
 
 def test_one_bad_ref_rejects_the_whole_push(world):
@@ -507,8 +537,8 @@ def test_policy_removing_a_secret_is_fine_adding_one_in_a_merge_is_not(plain_rep
     git("update-ref", "-d", "refs/heads/side", cwd=plain_repo)
     git("update-ref", "-d", "refs/heads/bottle/x", cwd=plain_repo)
     [decision] = decide(plain_repo, (removed, merge, "refs/heads/bottle/x"))
-    assert decision.reasons == (f"secret in commit {merge}: aws_access_key_id",)
-    assert side not in " ".join(decision.reasons)
+    assert decision.reasons == (f"secret in the added lines of commit {merge[:12]}: aws_access_key_id",)
+    assert side[:12] not in " ".join(decision.reasons)
 
 
 def test_policy_reasons_are_all_reported(plain_repo):
@@ -541,12 +571,22 @@ def test_pre_receive_hook_prints_one_line_per_reason_and_spools_an_event(plain_r
 
 
 def test_pipelock_verdicts_reject_and_its_absence_fails_closed(plain_repo):
+    """pipelock's own patterns reach places the floor does not know: here a token only pipelock flags, in
+    the author's name; the floor finds nothing, so the verdict is pipelock's."""
+    custom = "custom-" + "".join(random.choices(string.ascii_lowercase, k=20))
     git("branch", "-m", "bottle/p", cwd=plain_repo)
+    git("commit", "--quiet", "--allow-empty", f"--author=Dev {custom} <dev@example.invalid>", "-m", "empty",
+        cwd=plain_repo)
     head = rev(plain_repo, "HEAD")
     update = [RefUpdate(ZERO, head, "refs/heads/bottle/p")]
     git("update-ref", "-d", "refs/heads/bottle/p", cwd=plain_repo)
-    deny = FakePipelock(lambda _: (200, {"status": "completed", "decision": "deny", "findings": [
-        {"scanner": "dlp", "rule_id": "DLP-Custom Token", "severity": "high", "message": "m"}]}))
+
+    def verdict(request):
+        if custom not in request["input"]["text"]:
+            return 200, {"status": "completed", "decision": "allow", "findings": []}
+        return 200, {"status": "completed", "decision": "deny", "findings": [
+            {"scanner": "dlp", "rule_id": "DLP-Custom Token", "severity": "high", "message": "m"}]}
+    deny = FakePipelock(verdict)
     down = FakePipelock(lambda _: (503, {"status": "error", "errors": [{"code": "busy"}]}))
     try:
         [denied] = evaluate_push(POLICY, update, plain_repo,
@@ -556,8 +596,9 @@ def test_pipelock_verdicts_reject_and_its_absence_fails_closed(plain_repo):
     finally:
         deny.close()
         down.close()
-    assert denied.reasons == (f"secret in commit {head}: pipelock:DLP-Custom Token",)
-    assert deny.requests and "base" in deny.requests[0][0]["input"]["text"]
+    assert denied.reasons == (f"secret in the author of commit {head[:12]}: pipelock:DLP-Custom Token",)
+    assert "base" in deny.requests[0][0]["input"]["text"]  # the first call holds the whole push
+    assert len(deny.requests) < 16  # then halves, to find the place
     assert len(unavailable.reasons) == 1 and unavailable.reasons[0].startswith("secret scan unavailable")
 
 
@@ -964,7 +1005,7 @@ class RecordingScanner(SecretScanner):
         return super().scan(text)
 
 
-SCAN_BOUND = policy.SCAN_WINDOW_CHARS + policy.LINE_PIECE_BYTES + policy.SCAN_OVERLAP_CHARS
+SCAN_BOUND = scan.SCAN_WINDOW_CHARS  # what one scanner call is given, at most
 
 
 def _pushed_commit(repo: Path, branch: str, files: dict[str, str | int]) -> RefUpdate:
@@ -994,30 +1035,35 @@ def test_secret_deep_in_a_large_diff_is_caught_one_bounded_window_at_a_time(plai
         "big.txt": "".join(lines), "one-line.txt": "x" * 2_500_000 + fake_aws_key()})  # and one 2.5 MB line
     scanner = RecordingScanner()
     [decision] = evaluate_push(POLICY, [update], plain_repo, scanner)
-    assert decision.reasons == (f"secret in commit {update.new}: aws_access_key_id",)
+    assert decision.reasons == (f"secret in the added lines of commit {update.new[:12]}: aws_access_key_id",)
     assert 0 < scanner.largest <= SCAN_BOUND, scanner.largest
 
 
 def test_secret_split_across_a_scan_window_boundary_is_caught():
     key = fake_aws_key()
-    window = policy._Window(SecretScanner(), policy.ScanBudget())
-    window.feed("a " * ((policy.SCAN_WINDOW_CHARS - 10) // 2) + key[:10])  # fills the first window
-    window.feed(key[10:] + "\n")
-    assert window.finish() == ["aws_access_key_id"]
+    push = scan.PushScan(SecretScanner(), scan.ScanBudget())
+    place = scan.Place("the added lines", "commit", "c" * 40)
+    text = scan.PlaceText(push, place)
+    text.write("a " * ((scan.SCAN_WINDOW_CHARS - 10) // 2) + key[:10])  # fills the first window
+    assert push.findings == {}
+    text.write(key[10:] + "\n")
+    text.close()
+    push.flush()
+    assert push.findings == {place: ["aws_access_key_id"]}
 
 
 def test_object_too_big_to_scan_is_rejected_though_its_pack_is_tiny(plain_repo):
     """A 33 MiB file of zeros packs into a few KB; the old scan held all of `git log -p` in memory."""
-    update = _pushed_commit(plain_repo, "bottle/zeros", {"zeros.bin": policy.MAX_SCAN_OBJECT_BYTES + 1024 * 1024})
+    update = _pushed_commit(plain_repo, "bottle/zeros", {"zeros.bin": scan.MAX_SCAN_OBJECT_BYTES + 1024 * 1024})
     blob = rev(plain_repo, f"{update.new}:zeros.bin")
     scanner = RecordingScanner()
     [decision] = evaluate_push(POLICY, [update], plain_repo, scanner)
     assert decision.reasons == (f"blob {blob} (33 MiB, zeros.bin) is larger than the 32 MiB the secret scan reads; "
                                 "git-gate forwards nothing it has not scanned",)
-    assert scanner.largest == 0  # nothing of it was read
+    assert scanner.largest == len(update.ref)  # nothing of it was read: only the ref name
 
 
 def test_push_with_more_text_than_the_scan_budget_is_rejected(plain_repo):
     update = _pushed_commit(plain_repo, "bottle/budget", {"text.txt": "words " * 2000})
-    [decision] = evaluate_push(POLICY, [update], plain_repo, SecretScanner(), budget=policy.ScanBudget(limit=4096))
+    [decision] = evaluate_push(POLICY, [update], plain_repo, SecretScanner(), budget=scan.ScanBudget(limit=4096))
     assert len(decision.reasons) == 1 and "more than the secret scan reads in one push" in decision.reasons[0]

@@ -5,8 +5,8 @@
     python -m bottle_tasks.sidecars.gitgate post-receive --config ... --repo <name>
 
 Implements "git-gate" in docs/bundle-contract.md. The guest fetches and pushes over git smart HTTP
-(``smart_http``); a mirror's ``pre-receive`` hook applies the push policy and scans new commits for
-secrets (``policy``, ``hooks``), then, for a repo with ``push.approve``, holds the push in the supervise
+(``smart_http``); a mirror's ``pre-receive`` hook applies the push policy (``policy``, ``hooks``) and
+scans every place of the push for secrets (``scan``: headers, messages, added lines, new names, tags), then, for a repo with ``push.approve``, holds the push in the supervise
 queue until a human decides (``approval``); ``post-receive`` queues accepted updates, which the forwarder pushes to
 the upstream with the repo's identity, retrying with backoff (``forwarder``). Every push decision and
 forward attempt is one JSON line in ``audit_log`` and on stdout (``audit``). ``daemon`` keeps the

@@ -33,9 +33,8 @@ from bottle_tasks.sidecars.gitgate.config import (
 )
 from bottle_tasks.sidecars.gitgate.approval import Verdict, hold_push
 from bottle_tasks.sidecars.gitgate.git import is_ancestor
-from bottle_tasks.sidecars.gitgate.policy import (
-    RefDecision, SecretScanner, evaluate_push, parse_ref_updates, pipelock_scanner,
-)
+from bottle_tasks.sidecars.gitgate.policy import RefDecision, evaluate_push, parse_ref_updates, pipelock_scanner
+from bottle_tasks.sidecars.gitgate.scan import SecretScanner
 
 STATE_DIR = "git-gate"  # inside each <name>.git: hooks/, queue/, events/
 HOOKS = ("pre-receive", "post-receive")

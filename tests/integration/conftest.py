@@ -187,8 +187,10 @@ def bottle_env(tmp_path_factory) -> Env:
 
 
 def start_upstream(env: Env, plan: Plan, name: str, aliases: list[str] | None = None,
-                   container_env: dict[str, str] | None = None) -> str:
-    certs = env.root / "upstream-certs"
+                   container_env: dict[str, str] | None = None, certs: Path | None = None) -> str:
+    """The stand-in upstream on the plan's egress network, answering to aliases; its IP. certs: a
+    directory with server.pem and server-key.pem (default: the session's)."""
+    certs = certs or env.root / "upstream-certs"
     names = aliases or UPSTREAM_NAMES + ["sub.wild.test"]
     env_args = [arg for key in (container_env or {}) for arg in ("--env", key)]
     docker("rm", "-f", name, check=False)
@@ -203,6 +205,8 @@ def start_upstream(env: Env, plan: Plan, name: str, aliases: list[str] | None = 
         if '"ready"' in docker("logs", name).stdout:
             break
         time.sleep(0.1)
+    else:
+        raise AssertionError(f"the stand-in upstream {name} did not start")
     return docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name).stdout.strip()
 
 

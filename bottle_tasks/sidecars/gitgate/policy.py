@@ -75,15 +75,16 @@ def parse_ref_updates(text: str) -> list[RefUpdate]:
 class SecretScanner:
     """dlp's built-in patterns, then pipelock's scan API when configured. Returns pattern names only."""
 
-    def __init__(self, pipelock: pipelock_scan.PipelockScanner | None = None):
+    def __init__(self, pipelock: pipelock_scan.PipelockClient | None = None):
         self.pipelock = pipelock
 
     def scan(self, text: str) -> list[str]:
         """Pattern names found in text. Raises pipelock_scan.DlpUnavailable when pipelock cannot give a verdict."""
         found = dlp.matching_pattern_names(text)
         if not found and self.pipelock is not None and text.strip():
-            matches, _advisories = self.pipelock.scan(dlp.RequestParts("", (), text))
-            found = [match.pattern for match in matches]
+            # PipelockClient.scan, also when handed egress's PipelockScanner (whose scan keeps the old shape).
+            matches = pipelock_scan.PipelockClient.scan(self.pipelock, dlp.RequestParts("", (), text))
+            found = list(dict.fromkeys(match.pattern for match in matches))  # a rule matched twice is named once
         return found
 
 
@@ -371,7 +372,7 @@ def _mib(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MiB".replace(".0 MiB", " MiB")
 
 
-def pipelock_scanner(config: GateConfig, environ: Mapping[str, str], pipelock_config: Path) -> pipelock_scan.PipelockScanner | None:
+def pipelock_scanner(config: GateConfig, environ: Mapping[str, str], pipelock_config: Path) -> pipelock_scan.PipelockClient | None:
     if not config.pipelock_scan_url:
         return None
-    return pipelock_scan.PipelockScanner(config.pipelock_scan_url, pipelock_scan_token(environ, pipelock_config))
+    return pipelock_scan.PipelockClient(config.pipelock_scan_url, pipelock_scan_token(environ, pipelock_config))

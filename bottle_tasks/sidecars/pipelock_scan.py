@@ -16,8 +16,10 @@ which is not repeated, ``body``; ``request`` when only the URL and headers toget
 the matched text. A ``body`` finding of ``scan`` carries ``span``, the
 ``[start, end)`` of the match in characters of ``parts.body``, which egress can redact; ``span`` is
 None when the match could not be located (more matches than it locates, see MAX_LOCATE_CALLS), and
-the caller must then treat the body as a whole. ``scan_injection`` stops at the first chunk with a
-finding and gives no spans.
+the caller must then treat the body as a whole. ``scan_injection`` reads a JSON document as its
+decoded strings (pipelock misses "\\u" escapes and, inside a JSON string, every line start) and
+Unicode tag characters as the ASCII they hide; it stops at the first chunk with a finding and gives
+no spans.
 
 The wire, as v2.3.0 speaks it (internal/scanapi)::
 
@@ -70,6 +72,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import re
 import urllib.error
@@ -103,8 +106,10 @@ _SINGLE_CASE_RUN = re.compile(rf"[A-Z0-9]{{{KEPT_RUN_CHARS},}}|[a-z0-9]{{{KEPT_R
 _KEY_TOKENS = (re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{16,40}(?![A-Za-z0-9])"),
                re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{16,40}(?![A-Za-z0-9+/])"))
 _PRINTABLE = re.compile(rb"[\x20-\x7e\t\r\n]{%d,}" % DECODED_MIN_CHARS)
+_PRINTABLE_WORD = re.compile(rb"[\x21-\x7e]{8,}")  # the shortest a pipelock rule reads
 _WHOLE_DECODABLE = re.compile(r"[A-Za-z0-9+/=_\-:,\\ ]{10,}")
 _SEGMENT_BREAKS = frozenset("/=? &")
+_TAG_CHARACTERS = re.compile("[\U000E0020-\U000E007E]")  # Unicode tags that mirror printable ASCII
 _MAX_DECODE_DEPTH = 2           # base64 in base64 is still read; deeper is the floor's
 
 # TODO(issue 10): use dlp.is_documentation_example once the floor's change lands; this is its stand-in.
@@ -147,8 +152,9 @@ class PipelockClient:
         return list({(m.pattern, m.where, m.span): m for m in matches}.values())
 
     def scan_injection(self, text: str) -> list[DlpMatch]:
-        """Prompt injection in a response body or WebSocket message. Raises DlpUnavailable."""
-        for _, chunk in _chunks(text, self.chunk_chars):
+        """Prompt injection in a response body or WebSocket message, as a model would read it
+        (_readable). Raises DlpUnavailable."""
+        for _, chunk in _chunks(_readable(text), self.chunk_chars):
             rules = self._rules("prompt_injection", chunk)
             if rules:
                 return [DlpMatch(f"pipelock:{rule}", "body") for rule in rules]
@@ -357,6 +363,30 @@ def _prepare(text: str, body: bool) -> _Prepared:
     return _Prepared("".join(out), tuple(blobs))
 
 
+def _readable(text: str) -> str:
+    """text as a model reads it: a JSON document (an MCP result, package metadata) as its strings,
+    decoded and one per line, and Unicode tag characters, invisible, as the ASCII they smuggle."""
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            text = "\n".join(_json_strings(json.loads(text)))
+        except (ValueError, RecursionError):
+            pass  # not JSON after all: read as it is
+    return _TAG_CHARACTERS.sub(lambda tag: chr(ord(tag.group()) - 0xE0000), text)
+
+
+def _json_strings(document: object) -> Iterator[str]:
+    """Every string of a JSON document, keys too, in document order."""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            stack += [item for pair in reversed(value.items()) for item in reversed(pair)]
+        elif isinstance(value, list):
+            stack += reversed(value)
+
+
 def _filler(tag: str, length: int) -> str:
     # A short word and spaces: "KEY=" + filler cannot pass for a value of 8 characters or more.
     return (tag + " " * length)[:length]
@@ -370,18 +400,26 @@ def _b64decode(blob: str) -> bytes:
 
 
 def _decodes_only_whole(value: str) -> bool:
-    """Whether pipelock decodes value (hex, base64, base32) only as a whole text: it contains a
-    character that splits pipelock's segments, so within a longer text the decoding is lost."""
+    """Whether pipelock reads something in value only when it is the whole text: value decodes whole
+    (hex, base64 or base32, as Go's decoders take them) to a printable string, and holds a character
+    that splits pipelock's segments, so within a longer text that decoding is lost."""
     if not _WHOLE_DECODABLE.fullmatch(value) or not _SEGMENT_BREAKS.intersection(value):
         return False
+    return any(_PRINTABLE_WORD.search(decoded) for decoded in _whole_decodings(value))
+
+
+def _whole_decodings(value: str) -> Iterator[bytes]:
     hex_digits = re.sub(r"\\x|0x|[:\- ,]", "", value)
-    if hex_digits and len(hex_digits) % 2 == 0 and re.fullmatch(r"[0-9A-Fa-f]+", hex_digits):
-        return True
-    for alphabet in (r"[A-Za-z0-9+/]", r"[A-Za-z0-9_-]"):
-        body = value.rstrip("=")
-        if re.fullmatch(alphabet + "+", body) and (len(value) % 4 == 0 if body != value else len(body) % 4 != 1):
-            return True
-    return bool(re.fullmatch(r"[A-Z2-7]+=*", value)) and len(value) % 8 == 0
+    if re.fullmatch(r"(?:[0-9A-Fa-f]{2})+", hex_digits):
+        yield bytes.fromhex(hex_digits)
+    unpadded = value.rstrip("=")
+    if unpadded == value and len(value) % 4 == 1 or unpadded != value and len(value) % 4:
+        return  # neither padded nor unpadded base64, nor base32 (its length is a multiple of 8)
+    for alphabet, decode in (("[A-Za-z0-9+/]+", base64.b64decode), ("[A-Za-z0-9_-]+", base64.urlsafe_b64decode),
+                             ("[A-Z2-7]+", base64.b32decode)):
+        if re.fullmatch(alphabet, unpadded):
+            with contextlib.suppress(binascii.Error, ValueError):
+                yield decode(unpadded + "=" * (-len(unpadded) % (8 if decode is base64.b32decode else 4)))
 
 
 def _chunks(text: str, size: int) -> Iterator[tuple[int, str]]:

@@ -136,7 +136,6 @@ def task_pipelock_binary():
         "file_dep": fallback,
         # The target and this digest make an unchanged start pull nothing, also after a fallback.
         "uptodate": [config_changed({"image": s.pipelock_image, "fallback": fallback})],
-        "clean": True,
         "verbosity": 2,
     }
 

@@ -14,13 +14,20 @@ read it, and an upstream might.
 
 Scanning (``WindowScanner``) turns the decoded bytes into text incrementally and hands the scan
 function windows of ``SCAN_WINDOW`` characters, each repeating the last ``SCAN_OVERLAP``
-characters of the one before, so the decoded body is never held whole. A body up to
-``SCAN_WINDOW`` is one window, scanned exactly as before. A match no longer than the overlap is
-always inside some window. Two built-in patterns can match text of any length
-(``dlp.OPEN_PREFIXES``); when a window ends inside what could still become such a match, the
-next window starts where that match would begin, so it is still found whole. That carry is
-bounded only by the body itself (``max_body_bytes``), which is the worst case: a body built to
-keep a match open is scanned as one piece, as before this module.
+characters of the one before, so the decoded body is never held whole for the scan. A body up
+to ``SCAN_WINDOW`` is one window. A match no longer than the overlap is always inside some
+window, and so is an encoded secret (dlp decodes base64 and hex at every alignment, so a window
+that starts in the middle of a run still decodes it). Two built-in patterns can match text of
+any length (``dlp.OPEN_PREFIXES``), also inside a decoded view; when a window ends inside what
+could still become such a match, the next window starts where that match (or the encoded run
+that carries it) would begin, so it is still found whole. That carry is bounded only by the
+body itself (``max_body_bytes``), which is the worst case: a body built to keep a match open is
+scanned as one piece.
+
+Fields (``scan_body``): after the windows, a body with fields (JSON strings, form or multipart
+fields, by its Content-Type or sniffed) is also scanned with its fields joined end to end
+(``dlp.reassembled``), so a value split across two fields is seen whole. That needs the
+decoded text whole: bodies up to ``STRUCTURE_LIMIT`` characters; larger ones get the windows only.
 
 Stdlib only (zstd through mitmproxy's own dependency): this runs inside the bundle image.
 """
@@ -34,9 +41,9 @@ from typing import Callable, Generic, Iterator, TypeVar
 
 from bottle_tasks.sidecars import dlp
 
-# A window of 256 Ki characters costs a built-in pattern about 5 ms, which is how long one regex
-# call holds the GIL (and so the event loop). The overlap is far longer than any bounded match,
-# even triple percent-encoded (7 characters for each one).
+# A window of 256 Ki characters costs dlp.scan_text about 3 to 10 ms (rules and decoders), no
+# single call holding the GIL (and so the event loop) for more than about 1 ms. The overlap is
+# far longer than any bounded match, even triple percent-encoded (7 characters for each one).
 SCAN_WINDOW = 256 << 10   # characters per window
 SCAN_OVERLAP = 32 << 10   # characters a window repeats from the one before
 DECODE_STEP = 64 << 10    # bytes of output asked of one decompressor call
@@ -44,6 +51,7 @@ INPUT_STEP = 64 << 10     # bytes of compressed input fed to one decompressor ca
 RATIO_FLOOR = 1 << 20     # the ratio is only judged once this much has been decoded
 ZSTD_MAX_WINDOW = 16 << 20  # a zstd frame may ask for 128 MiB of window; 16 MiB covers every level but --long
 MAX_RATIO = 200           # decoded size / size sent; ordinary JSON and text compress 3 to 20 times
+STRUCTURE_LIMIT = 16 << 20  # decoded bytes of a body kept whole to reassemble its fields
 
 # Content-Encodings decoded_pieces reads, as they appear in a Content- or Accept-Encoding header.
 BOUNDED_ENCODINGS = ("identity", "none", "gzip", "x-gzip", "deflate", "zstd")
@@ -179,11 +187,26 @@ class WindowScanner(Generic[T]):
         return None
 
 
-def scan_body(raw: bytes, content_encoding: str, limit: int, scan: Callable[[str], T | None]) -> T | None:
-    """Decode raw within its bounds and scan it window by window; BodyRefused past the bounds."""
+def scan_body(raw: bytes, content_encoding: str, limit: int, scan: Callable[[str], T | None],
+              content_type: str | None = None) -> T | None:
+    """Decode raw within its bounds and scan it window by window, then (for a body with fields,
+    by content_type or sniffed when it is None or empty) its fields reassembled; BodyRefused past
+    the bounds."""
     scanner = WindowScanner(scan)
+    kept: list[bytes] | None = []  # the decoded body, for its fields; None past STRUCTURE_LIMIT
+    size = 0
     for piece in decoded_pieces(raw, content_encoding, limit):
         found = scanner.feed(piece)
         if found is not None:
             return found
-    return scanner.finish()
+        size += len(piece)
+        kept = kept if kept is not None and size <= STRUCTURE_LIMIT else None
+        if kept is not None:
+            kept.append(piece)
+    found = scanner.finish()
+    if found is not None or not kept:
+        return found
+    text = dlp.body_text(b"".join(kept))
+    fields = dlp.body_fields(text, content_type or dlp.sniff_content_type(text))
+    joined = dlp.reassembled(fields) if fields is not None else None
+    return scan(joined) if joined is not None else None

@@ -55,6 +55,7 @@ from __future__ import annotations
 import binascii
 import bisect
 import functools
+import itertools
 import json
 import re
 import urllib.parse
@@ -237,9 +238,24 @@ class _Root:
     def to_root(self, start: int, end: int) -> tuple[int, int]:
         return start, end
 
+    def repeats(self, start: int, end: int) -> bool:
+        """Whether [start, end) of the view is a copy of what its parent had (decoded there already)."""
+        return False
+
 
 @dataclass(frozen=True)
-class _Run:
+class _Seamed(_Root):
+    """The root of a JoinedText: what lies inside one field was decoded when the field was scanned
+    on its own, so only what crosses a seam is new."""
+    seams: tuple[int, ...]  # sorted
+
+    def repeats(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.seams, start)
+        return i == len(self.seams) or self.seams[i] >= end
+
+
+@dataclass(frozen=True)
+class _Run(_Root):
     """A view decoded from a run: any place in it maps to the whole run."""
     span: tuple[int, int]
 
@@ -248,7 +264,7 @@ class _Run:
 
 
 @dataclass(frozen=True)
-class _Unescaped:
+class _Unescaped(_Root):
     """A region of a parent view with its escapes decoded in place: positions map back exactly,
     a position inside a decoded escape to the whole escape."""
     parent: _View
@@ -273,21 +289,38 @@ class _Unescaped:
     def to_root(self, start: int, end: int) -> tuple[int, int]:
         return self.parent.origin.to_root(self._back_start(start), self._back_end(end))
 
-    def decodes_any(self, start: int, end: int) -> bool:
-        """Whether [start, end) touches a decoded escape (elsewhere this view repeats its parent)."""
+    def repeats(self, start: int, end: int) -> bool:
         i = bisect.bisect_right(self.out_starts, end - 1) - 1
-        return i >= 0 and self.out_ends[i] > start
+        return not (i >= 0 and self.out_ends[i] > start)  # touches no decoded escape
+
+
+@dataclass(frozen=True)
+class _Joined:
+    """Views joined by NUL (which no rule or decoder crosses) to be decoded in one pass."""
+    members: tuple[_View, ...]
+    starts: tuple[int, ...]
+
+    def _local(self, start: int, end: int) -> tuple[_View, int, int]:
+        i = bisect.bisect_right(self.starts, start) - 1
+        return self.members[i], start - self.starts[i], min(end - self.starts[i], len(self.members[i].text))
+
+    def to_root(self, start: int, end: int) -> tuple[int, int]:
+        member, local_start, local_end = self._local(start, end)
+        return member.origin.to_root(local_start, local_end)
+
+    def repeats(self, start: int, end: int) -> bool:
+        member, local_start, local_end = self._local(start, end)
+        return member.origin.repeats(local_start, local_end)
 
 
 @dataclass(frozen=True)
 class _View:
     text: str
-    origin: _Root | _Run | _Unescaped
+    origin: _Root | _Run | _Unescaped | _Joined
     depth: int = 0
 
     def repeats_parent(self, start: int, end: int) -> bool:
-        """True when [start, end) of this view is a copy of its parent (already decoded there)."""
-        return isinstance(self.origin, _Unescaped) and not self.origin.decodes_any(start, end)
+        return self.origin.repeats(start, end)
 
 
 class _Budget:
@@ -318,19 +351,20 @@ class Analysis:
 def analyse(text: str) -> Analysis:
     """text and its decoded views, breadth first, within the bounds of the module docstring."""
     budget = _Budget(len(text))
-    root = _View(str(text), _Root())
+    seams = getattr(text, "seams", None)
+    root = _View(str(text), _Seamed(tuple(sorted(seams))) if seams else _Root())
     stretches: list[tuple[int, int]] = []
-    views, layer = [root], [root]
-    for depth in range(1, MAX_DEPTH + 1):
-        following: list[_View] = []
-        for view in layer:
-            following.extend(_decode(view, depth, budget, stretches if view is root else None))
-            if budget.exhausted:
-                break
+    views = [root]
+    following = _decode(root, 1, budget, stretches)
+    for depth in range(2, MAX_DEPTH + 2):
         views.extend(following)
-        layer = following
-        if not layer or budget.exhausted:
+        if not following or budget.exhausted or depth > MAX_DEPTH:
             break
+        # One pass over the layer's views joined: many small views (JWT payloads, say) would each
+        # pay the decoders' fixed cost.
+        starts = tuple(_cumulative([0, *(len(view.text) + 1 for view in following[:-1])]))
+        layer = _View("\x00".join(view.text for view in following), _Joined(tuple(following), starts), depth - 1)
+        following = _decode(layer, depth, budget, None)
     return Analysis(tuple(views), budget.exhausted, budget.spent, tuple(stretches))
 
 
@@ -497,7 +531,7 @@ def _text_spans(data: bytes) -> Iterator[tuple[int, int, str]]:
     if b"pz" * MIN_TEXT in classes or b"zp" * MIN_TEXT in classes:
         for found in _UTF16_RUNS.finditer(classes):
             start, end = found.span()
-            yield (start, end, "utf-16-le") if classes[start] == 0x70 else (start + 1, end + 1, "utf-16-be")
+            yield start, end, "utf-16-le" if classes[start] == 0x70 else "utf-16-be"
 
 
 def _inflate(data: bytes, budget: _Budget) -> bytes | None:
@@ -522,33 +556,53 @@ def _decode_runs(view: _View, depth: int, budget: _Budget, stretches: list[tuple
     base64_runs: list[tuple[int, int, str]] = []
     hex_runs: list[tuple[int, int, str]] = []
     octets = text.encode("latin-1", "replace")  # one octet per character: positions stay
+    # The loops below run once per run (tens of thousands in a lockfile): kept lean.
+    repeats = None if type(view.origin) in (_Root, _Run) else view.repeats_parent
+    breaks = "\n" in text or "\r" in text
     for start, end in _alphabet_runs(octets.translate(_B64_CLASS), MIN_BASE64_RUN):
-        if view.repeats_parent(start, end):
+        if repeats is not None and repeats(start, end):
             continue
-        run = _without_breaks(text[start:end])
+        run = _without_breaks(text[start:end]) if breaks else text[start:end]
         if len(run) < MIN_BASE64_RUN or _HEX_ONLY.fullmatch(run):
             continue  # hex is base64 too, but base64 of a secret is never hex: the hex runs below do
-        padded_end = end + len(text[end:end + 2]) - len(text[end:end + 2].lstrip("="))
-        base64_runs.append((start, padded_end, run))  # padding is part of what carries it
+        padded = end + 2 if text.startswith("==", end) else end + 1 if text.startswith("=", end) else end
+        base64_runs.append((start, padded, run))  # the padding is part of what carries it
         if stretches is not None and end - start >= ELIDE_RUN and len(run) == end - start and not ("-" in run or "_" in run):
             stretches.append((start, end))
     # Hex runs on their own, so that hex pasted after other letters ("x414b...") still decodes.
     for start, end in _alphabet_runs(octets.translate(_HEX_RUN_CLASS), MIN_HEX_RUN):
-        run = _without_breaks(text[start:end])
-        if len(run) >= MIN_HEX_RUN and not view.repeats_parent(start, end):
+        run = _without_breaks(text[start:end]) if breaks else text[start:end]
+        if len(run) >= MIN_HEX_RUN and not (repeats is not None and repeats(start, end)):
             hex_runs.append((start, end, run))
-    hex_classes = octets.translate(_HEX_CLASS)
-    if b"s" in hex_classes and any(hint in hex_classes for hint in _SEPARATED_HEX_HINTS):
-        for found in _SEPARATED_HEX.finditer(text):
-            if not view.repeats_parent(*found.span()):
+    for start, end in _separated_hex_stretches(octets):
+        for found in _SEPARATED_HEX.finditer(text, start, end):
+            if not (repeats is not None and repeats(*found.span())):
                 hex_runs.append((*found.span(), _NOT_HEX.sub("", found.group())))
     views: list[_View] = []
     for alignment in range(4):
-        views += _decode_batch(view, depth, budget, base64_runs, alignment, 4, 3, _a2b_base64)
+        views += _decode_batch(view, depth, budget, base64_runs, alignment, _BASE64)
     for alignment in range(2):
-        views += _decode_batch(view, depth, budget, [r for r in hex_runs if len(r[2]) > alignment + 1],
-                               alignment, 2, 1, bytes.fromhex)
+        views += _decode_batch(view, depth, budget, hex_runs, alignment, _HEX)
     return views
+
+
+def _separated_hex_stretches(octets: bytes) -> Iterator[tuple[int, int]]:
+    """Stretches of hex digits, separators and x around each place where separated hex bytes
+    stand three in a row (the regex that reads them has no literal to skip ahead to)."""
+    classes = octets.translate(_HEX_CLASS)
+    if b"s" not in classes:
+        return
+    at = 0
+    while True:
+        hints = [found for found in (classes.find(hint, at) for hint in _SEPARATED_HEX_HINTS) if found >= 0]
+        if not hints:
+            return
+        hint = min(hints)
+        start = classes.rfind(b".", 0, hint) + 1
+        end = classes.find(b".", hint)
+        end = len(classes) if end < 0 else end
+        yield start, end
+        at = end
 
 
 def _a2b_base64(chunk: str) -> bytes:
@@ -558,17 +612,34 @@ def _a2b_base64(chunk: str) -> bytes:
     return binascii.a2b_base64(octets)
 
 
+class _Codec(NamedTuple):
+    group: int                        # characters per group
+    group_bytes: int                  # bytes a group decodes to
+    fill: tuple[str, ...]             # per length % group of a tail: what makes it whole ("" and a cut of one otherwise)
+    decode: Callable[[str], bytes]
+
+
+# A base64 tail of 2 or 3 characters is filled with "A": it decodes to its bytes and then NULs,
+# where "=" would end the whole decoder call (runs are decoded many to a call). A tail of 1
+# character (6 bits, no byte) is cut, as is an odd hex digit.
+_BASE64 = _Codec(4, 3, ("", "", "AA", "A"), lambda chunk: _a2b_base64(chunk))
+_HEX = _Codec(2, 1, ("", ""), bytes.fromhex)
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"\x78\x9c", b"\x78\xda", b"\x78\x01", b"\x78\x5e")  # gzip, zlib
+
+
 def _decode_batch(view: _View, depth: int, budget: _Budget, runs: list[tuple[int, int, str]], alignment: int,
-                  chars: int, nbytes: int, decode) -> list[_View]:
+                  codec: _Codec) -> list[_View]:
     """Views of the text in runs decoded from alignment on, all runs in one decoder call."""
-    if not runs:
+    group, fill = codec.group, codec.fill
+    # Inline, no call per run: a lockfile has tens of thousands of runs.
+    chunks = [run[alignment:len(run) - (tail == 1 or (group == 2 and tail))] + fill[tail]
+              for _, _, run in runs for tail in ((len(run) - alignment) % group,)]
+    if not chunks:
         return []
-    chunks = [_whole_groups(run[alignment:], chars) for _, _, run in runs]
-    sizes = [len(chunk) // chars * nbytes for chunk in chunks]
-    if not budget.take(sum(sizes)):
+    ends = [chars // group * codec.group_bytes for chars in itertools.accumulate(map(len, chunks))]
+    if not budget.take(ends[-1]):
         return []
-    data = decode("".join(chunks))
-    ends = list(_cumulative(sizes))
+    data = codec.decode("".join(chunks))
     views: list[_View] = []
 
     def add(piece: bytes, encoding: str, run_index: int) -> None:
@@ -582,21 +653,15 @@ def _decode_batch(view: _View, depth: int, budget: _Budget, runs: list[tuple[int
             if stop - start >= MIN_TEXT:
                 add(data[start:stop], encoding, first)
             start, first = stop, first + 1
-    for index, run_start in enumerate([0, *ends[:-1]]):
-        inflated = _inflate(data[run_start:ends[index]], budget) if data[run_start:run_start + 1] in (b"\x1f", b"\x78") else None
-        if inflated:
-            for start, end, encoding in _text_spans(inflated):
-                add(inflated[start:end], encoding, index)
+    for magic in _COMPRESSED_MAGIC:  # a gzip or zlib stream where a run's decoding starts
+        at = data.find(magic)
+        while at >= 0:
+            index = bisect.bisect_right(ends, at)
+            if at == (ends[index - 1] if index else 0) and (inflated := _inflate(data[at:ends[index]], budget)):
+                for start, end, encoding in _text_spans(inflated):
+                    add(inflated[start:end], encoding, index)
+            at = data.find(magic, at + 1)
     return views
-
-
-def _whole_groups(chunk: str, chars: int) -> str:
-    """chunk cut or filled to whole groups of chars. A base64 tail of 2 or 3 characters is filled
-    with "A": it decodes to its bytes and then NULs, where "=" would end the whole decoder call."""
-    extra = len(chunk) % chars
-    if chars == 4 and extra >= 2:
-        return chunk + "A" * (4 - extra)
-    return chunk[:len(chunk) - extra]
 
 
 def _cumulative(sizes: Iterable[int]) -> Iterator[int]:
@@ -680,11 +745,11 @@ def open_match_start(text: str) -> int:
     """The earliest index at which an OPEN_PREFIXES match, in text or a decoded view of it, runs
     to the end of text; len(text) if none (bodies.WindowScanner carries text from there)."""
     earliest = len(text)
-    for view in analyse(text).views:
-        start_at_end = view.origin.to_root(len(view.text), len(view.text))
-        if start_at_end[1] != len(text):
+    views = analyse(text).views
+    for view in views:
+        if view.origin.to_root(len(view.text), len(view.text))[1] != len(text):
             continue  # the view ends before the text does: a match in it is complete
-        tail = view.text if isinstance(view.origin, _Root) else _PARTIAL_ESCAPE.sub("", view.text)
+        tail = view.text if view is views[0] else _PARTIAL_ESCAPE.sub("", view.text)
         folded = _fold(tail)
         for prefix in _FOLDED_OPEN_PREFIXES:
             if found := prefix.search(folded):
@@ -710,8 +775,7 @@ MULTIPART_MEDIA = "multipart/form-data"
 MAX_JSON_CHARS = 32 << 20  # redact_body parses JSON up to this size
 FIELD_EDGE = 512           # characters of each end of a long field kept when fields are joined
 
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_JSON_COLON = re.compile(r"\s*:\s*")
+_JSON_TOKEN = re.compile(r'"([^"\\]*(?:\\.[^"\\]*)*)"(\s*:\s*)?', re.DOTALL)  # a string, and the colon if a key
 
 
 def media_type(content_type: str) -> str:
@@ -723,13 +787,12 @@ def is_json(content_type: str) -> bool:
     return media in JSON_MEDIA or media.endswith("+json")
 
 
-def sniff_content_type(head: str) -> str:
+def sniff_content_type(text: str) -> str:
     """A content type for a body whose sender named none (or egress was not told): JSON when it
     opens like JSON, a form when it reads like one, else ""."""
-    start = head.lstrip()[:1]
-    if start in ("{", "["):
+    if re.match(r"\s*[\[{]", text):
         return "application/json"
-    if re.match(r"[A-Za-z0-9_.~%+*-]+=[^\s]*(?:&|\Z)", head[:4096]):
+    if re.match(r"[A-Za-z0-9_.~%+*-]+=[^\s]*(?:&|\Z)", text[:4096]):
         return FORM_MEDIA
     return ""
 
@@ -749,31 +812,33 @@ def body_fields(text: str, content_type: str) -> Iterator[Field] | None:
     return None
 
 
-def _json_string_value(token: str) -> str:
-    if "\\" not in token:
-        return token[1:-1]
+def _json_string_value(inner: str) -> str:
+    """A JSON string's value from what stands between its quotes."""
+    if "\\" not in inner:
+        return inner
     try:
-        return json.loads(token)
+        return json.loads(f'"{inner}"')
     except ValueError:  # not valid JSON: read its escapes as JavaScript would
-        return _ESCAPE_STAGES[1].run.sub(lambda found: _decode_escapes(found.group()), token[1:-1])
+        return _ESCAPE_STAGES[1].run.sub(lambda found: _decode_escapes(found.group()), inner)
 
 
 def _json_fields(text: str) -> Iterator[Field]:
-    tokens = _JSON_STRING.finditer(text)
-    current = next(tokens, None)
-    key = ""
-    while current is not None:
-        following = next(tokens, None)
-        colon = _JSON_COLON.match(text, current.end())
-        value = _json_string_value(current.group())
-        if colon is None:
-            yield Field(value, current.span(), "value", key=key)
-            key = ""
+    key_token: re.Match[str] | None = None  # a key, until the token after it tells whether it is its value
+    key_value = ""
+    for token in _JSON_TOKEN.finditer(text):
+        value = _json_string_value(token.group(1))
+        key = ""
+        if key_token is not None:
+            pairs = token.start() == key_token.end()
+            yield Field(key_value, (key_token.start(), key_token.end(1) + 1), "key", ": " if pairs else "\x00")
+            key = key_value if pairs else ""
+            key_token = None
+        if token.group(2) is None:
+            yield Field(value, (token.start(), token.end(1) + 1), "value", "\x00", key)
         else:
-            pairs = following is not None and following.start() == colon.end()
-            yield Field(value, current.span(), "key", ": " if pairs else "\x00")
-            key = value if pairs else ""
-        current = following
+            key_token, key_value = token, value
+    if key_token is not None:
+        yield Field(key_value, (key_token.start(), key_token.end(1) + 1), "key")
 
 
 def _form_fields(text: str, start: int, end: int) -> Iterator[Field]:
@@ -1032,12 +1097,16 @@ def redact_body(text: str, content_type: str) -> Redaction:
     fields = list(_json_fields(text))
     each, starts = _each_text(fields)
     cuts: dict[int, list[tuple[str, tuple[int, int]]]] = {}
+    uncut: list[DlpMatch] = []
     for name, span in _hits(each, first_only=False):
-        if span is None:
-            continue
-        index = bisect.bisect_right(starts, span[0]) - 1
-        if span[1] <= starts[index] + len(fields[index].text):
+        index = bisect.bisect_right(starts, span[0]) - 1 if span is not None else -1
+        if index >= 0 and span[1] <= starts[index] + len(fields[index].text):
             cuts.setdefault(index, []).append((name, (span[0] - starts[index], span[1] - starts[index])))
+        else:
+            uncut.append(DlpMatch(name, "body"))
+    if not cuts:  # nothing to cut: what is left is what only the fields joined show
+        joined = reassembled(fields)
+        return Redaction(text, [], _one_per_pattern(uncut + (scan_text(joined, "body") if joined is not None else [])))
     pieces, at, redacted = [], 0, []
     for index in sorted(cuts):
         item = fields[index]
@@ -1060,8 +1129,8 @@ def _parses_as_json(text: str) -> bool:
 
 # -- hostnames ----------------------------------------------------------------------------------
 
-HOST_MAX_LABELS = 4        # labels left of a wildcard route's suffix
-HOST_MAX_CHARS = 80        # characters left of the suffix, dots included
+HOST_MAX_LABELS = 5        # labels left of a wildcard route's suffix
+HOST_MAX_CHARS = 100       # characters left of the suffix, dots included
 HOST_MIXED_CHARS = 20      # letters-and-digits tokens (a1b2c3) in all, in characters
 HOST_HEX_RUN = 20          # hex characters in a row (dots and dashes dropped) that mix digits and letters
 HOST_CONSONANT_RUN = 12    # a letters-only token this long ...

@@ -139,7 +139,7 @@ class Egress:
         secrets: Mapping[str, str],
         *,
         emit: Emit | None = None,
-        pipelock: pipelock_scan.PipelockScanner | None = None,
+        pipelock: pipelock_scan.PipelockClient | None = None,
         resolve: Resolver = resolve_host,
         dial_directly: bool | None = None,
     ):
@@ -720,7 +720,7 @@ async def run_proxy(config: RoutesConfig, secrets: Mapping[str, str], confdir: P
         next_layer.NextLayer(), tlsconfig.TlsConfig(), errorcheck.ErrorCheck(),
     )
     master.options.update(**mitmproxy_options(config, confdir, upstream_ca))
-    pipelock = pipelock_scan.PipelockScanner(config.pipelock_scan_url, pipelock_token) if config.pipelock_scan_url else None
+    pipelock = pipelock_scan.PipelockClient(config.pipelock_scan_url, pipelock_token) if config.pipelock_scan_url else None
     addon = Egress(config, secrets, pipelock=pipelock)
     master.addons.add(addon)  # last, so tls_start_client runs after mitmproxy's TlsConfig
     install_body_limit(addon.body_limit_response)

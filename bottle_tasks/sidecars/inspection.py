@@ -31,7 +31,7 @@ from typing import Callable
 
 from bottle_tasks.contract import Route
 from bottle_tasks.sidecars import bodies, dlp
-from bottle_tasks.sidecars.pipelock_scan import DlpUnavailable, PipelockScanner
+from bottle_tasks.sidecars.pipelock_scan import DlpUnavailable, PipelockClient
 
 # Response bodies are scanned for prompt injection up to this many decoded bytes; a larger textual
 # response is refused on a route whose responses action is block (it could hide anything).
@@ -89,7 +89,7 @@ class OutgoingRequest:
 class Inspector:
     """DLP and injection scans for egress; ``pipelock`` None means the floor alone."""
 
-    def __init__(self, pipelock: PipelockScanner | None):
+    def __init__(self, pipelock: PipelockClient | None):
         self.pipelock = pipelock
 
     # -- requests -----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """image_build:<agent> and bundle_build: one `docker build --iidfile` each. The digest file is the
-target later tasks depend on; an uptodate probe rebuilds an image removed by hand."""
+target later tasks depend on; an uptodate probe rebuilds an image removed by hand. pipelock_binary
+takes pipelock out of its official image for the bundle build (settings.pipelock_source)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,10 +12,22 @@ from doit.tools import config_changed
 
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import ImagePlan, Plan
-from bottle_tasks.settings import PACKAGE_DIR, Settings
+from bottle_tasks.settings import PACKAGE_DIR, PIPELOCK_IN_IMAGE, Settings, pipelock_binary_choice, pipelock_problem
 from bottle_tasks.tasks.common import action, current_run, files_under, plans, probe, purge_requested, settings
 
-__all__ = ["task_image_build", "task_bundle_build"]
+__all__ = ["task_image_build", "task_bundle_build", "task_pipelock_binary"]
+
+PULL_TIMEOUT_SECONDS = 300
+
+
+def pulled_pipelock(s: Settings) -> Path:
+    """Where pipelock_binary puts the binary the bundle image gets when an image is configured."""
+    return s.cache_dir / "images" / "pipelock" / "pipelock"
+
+
+def bundle_pipelock(s: Settings) -> Path | None:
+    """The binary staged into the bundle image as bin/pipelock, None for none."""
+    return pulled_pipelock(s) if s.pipelock_image else s.pipelock_bin
 
 
 def _extra_files(image: ImagePlan, s: Settings) -> dict[str, Path | None]:
@@ -23,7 +37,7 @@ def _extra_files(image: ImagePlan, s: Settings) -> dict[str, Path | None]:
         extras["bottle_tasks/__init__.py"] = PACKAGE_DIR / "__init__.py"
         extras["bottle_tasks/contract.py"] = PACKAGE_DIR / "contract.py"
         extras["bottle_tasks/sidecars"] = PACKAGE_DIR / "sidecars"
-        extras["bin/pipelock"] = s.pipelock_bin
+        extras["bin/pipelock"] = bundle_pipelock(s)
     return extras
 
 
@@ -102,12 +116,65 @@ def task_bundle_build():
     s = settings()
     for plan in plans():
         # One shared image; the first plan describes it.
-        return {"doc": f"Build the bundle image {plan.bundle_image.tag}.", **image_task(plan.bundle_image, s)}
+        task = image_task(plan.bundle_image, s)
+        if s.pipelock_image:  # pipelock_binary's target, which need not exist yet: doit runs that task first
+            task["file_dep"] = sorted({*task["file_dep"], str(pulled_pipelock(s))})
+        return {"doc": f"Build the bundle image {plan.bundle_image.tag}.", **task}
     return {"actions": None, "doc": "Build the bundle image (needs at least one agent file)."}
 
 
+def task_pipelock_binary():
+    """Take pipelock from its image (BOTTLE_PIPELOCK_IMAGE), or the local binary where it cannot be pulled."""
+    s = settings()
+    if not s.pipelock_image:
+        return {"actions": None, "doc": "Take pipelock from its image (none is configured: BOTTLE_PIPELOCK_IMAGE)."}
+    fallback = [str(s.pipelock_bin)] if s.pipelock_bin is not None and s.pipelock_bin.is_file() else []
+    return {
+        "doc": f"Take pipelock from {s.pipelock_image} for the bundle build.",
+        "actions": [(action(fetch_pipelock), [s])],
+        "targets": [str(pulled_pipelock(s))],
+        "file_dep": fallback,
+        # The target and this digest make an unchanged start pull nothing, also after a fallback.
+        "uptodate": [config_changed({"image": s.pipelock_image, "fallback": fallback})],
+        "verbosity": 2,
+    }
+
+
+def fetch_pipelock(s: Settings) -> None:
+    """pipelock_binary's action: /pipelock from s.pipelock_image (pulled only when absent), else the
+    local fallback (pipelock_binary_choice), copied to pulled_pipelock(s)."""
+    target = pulled_pipelock(s)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        _copy_from_image(s.pipelock_image, tmp)
+        pulled, error = tmp, ""
+    except BottleError as exc:
+        pulled, error = None, str(exc).splitlines()[-1].strip()
+    chosen = pipelock_binary_choice(s, pulled, error)
+    if pulled is None:
+        print(f"pipelock: {s.pipelock_image} could not be used ({error}); using the local binary {chosen}")
+        shutil.copy2(chosen, tmp)
+    os.chmod(tmp, 0o755)
+    tmp.replace(target)
+
+
+def _copy_from_image(ref: str, dest: Path) -> None:
+    docker = current_run().docker
+    if docker.image_id(ref) is None:
+        print(f"pulling {ref} (pipelock for the bundle image)")
+        docker("pull", ref, timeout=PULL_TIMEOUT_SECONDS)
+    pinned = docker.query("image", "inspect", "--format", "{{join .RepoDigests \" \"}}", ref, check=False).stdout.strip()
+    name = f"claude-bottle-pipelock-{os.getpid()}"
+    docker("create", "--name", name, ref)   # a scratch image: created, never started
+    try:
+        docker("cp", f"{name}:{PIPELOCK_IN_IMAGE}", str(dest))
+    finally:
+        docker("rm", "-f", name, check=False)
+    print(f"pipelock taken from {ref}" + (f" ({pinned}; pin it with BOTTLE_PIPELOCK_IMAGE)" if pinned else ""))
+
+
 def pipelock_ok(plan: Plan, s: Settings) -> None:
-    if s.pipelock_required and not plan.pipelock_enabled:
-        raise BottleError(
-            "pipelock was not found (set BOTTLE_PIPELOCK_BIN, put it on PATH, or install it; see README). "
-            "To run without it (no pipelock allowlist floor, scan API or response scanning) set BOTTLE_PIPELOCK=off.")
+    problem = pipelock_problem(s)
+    if problem:
+        raise BottleError(problem)

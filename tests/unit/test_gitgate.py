@@ -590,9 +590,9 @@ def test_pipelock_verdicts_reject_and_its_absence_fails_closed(plain_repo):
     down = FakePipelock(lambda _: (503, {"status": "error", "errors": [{"code": "busy"}]}))
     try:
         [denied] = evaluate_push(POLICY, update, plain_repo,
-                                         SecretScanner(pipelock_scan.PipelockScanner(deny.url, "t")))
+                                         SecretScanner(pipelock_scan.PipelockClient(deny.url, "t")))
         [unavailable] = evaluate_push(POLICY, update, plain_repo,
-                                              SecretScanner(pipelock_scan.PipelockScanner(down.url, "t")))
+                                              SecretScanner(pipelock_scan.PipelockClient(down.url, "t")))
     finally:
         deny.close()
         down.close()

@@ -444,7 +444,7 @@ def test_pipelock_sees_the_new_places_in_one_request_per_window(repo):
     new = commit(repo, tree(repo, ("040000", empty, f"dir-{key}")), parents=(parent,),
                  author=f"Dev <{key}@example.invalid> 1 +0000", headers=f"x-meta {key}-header\n")
     try:
-        assert reasons(repo, new, scanner=SecretScanner(pipelock_scan.PipelockScanner(allow.url, "t"))) == ()
+        assert reasons(repo, new, scanner=SecretScanner(pipelock_scan.PipelockClient(allow.url, "t"))) == ()
     finally:
         allow.close()
     [(request, _auth)] = allow.requests

@@ -1,11 +1,8 @@
 """Templates render configs the daemons accept: routes.yaml through egress's own loader, pipelock.yaml
 through the real `pipelock check` when the binary is available, the guest fence as iptables input."""
 
-import os
-import shutil
 import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,8 +10,10 @@ import yaml
 from bottle_tasks.plan import make_plan
 from bottle_tasks.render import render, write_atomic
 from bottle_tasks.settings import ROOT, Settings
+from bottle_tasks.sidecars import pipelock_scan
 from bottle_tasks.sidecars.routes import load_routes
 from bottle_tasks.spec import load_spec
+from tests.unit.test_pipelock_real import PIPELOCK
 
 
 def _plan(tmp_path, pipelock="/usr/bin/pipelock-test"):
@@ -60,14 +59,47 @@ def test_pipelock_yaml_allowlists_exactly_the_routes(tmp_path):
     assert data["forward_proxy"]["enabled"] is True
     assert data["scan_api"]["auth"]["bearer_tokens"] == ["t0k"]
     assert data["fetch_proxy"]["listen"].startswith("127.0.0.1:")
+    assert "blocklist" not in data["fetch_proxy"]["monitoring"]
+    # An exact route's labels are the agent file's, not the agent's: only wildcard routes keep the entropy check.
+    assert data["fetch_proxy"]["monitoring"]["subdomain_entropy_exclusions"] == [r.host for r in plan.routes]
 
 
-PIPELOCK = os.environ.get("BOTTLE_PIPELOCK_BIN") or shutil.which("pipelock") or next((str(p) for p in [Path.home() / "go/bin/pipelock"] if p.exists()), None)
+def test_pipelock_yaml_for_an_offline_bottle_allows_one_name_that_it_also_blocks(tmp_path):
+    plan = replace(_plan(tmp_path), routes=())
+    data = yaml.safe_load(render("pipelock.yaml.j2", plan, scan_token="t0k"))
+    (only,) = data["api_allowlist"]  # strict mode refuses an empty allowlist
+    assert only.endswith(".invalid")
+    assert data["fetch_proxy"]["monitoring"]["blocklist"] == ["*.invalid"]
+    assert "trusted_domains" not in data and "subdomain_entropy_exclusions" not in data["fetch_proxy"]["monitoring"]
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s")
+    return float(duration[:-1])
+
+
+def test_pipelock_yaml_sets_the_limits_that_would_stall_a_bottle(tmp_path):
+    data = yaml.safe_load(render("pipelock.yaml.j2", _plan(tmp_path), scan_token="t0k"))
+    timeouts = data["scan_api"]["timeouts"]
+    # The write timeout covers the scan: below it, a long scan's connection closed with no answer.
+    assert _seconds(timeouts["write"]) > _seconds(timeouts["scan"]) and _seconds(timeouts["read"]) >= 2
+    assert pipelock_scan.TIMEOUT_SECONDS > _seconds(timeouts["write"])  # the client hears pipelock's own answer
+    monitoring = data["fetch_proxy"]["monitoring"]
+    assert monitoring["max_requests_per_minute"] >= 10_000  # 0 would be pipelock's 60, per domain
+    assert monitoring["max_data_per_minute"] == 0 and monitoring["max_url_length"] > 2048
+    assert data["scan_api"]["rate_limit"]["requests_per_minute"] >= 60_000
+    assert data["scan_api"]["rate_limit"]["burst"] >= 1000
+    assert data["forward_proxy"]["max_tunnel_seconds"] >= 3600
+    assert data["session_profiling"]["enabled"] is False and data["adaptive_enforcement"]["enabled"] is False
+    assert data["scan_api"]["kinds"] == {"url": False, "dlp": True, "prompt_injection": True, "tool_call": False}
 
 
 @pytest.mark.skipif(PIPELOCK is None, reason="no pipelock binary on this machine (the Go module proxy refuses it here)")
-def test_real_pipelock_accepts_the_rendered_config(tmp_path):
+@pytest.mark.parametrize("routes", ["example", "none"])
+def test_real_pipelock_accepts_the_rendered_config(tmp_path, routes):
     plan = _plan(tmp_path, PIPELOCK)
+    if routes == "none":
+        plan = replace(plan, routes=())
     config = tmp_path / "pipelock.yaml"
     write_atomic(config, render("pipelock.yaml.j2", plan, scan_token="t0k"), mode=0o600)
     proc = subprocess.run([PIPELOCK, "check", "--config", str(config)], capture_output=True, text=True)

@@ -150,7 +150,7 @@ def _union(lists: Iterable[Sequence[str]]) -> list[str]:
     return list(dict.fromkeys(oid for oids in lists for oid in oids))
 
 
-def pipelock_scanner(config: GateConfig, environ: Mapping[str, str], pipelock_config: Path) -> pipelock_scan.PipelockScanner | None:
+def pipelock_scanner(config: GateConfig, environ: Mapping[str, str], pipelock_config: Path) -> pipelock_scan.PipelockClient | None:
     if not config.pipelock_scan_url:
         return None
-    return pipelock_scan.PipelockScanner(config.pipelock_scan_url, pipelock_scan_token(environ, pipelock_config))
+    return pipelock_scan.PipelockClient(config.pipelock_scan_url, pipelock_scan_token(environ, pipelock_config))

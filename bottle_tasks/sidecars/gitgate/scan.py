@@ -73,15 +73,15 @@ MOST_OVERSIZED = 5
 class SecretScanner:
     """dlp's built-in patterns, then pipelock's scan API when configured. Returns pattern names only."""
 
-    def __init__(self, pipelock: pipelock_scan.PipelockScanner | None = None):
+    def __init__(self, pipelock: pipelock_scan.PipelockClient | None = None):
         self.pipelock = pipelock
 
     def scan(self, text: str) -> list[str]:
         """Pattern names found in text. Raises pipelock_scan.DlpUnavailable when pipelock cannot give a verdict."""
         found = dlp.matching_pattern_names(text)
         if not found and self.pipelock is not None and text.strip():
-            matches, _advisories = self.pipelock.scan(dlp.RequestParts("", (), text))
-            found = [match.pattern for match in matches]
+            matches = self.pipelock.scan(dlp.RequestParts("", (), text))
+            found = list(dict.fromkeys(match.pattern for match in matches))  # a rule matched twice is named once
         return found
 
 

@@ -51,8 +51,9 @@ conversation, so one false positive blocks every later turn):
 - pipelock matches "AWS Access ID" case-insensitively, in its immutable core: random base64 holds
   such a string about once in 70,000 characters, so a screenshot in a Messages API body was blocked.
   A run of standard base64 of BLOB_MIN_CHARS or more (an image, an archive) is therefore not sent as
-  text. pipelock gets, in its place, what it could hold of a key (its single-case runs of
-  KEPT_RUN_CHARS or more, where an upper- or lower-cased key would sit) and, as a separate input,
+  text. pipelock gets, in its place, what it could hold of a key (its first KEPT_HEAD_CHARS, where a
+  key written just before the data runs into it, and its single-case runs of KEPT_RUN_CHARS or
+  more, where an upper- or lower-cased key would sit) and, as a separate input,
   the printable strings of its decoded bytes (a base64-encoded file is still read). A key written in
   mixed case inside such a run is not caught: random base64 looks exactly like it. The floor
   still reads the raw text.
@@ -94,6 +95,7 @@ TIMEOUT_SECONDS = 20.0
 SEPARATOR = " ; "
 BLOB_MIN_CHARS = 256         # a standard-base64 run this long is data, not a token
 KEPT_RUN_CHARS = 20          # an AWS key id is 20 characters
+KEPT_HEAD_CHARS = 64         # where a blob starts, a key may run into it ("SecretAccessKey = <40 chars><data>")
 DECODED_MIN_CHARS = 16       # printable strings shorter than this in decoded data are noise
 LOCATE_LEAF_CHARS = 1024     # below this, a match is narrowed by bisection directly
 MAX_SPANS = 16               # spans located per rule and chunk; more and the rest stays unlocated
@@ -296,7 +298,7 @@ class PipelockClient:
         return list(dict.fromkeys(rules)) or ["deny"]  # a deny without a reason still blocks
 
     def _post(self, payload: dict) -> object:
-        # "replace": a lone surrogate becomes "?", one character for one, so positions hold.
+        # "replace": a lone surrogate (a header decoded with surrogateescape) cannot be UTF-8; it goes as "?".
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.bearer_token:
@@ -348,7 +350,7 @@ def _prepare(text: str, body: bool) -> _Prepared:
         blob = run.group()
         if "+" not in blob and "/" not in blob:
             continue  # letters and digits only: a long identifier, not base64 data
-        kept = [" "] * len(blob)
+        kept = list(blob[:KEPT_HEAD_CHARS]) + [" "] * (len(blob) - KEPT_HEAD_CHARS)
         for piece in _SINGLE_CASE_RUN.finditer(blob):
             kept[piece.start():piece.end()] = piece.group()
         edits.append((run.start(), run.end(), "".join(kept)))

@@ -340,6 +340,15 @@ def test_secrets_in_and_under_a_base64_image_are_still_found(pipelock):
 
 
 @requires_pipelock
+def test_a_key_written_just_before_base64_data_is_still_found(pipelock):
+    secret = rand(string.ascii_letters + string.digits + "+/", 40)
+    body = f"SecretAccessKey = {secret}{base64.b64encode(os.urandom(3000)).decode()}"
+    assert "DLP-AWS Secret Key" in pipelock.raw_rules(body)
+    (match,) = [m for m in pipelock.client().scan(dlp.RequestParts("", (), body)) if m.pattern == "pipelock:DLP-AWS Secret Key"]
+    assert match.span[0] <= body.index(secret) < match.span[1]
+
+
+@requires_pipelock
 def test_the_bottles_placeholders_do_not_trip_the_env_rule(pipelock):
     text = "ANTHROPIC_API_KEY=bottle-placeholder-ANTHROPIC_API_KEY\nGITHUB_TOKEN=bottle-placeholder-GITHUB_TOKEN\n"
     assert "DLP-Environment Variable Secret" in pipelock.raw_rules(text)

@@ -151,6 +151,7 @@ def test_base64_blobs_are_sent_decoded_not_as_text(pipelock_server):
     body_sent = texts(server)[0]
     assert image[:100] not in body_sent and len(body_sent) == len(body)
     assert upper in body_sent  # a single-case run, where an upper- or lower-cased key would be, stays
+    assert image[:pipelock_scan.KEPT_HEAD_CHARS] in body_sent  # and its head, where a key may run into the data
     start = body.index(encoded_file)
     assert matches == [dlp.DlpMatch("pipelock:DLP-Marker", "body", (start, start + len(encoded_file)))]
     assert any(MARK in t and "DB_KEY" in t for t in texts(server)[1:])  # the decoded file went as its own input

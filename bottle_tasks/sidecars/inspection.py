@@ -34,8 +34,9 @@ from bottle_tasks.sidecars import bodies, dlp
 from bottle_tasks.sidecars.pipelock_scan import DlpUnavailable, PipelockClient
 
 # Response bodies are scanned for prompt injection up to this many decoded bytes; a larger textual
-# response is refused on a route whose responses action is block (it could hide anything).
-RESPONSE_SCAN_LIMIT = 8 << 20
+# response is refused on a route whose responses action is block (it could hide anything). pipelock
+# spends 8 to 16 s of CPU per million characters here (docs/bundle-contract.md, "pipelock").
+RESPONSE_SCAN_LIMIT = 2 << 20
 # A server-sent event is scanned once complete; one that grows past this is scanned as it stands.
 SSE_EVENT_LIMIT = 64 << 10
 # Content types never scanned for injection: media and archives, whose text would only be noise.
@@ -122,12 +123,12 @@ class Inspector:
             matches = dlp.scan_text(text, "body")
             if not matches and self.pipelock is not None:
                 parts = unsent.pop() if unsent else dlp.RequestParts(url="", headers=(), body="")
-                matches = self.pipelock.scan(replace(parts, body=text))
+                matches = self.pipelock.scan(replace(parts, body=text), locate=False)
             return matches or None
 
         found = bodies.scan_body(request.raw_body, request.content_encoding, limit, scan_window) or []
         if not found and unsent and self.pipelock is not None:
-            found = self.pipelock.scan(head)
+            found = self.pipelock.scan(head, locate=False)
         return found
 
     def _redact(self, request: OutgoingRequest, route: Route, found: list[dlp.DlpMatch]) -> RequestVerdict:
@@ -161,7 +162,8 @@ class Inspector:
                             body: str, redacted: list[dlp.DlpMatch]) -> str | None:
         """body with pipelock's body findings cut out by their spans; None when a finding has no
         span, is outside the body, or cutting it would break a JSON body."""
-        matches = self.pipelock.scan(dlp.RequestParts(url=f"{request.host}{path}", headers=headers, body=body))
+        matches = self.pipelock.scan(dlp.RequestParts(url=f"{request.host}{path}", headers=headers, body=body),
+                                     locate=True)
         if not matches:
             return body
         if any(m.span is None or m.where != "body" for m in matches):
@@ -196,7 +198,7 @@ class Inspector:
         matches = dlp.scan_text(text, "websocket")
         if not matches and self.pipelock is not None:
             matches = [replace(m, where="websocket") for m in
-                       self.pipelock.scan(dlp.RequestParts(url="", headers=(), body=text))]
+                       self.pipelock.scan(dlp.RequestParts(url="", headers=(), body=text), locate=False)]
         if not matches or route.dlp == "log":
             return matches, text
         if route.dlp == "block":
@@ -204,7 +206,8 @@ class Inspector:
         result = dlp.redact_body(text, "application/json" if _parses_as_json(text) else "text/plain")
         if result.unredactable or dlp.scan_text(result.text, "websocket"):
             return matches, None
-        if self.pipelock is not None and self.pipelock.scan(dlp.RequestParts(url="", headers=(), body=result.text)):
+        if self.pipelock is not None and self.pipelock.scan(dlp.RequestParts(url="", headers=(), body=result.text),
+                                                            locate=False):
             return matches, None
         return matches, result.text
 

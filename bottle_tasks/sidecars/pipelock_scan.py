@@ -7,7 +7,6 @@ API::
     client.scan(parts)          -> list[DlpMatch]   secrets in a request, before any token is filled
     client.scan_injection(text) -> list[DlpMatch]   prompt injection in a response body or a WebSocket message
 
-(PipelockScanner keeps egress's older call shape, scan -> (matches, advisories), until egress moves.)
 Both raise DlpUnavailable whenever pipelock gives no verdict (unreachable, timeout, non-200, bad JSON,
 a decision other than allow or deny): callers block (fail closed). Both block on I/O: run them off the
 event loop. A DlpMatch names the rule (``pipelock:DLP-<pattern>`` or ``pipelock:INJ-<pattern>``) and
@@ -147,9 +146,10 @@ class PipelockClient:
         self.timeout = timeout
         self.chunk_chars = chunk_chars
 
-    def scan(self, parts: RequestParts) -> list[DlpMatch]:
-        """Secrets in URL, headers and body. Raises DlpUnavailable."""
-        matches = self._scan_body(parts.body) if parts.body.strip() else []
+    def scan(self, parts: RequestParts, locate: bool = True) -> list[DlpMatch]:
+        """Secrets in URL, headers and body. locate: find each body match's span (for redaction;
+        it costs scan calls, see _locate); a caller that only blocks passes False. Raises DlpUnavailable."""
+        matches = self._scan_body(parts.body, locate) if parts.body.strip() else []
         matches += self._scan_head(parts)
         return list({(m.pattern, m.where, m.span): m for m in matches}.values())
 
@@ -197,13 +197,13 @@ class PipelockClient:
             placed.append(DlpMatch(match.pattern, "header-name") if match.pattern in in_name.get(match.where, ()) else match)
         return placed
 
-    def _scan_body(self, body: str) -> list[DlpMatch]:
+    def _scan_body(self, body: str, locate: bool) -> list[DlpMatch]:
         prepared = _prepare(body, body=True)
-        budget = [MAX_LOCATE_CALLS]
+        budget = [MAX_LOCATE_CALLS if locate else 0]
         matches = []
         for offset, chunk in _chunks(prepared.text, self.chunk_chars):
             for rule in self._dlp(chunk, body=True):
-                spans, whole = self._locate(chunk, rule, budget)
+                spans, whole = self._locate(chunk, rule, budget) if locate else ([], False)
                 matches += [DlpMatch(f"pipelock:{rule}", "body", (offset + a, offset + b)) for a, b in spans]
                 if not whole:
                     matches.append(DlpMatch(f"pipelock:{rule}", "body"))
@@ -319,14 +319,6 @@ class PipelockClient:
             return json.loads(raw)
         except ValueError:
             raise DlpUnavailable("pipelock scan API answered with invalid JSON") from None
-
-
-class PipelockScanner(PipelockClient):
-    """egress's call shape until it moves to PipelockClient: scan(parts) -> (matches, advisories).
-    TODO(issue 10): egress calls PipelockClient.scan directly, and this class goes."""
-
-    def scan(self, parts: RequestParts) -> tuple[list[DlpMatch], list[str]]:  # type: ignore[override]
-        return PipelockClient.scan(self, parts), []
 
 
 class _OutOfBudget(Exception):

@@ -848,7 +848,7 @@ class FakePipelockScanner:
     def __init__(self, result=None, error: Exception | None = None):
         self.result, self.error, self.seen = result or [], error, []
 
-    def scan(self, parts):
+    def scan(self, parts, locate=True):
         self.seen.append(parts)
         if self.error:
             raise self.error
@@ -1374,7 +1374,7 @@ class ConnectProxy:
 def fake_scan_api() -> FakePipelock:
     """pipelock's POST /api/v1/scan on 127.0.0.1: denies text containing the marker."""
     def reply(payload):
-        deny = "EXFIL-MARKER" in payload["input"]["text"]
+        deny = "EXFIL-MARKER" in (payload["input"].get("text") or payload["input"].get("content") or "")
         return 200, {"status": "completed", "decision": "deny" if deny else "allow", "kind": "dlp",
                      "scan_id": "scan-1", "engine_version": "fake",
                      "findings": [{"scanner": "dlp", "rule_id": "DLP-Custom Marker", "severity": "high",
@@ -1392,7 +1392,7 @@ def test_integration_upstream_mode_with_scan_api(tmp_path):
             assert status == 200, body
             assert bottle.echo.received[-1]["headers"]["x-api-key"] == INTEGRATION_TOKEN
             assert proxy.targets == [f"localhost:{bottle.echo.port}"]  # egress went through the upstream proxy
-            payload, auth = scan_api.requests[-1]
+            payload, auth = [(p, a) for p, a in scan_api.requests if p["kind"] == "dlp"][-1]
             text = payload["input"]["text"]
             assert auth == "Bearer scan-api-bearer"
             assert INTEGRATION_PLACEHOLDER in text and INTEGRATION_TOKEN not in text  # scanned before injection

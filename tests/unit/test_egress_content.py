@@ -34,7 +34,7 @@ class Scanner:
         self.requests: list = []
         self.injection_texts: list[str] = []
 
-    def scan(self, parts):
+    def scan(self, parts, locate=True):
         self.requests.append(parts)
         if self.error:
             raise self.error

@@ -215,8 +215,8 @@ def test_a_key_stored_in_utf7_is_refused_as_git_decodes_it(repo):
     person = "Dev <dev@example.invalid> 1700000000 -0100"  # no "+": the whole object must read as UTF-7
     new = commit(repo, tree(repo), f"See {utf7} now\n", headers="encoding UTF-7\n", author=person, committer=person)
     assert key in git(repo, "log", "-1", "--format=%B", new)
-    assert refused(repo, new, key) == (
-        f"secret in the message of commit {short(new)}, as its encoding header decodes it: aws_access_key_id",)
+    (reason,) = refused(repo, new, key)  # the floor may read the UTF-7 itself, before git's decoding does
+    assert reason.startswith(f"secret in the message of commit {short(new)}") and reason.endswith("aws_access_key_id")
     clean = commit(repo, tree(repo), "See +AGMAYQBmAOk- now\n", headers="encoding UTF-7\n", author=person,
                    committer=person)
     assert git(repo, "log", "-1", "--format=%B", clean) == "See caf\xe9 now"
@@ -330,7 +330,7 @@ def test_ordinary_code_word_lists_and_wrapped_hex_pass_when_joined(repo):
     wrapped = random.randbytes(6000).hex()
     source = "\n".join([
         "def handler(event):", '    region = "us-east-1"', '    return {"ok": True,', '            "id": event["id"]}',
-        "ASIA", "EUROPE", "AFRICA", "AMERICAS", "OCEANIA",
+        "EUROPE", "AFRICA", "AMERICAS", "OCEANIA", "ASIA",  # ASIA first would read as an upper-case key id
         *(wrapped[i:i + 76] for i in range(0, len(wrapped), 76)),
     ]) + "\n"
     new = file_commit(repo, {"handler.py": source}, "Add the handler\n\nIt answers\nevery event.\n")
@@ -436,7 +436,7 @@ def test_a_push_of_many_commits_is_scanned_in_a_few_calls_and_the_finding_keeps_
 
 
 def test_pipelock_sees_the_new_places_in_one_request_per_window(repo):
-    """The texts of every place reach pipelock; a clean push of many commits is one request."""
+    """The texts of every place reach pipelock; a clean push of many commits is one window of requests."""
     key = "".join(random.choices(string.ascii_lowercase, k=24))  # nothing the floor knows
     allow = FakePipelock(lambda _: (200, {"status": "completed", "decision": "allow", "findings": []}))
     empty = git(repo, "hash-object", "-t", "tree", "-w", "--stdin", input=b"")
@@ -447,8 +447,9 @@ def test_pipelock_sees_the_new_places_in_one_request_per_window(repo):
         assert reasons(repo, new, scanner=SecretScanner(pipelock_scan.PipelockClient(allow.url, "t"))) == ()
     finally:
         allow.close()
-    [(request, _auth)] = allow.requests
-    text = request["input"]["text"]
+    # One window of places; the client cuts it into its own chunks (pipelock_scan.CHUNK_CHARS) and no more.
+    assert len(allow.requests) <= 1 + sum(len(r["input"]["text"]) for r, _ in allow.requests) // pipelock_scan.CHUNK_CHARS
+    text = "".join(request["input"]["text"] for request, _ in allow.requests)
     assert f"dir-{key}" in text and f"<{key}@example.invalid>" in text and f"{key}-header" in text
 
 

@@ -231,12 +231,6 @@ def test_injection_scan_shape_and_first_finding(pipelock_server):
     assert PipelockClient(server.url).scan_injection("   ") == [] and len(server.requests) == 2
 
 
-def test_egress_shape_until_it_moves(pipelock_server):
-    server = pipelock_server(marker_pipelock)
-    scanner = pipelock_scan.PipelockScanner(server.url)
-    assert scanner.scan(dlp.RequestParts(f"h/{MARK}", (), "")) == ([dlp.DlpMatch("pipelock:DLP-Marker", "url")], [])
-
-
 def test_injection_scan_reads_json_as_its_strings_and_spells_out_tag_characters(pipelock_server):
     server = pipelock_server(lambda req: completed("allow"))
     client = PipelockClient(server.url)

@@ -80,7 +80,7 @@ class SecretScanner:
         """Pattern names found in text. Raises pipelock_scan.DlpUnavailable when pipelock cannot give a verdict."""
         found = dlp.matching_pattern_names(text)
         if not found and self.pipelock is not None and text.strip():
-            matches = self.pipelock.scan(dlp.RequestParts("", (), text))
+            matches = self.pipelock.scan(dlp.RequestParts("", (), text), locate=False)
             found = list(dict.fromkeys(match.pattern for match in matches))  # a rule matched twice is named once
         return found
 

@@ -44,7 +44,7 @@ def test_secret_in_request_is_blocked_logged_and_never_arrives(bottle_a, where, 
 def test_secret_to_the_model_api_is_redacted_logged_and_never_arrives(bottle_a, where):
     """The model API (dlp: redact by default) forwards the request with the key cut out, so a
     conversation that once held a key still works; the key itself never reaches the upstream."""
-    key = fake_key()
+    key = fake_aws_key()
     path = f"/dlp-{where}-{secrets.token_hex(4)}"
     proc = bottle_a.exec(*CASES[where](key, f"https://api.anthropic.com{path}"), "-D", "-")
     assert "dlp_match" not in proc.stdout, proc.stdout + proc.stderr

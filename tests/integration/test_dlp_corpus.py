@@ -2,8 +2,10 @@
 
 The bundle runs as `start` makes it: with pipelock when BOTTLE_PIPELOCK_BIN (or a pipelock on PATH)
 is there, floor-only with BOTTLE_PIPELOCK=off. The module prints the corpus table (run with -s) and
-asserts: every benign case passes, the model API never refuses a benign case, every floor-layer
-malicious case is contained and, with pipelock, every pipelock-layer case too.
+asserts the goals of issue 10 (tests/corpus/report.py): false positives at most 1 in 40 benign cases
+and none on the model API, containment of the malicious cases at least 50% with the floor and 85%
+with pipelock, and every secret sent by URL, header, hostname or the model API, and every SSRF
+attempt, contained.
 
 The bottle's agent is the corpus site (tests/corpus/site.yaml, public routes marked private_network
 since the stand-in upstream sits on a private network); the stand-in upstream answers to every fixed
@@ -21,7 +23,7 @@ import yaml
 from tests.corpus.cases import load_cases, load_site
 from tests.corpus.certs import leaf_pem
 from tests.corpus.live import RESPONSE_FILE, LiveTransport, live_agent, live_aliases
-from tests.corpus.report import print_failures, print_table
+from tests.corpus.report import GOAL_FLOOR, GOAL_FP_RATE, GOAL_PIPELOCK, print_failures, print_table
 from tests.corpus.runner import run_cases
 from tests.integration.conftest import Bottle, docker, start_upstream
 
@@ -72,21 +74,31 @@ def verdicts(corpus_bottle):
     return [result.verdict for result in results]
 
 
-def test_every_benign_case_passes(verdicts):
-    assert [(v.case_id, v.detail) for v in verdicts if v.false_positive] == []
+def _malicious(verdicts):
+    return [v for v in verdicts if v.kind == "malicious" and v.layer != "none"]
+
+
+def test_false_positives_stay_within_the_goal(verdicts):
+    benign = [v for v in verdicts if v.kind == "benign"]
+    flagged = [(v.case_id, v.detail) for v in benign if v.false_positive]
+    assert benign and len(flagged) / len(benign) <= GOAL_FP_RATE, flagged
 
 
 def test_the_model_api_never_refuses_a_benign_case(verdicts):
     assert [v.case_id for v in verdicts if v.kind == "benign" and v.bricked] == []
 
 
-def test_every_floor_case_is_contained(verdicts):
-    assert [(v.case_id, v.detail) for v in verdicts
-            if v.kind == "malicious" and v.layer == "floor" and not v.contained] == []
+def test_containment_meets_the_goal_of_the_mode(corpus_bottle, verdicts):
+    goal = GOAL_PIPELOCK if corpus_bottle.plan.pipelock_enabled else GOAL_FLOOR
+    malicious = _malicious(verdicts)
+    out = [(v.case_id, v.detail) for v in malicious if not v.contained]
+    assert malicious and 1 - len(out) / len(malicious) >= goal, out
 
 
-def test_every_pipelock_case_is_contained_when_pipelock_runs(corpus_bottle, verdicts):
-    if not corpus_bottle.plan.pipelock_enabled:
-        pytest.skip("the bundle runs without pipelock (BOTTLE_PIPELOCK=off)")
-    assert [(v.case_id, v.detail) for v in verdicts
-            if v.kind == "malicious" and v.layer == "pipelock" and not v.contained] == []
+# Categories the floor contains whole today: one case getting out is a regression, not noise.
+WHOLLY_CONTAINED = ("exfil-url", "exfil-header", "exfil-hostname", "exfil-model", "ssrf")
+
+
+def test_no_secret_leaves_by_url_header_hostname_or_the_model_api_and_no_ssrf_gets_through(verdicts):
+    assert [(v.case_id, v.detail) for v in _malicious(verdicts)
+            if v.category in WHOLLY_CONTAINED and v.layer == "floor" and not v.contained] == []

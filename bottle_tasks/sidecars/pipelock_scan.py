@@ -81,7 +81,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from bottle_tasks.contract import PLACEHOLDER_PREFIX
-from bottle_tasks.sidecars.dlp import DlpMatch, RequestParts
+from bottle_tasks.sidecars.dlp import DlpMatch, RequestParts, is_documentation_example
 
 # Sizes measured against v2.3.0 (docs/bundle-contract.md, "pipelock"): a dlp or prompt_injection scan
 # of 32 Ki characters took at most 1.8 s in the worst case, hex text with four scans at once on a
@@ -112,16 +112,6 @@ _WHOLE_DECODABLE = re.compile(r"[A-Za-z0-9+/=_\-:,\\ ]{10,}")
 _SEGMENT_BREAKS = frozenset("/=? &")
 _TAG_CHARACTERS = re.compile("[\U000E0020-\U000E007E]")  # Unicode tags that mirror printable ASCII
 _MAX_DECODE_DEPTH = 2           # base64 in base64 is still read; deeper is the floor's
-
-# TODO(issue 10): use dlp.is_documentation_example once the floor's change lands; this is its stand-in.
-_DOCUMENTATION_KEYS = frozenset(key.lower() for key in (
-    "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",    # AWS's documented example pair
-    "AKIAI44QH8DHBEXAMPLE", "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY",    # AWS's second one
-))
-
-
-def _is_documentation_example(text: str) -> bool:
-    return text.lower() in _DOCUMENTATION_KEYS
 
 
 class DlpUnavailable(Exception):
@@ -335,7 +325,7 @@ def _prepare(text: str, body: bool) -> _Prepared:
         start = text.find(PLACEHOLDER_PREFIX, start + len(PLACEHOLDER_PREFIX))
     for tokens in _KEY_TOKENS:
         for token in tokens.finditer(text):
-            if _is_documentation_example(token.group()):
+            if is_documentation_example(token.group()):
                 edits.append((token.start(), token.end(), _filler("ex", len(token.group()))))
     blobs = []
     for run in _B64_RUN.finditer(text):

@@ -433,6 +433,11 @@ def _decode_percent(run: str) -> str:
 
 
 def _decode_escapes(run: str) -> str:
+    if "\\x" not in run and "\\u{" not in run and "&#" not in run:
+        try:  # JSON's own escapes, the common case: the json module decodes them in C
+            return json.loads(f'"{run}"')
+        except ValueError:
+            pass  # octal, \' or \v: JavaScript's, below
     units: list[int] = []
     for one in _ESCAPE_ONE.finditer(run):
         braced, four, byte, octal, simple, html_hex, html_dec = one.groups()
@@ -1131,10 +1136,11 @@ def _parses_as_json(text: str) -> bool:
 
 HOST_MAX_LABELS = 5        # labels left of a wildcard route's suffix
 HOST_MAX_CHARS = 100       # characters left of the suffix, dots included
-HOST_MIXED_CHARS = 20      # letters-and-digits tokens (a1b2c3) in all, in characters
 HOST_HEX_RUN = 20          # hex characters in a row (dots and dashes dropped) that mix digits and letters
-HOST_CONSONANT_RUN = 12    # a letters-only token this long ...
-HOST_MIN_VOWELS = 0.2      # ... with fewer vowels (aeiouy) than this share of its letters
+HOST_ENCODED_CHARS = 16    # characters in all of tokens that look like data (see hostname_problem)
+HOST_CONSONANT_RUN = 12    # a letters-only token this long with few vowels is refused on its own
+HOST_MIN_VOWELS = 0.2      # "few vowels": fewer vowels (aeiouy) than this share of the letters ...
+_CONSONANTS = re.compile(r"[^aeiouy]{6}")  # ... or six consonants in a row ("latchstring" has the most in English)
 _BASE32_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 
 
@@ -1142,7 +1148,8 @@ def hostname_problem(host: str, route_host: str) -> str | None:
     """Why egress should refuse host on a wildcard route before resolving it, or None.
 
     Only the labels left of the route's suffix count (the agent chose them); an exact route, or a
-    host outside the route, gives None. The name is lower-cased, as DNS treats it.
+    host outside the route, gives None. Pass host as the agent sent it: a resolver forwards the
+    case of a name, so mixed case can carry base64, and is itself a sign of it.
 
     ``hostname_secret``: a rule matches a label, the labels joined (with and without the dots),
     or their decodings (the module's views, plus base32 and hex of the letters and digits joined
@@ -1152,41 +1159,49 @@ def hostname_problem(host: str, route_host: str) -> str | None:
       - more than HOST_MAX_LABELS labels or HOST_MAX_CHARS characters;
       - a run of HOST_HEX_RUN hex characters mixing digits and letters, once dots and dashes are
         dropped (a 32-character hex label, or hex spread over several labels);
-      - tokens (label parts between "-" and "_") that mix letters and digits, HOST_MIXED_CHARS
-        characters of them in all (base32, base36 or base64 chunks, one label or several);
-      - a letters-only token of HOST_CONSONANT_RUN letters or more with fewer than
-        HOST_MIN_VOWELS vowels (random letters; words have more).
+      - tokens (label parts between ".", "-" and "_") that look like data, HOST_ENCODED_CHARS
+        characters of them in all, one label or several: tokens that mix letters and digits
+        (base32, base36, base64), tokens that mix upper and lower case past a first capital
+        (base64 with its case kept), and letters-only tokens of 5 or more that read as random letters: fewer than
+        HOST_MIN_VOWELS vowels, or six consonants in a row. Numbers and words do not count;
+      - such a letters-only token of HOST_CONSONANT_RUN letters or more on its own.
     So "d111111abcdef8" (CloudFront, 14 mixed characters), "us-east-1", "my-api-v2", "pr-1234",
-    "abc123", "logs-2024-01-15-backup" and S3-style names of words and dashes pass; a name built
-    from 20 random characters of base32 does not, and neither do AWS Lambda function URL ids (32
-    random characters): give such hosts an exact route. Low-rate channels (a word list, a few
-    bits per name) are not stopped here."""
-    host, route_host = host.strip().rstrip(".").lower(), route_host.strip().lower()
+    "abc123", "logs-2024-01-15-backup" and S3-style names of words and dashes pass; 20 random
+    base32 characters, in one label or in several, almost never do, and neither do AWS Lambda
+    function URL ids (32 random characters): give such hosts an exact route. Low-rate channels
+    (a word list, a dozen random characters per name) are not stopped here."""
+    sent, route_host = host.strip().rstrip("."), route_host.strip().lower()
+    host = sent.lower()
     if not route_host.startswith("*."):
         return None
     suffix = route_host[1:]
     if not host.endswith(suffix) or len(host) <= len(suffix):
         return None
-    left = host[:-len(suffix)]
+    left, left_sent = host[:-len(suffix)], sent[:-len(suffix)]
     labels = left.split(".")
-    joined = "".join(labels)
-    compact = re.sub(r"[^a-z0-9]", "", joined)
-    texts = [JoinedText(joined, _cumulative([0, *map(len, labels)])), left, *labels]
-    if any(scan_text(text, "host") for text in texts) or any(scan_text(text, "host") for text in _base32_and_hex(compact)):
+    compact = re.sub(r"[^a-z0-9]", "", left)
+    texts = [JoinedText(text, _cumulative([0, *map(len, text.split("."))])) for text in {left.replace(".", ""), left_sent.replace(".", "")}]
+    texts += [left, left_sent, *labels, *left_sent.split(".")]
+    if any(scan_text(text, "host") for text in [*texts, *_base32_and_hex(compact)]):
         return "hostname_secret"
     if len(labels) > HOST_MAX_LABELS or len(left) > HOST_MAX_CHARS:
         return "hostname_encoded"
     if any(re.search(r"\d", run) and re.search(r"[a-f]", run)
            for run in re.findall(r"[0-9a-f]{%d,}" % HOST_HEX_RUN, compact)):
         return "hostname_encoded"
-    tokens = re.findall(r"[a-z0-9]+", left)
-    if sum(len(token) for token in tokens if re.search(r"\d", token) and re.search(r"[a-z]", token)) >= HOST_MIXED_CHARS:
-        return "hostname_encoded"
-    for token in tokens:
-        if token.isalpha() and len(token) >= HOST_CONSONANT_RUN and \
-                sum(token.count(vowel) for vowel in "aeiouy") < HOST_MIN_VOWELS * len(token):
-            return "hostname_encoded"
-    return None
+    encoded = 0
+    for token in re.findall(r"[A-Za-z0-9]+", left_sent):
+        lower = token.lower()
+        if token.isdigit():
+            continue
+        if not token.isalpha() or (token[1:] != lower[1:] and token[1:] != token[1:].upper()):
+            encoded += len(token)  # letters and digits, or upper and lower case, mixed
+        elif len(token) >= 5 and (sum(map(lower.count, "aeiouy")) < HOST_MIN_VOWELS * len(token)
+                                  or _CONSONANTS.search(lower) is not None):
+            if len(token) >= HOST_CONSONANT_RUN:
+                return "hostname_encoded"
+            encoded += len(token)  # random letters
+    return "hostname_encoded" if encoded >= HOST_ENCODED_CHARS else None
 
 
 def _base32_and_hex(compact: str) -> Iterator[str]:

@@ -356,12 +356,16 @@ class Analysis:
     base64_stretches: tuple[tuple[int, int], ...] = ()  # runs of the text of ELIDE_RUN standard base64 or more
 
 
-@functools.lru_cache(maxsize=2)  # scan_text and then open_match_start look at the same window
 def analyse(text: str) -> Analysis:
-    """text and its decoded views, breadth first, within the bounds of the module docstring."""
+    """text and its decoded views, breadth first, within the bounds of the module docstring. For a
+    JoinedText, only what crosses a seam is decoded (the fields were each decoded on their own)."""
+    return _analyse(text, tuple(sorted(getattr(text, "seams", ()))))
+
+
+@functools.lru_cache(maxsize=2)  # scan_text and then open_match_start look at the same window
+def _analyse(text: str, seams: tuple[int, ...]) -> Analysis:
     budget = _Budget(len(text))
-    seams = getattr(text, "seams", None)
-    root = _View(str(text), _Seamed(tuple(sorted(seams))) if seams else _Root())
+    root = _View(str(text), _Seamed(seams) if seams else _Root())
     stretches: list[tuple[int, int]] = []
     views = [root]
     following = _decode(root, 1, budget, stretches)
@@ -375,6 +379,9 @@ def analyse(text: str) -> Analysis:
         layer = _View("\x00".join(view.text for view in following), _Joined(tuple(following), starts), depth - 1)
         following = _decode(layer, depth, budget, None)
     return Analysis(tuple(views), budget.exhausted, budget.spent, tuple(stretches))
+
+
+analyse.cache_clear = _analyse.cache_clear  # type: ignore[attr-defined]  # for tests and the bench
 
 
 def decoded_views(text: str) -> list[str]:

@@ -153,3 +153,11 @@ def test_long_fields_join_only_by_their_ends():
     joined = dlp.reassembled([dlp.Field(long_value, (0, 0)), dlp.Field("x", (0, 0))])
     assert len(joined) < 2 * dlp.FIELD_EDGE + 100
     assert dlp.reassembled([dlp.Field("only one", (0, 0))]) is None
+
+
+def test_a_joined_text_decodes_only_across_seams_and_never_stands_in_for_plain_text():
+    # Inside one field the run was decoded when the field was scanned alone; the same characters
+    # as plain text must still be decoded in full (the analysis cache must not mix them up).
+    plain = f"x {base64.b64encode(fake_aws_key().encode()).decode()} y"
+    assert dlp.scan_text(dlp.JoinedText(plain, [0, len(plain)]), "body") == []
+    assert [m.pattern for m in dlp.scan_text(plain, "body")] == ["aws_access_key_id"]

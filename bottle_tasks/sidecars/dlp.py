@@ -634,27 +634,28 @@ def _a2b_base64(chunk: bytes) -> bytes:
 
 
 class _Codec(NamedTuple):
-    group: int                        # characters per group
-    group_bytes: int                  # bytes a group decodes to
-    fill: tuple[bytes, ...]           # per length % group of a tail: what makes it whole ("" and a cut of one otherwise)
+    group: int                    # characters per group
+    group_bytes: int              # bytes a group decodes to
+    cut: tuple[int, ...]          # per length % group of a run's tail: characters cut from it ...
+    fill: tuple[bytes, ...]       # ... or added to it, to make whole groups
     decode: Callable[[bytes], bytes]
 
 
 # A base64 tail of 2 or 3 characters is filled with "A": it decodes to its bytes and then NULs,
 # where "=" would end the whole decoder call (runs are decoded many to a call). A tail of 1
 # character (6 bits, no byte) is cut, as is an odd hex digit.
-_BASE64 = _Codec(4, 3, (b"", b"", b"AA", b"A"), lambda chunk: _a2b_base64(chunk))
-_HEX = _Codec(2, 1, (b"", b""), binascii.a2b_hex)
+_BASE64 = _Codec(4, 3, (0, 1, 0, 0), (b"", b"", b"AA", b"A"), lambda chunk: _a2b_base64(chunk))
+_HEX = _Codec(2, 1, (0, 1), (b"", b""), binascii.a2b_hex)
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"\x78\x9c", b"\x78\xda", b"\x78\x01", b"\x78\x5e")  # gzip, zlib
 
 
 def _decode_batch(view: _View, depth: int, budget: _Budget, runs: list[tuple[int, int, bytes]], alignment: int,
                   codec: _Codec) -> list[_View]:
     """Views of the text in runs decoded from alignment on, all runs in one decoder call."""
-    group, fill = codec.group, codec.fill
+    group, cut, fill = codec.group, codec.cut, codec.fill
     # Inline, no call per run: a lockfile has tens of thousands of runs.
-    chunks = [run[alignment:len(run) - (tail == 1 or (group == 2 and tail))] + fill[tail]
-              for _, _, run in runs for tail in ((len(run) - alignment) % group,)]
+    chunks = [run[alignment:len(run) - cut[tail]] + fill[tail] for _, _, run in runs
+              for tail in ((len(run) - alignment) % group,)]
     if not chunks:
         return []
     ends = [chars // group * codec.group_bytes for chars in itertools.accumulate(map(len, chunks))]

@@ -11,24 +11,37 @@ Every request goes to the fake upstream this script starts (tests/integration/up
 bottle's own egress network; everything is removed at the end, even on failure.
 
     python bench/proxy_overhead.py [small-requests-at-1-client]
+
+Scan cost (``--scan-cost``, in this process, no docker): what egress's built-in DLP floor costs per
+request and per MB, the floor as it is against the nine-regex floor it replaced (copied below as
+the baseline), side by side. Egress scans in a worker thread: a request's URL and headers
+(dlp.scan_request), then its body window by window with its fields reassembled
+(bodies.scan_body); the model API route redacts instead (dlp.redact_body). Goal: a 1 MB Messages
+API body (a screenshot and text) well under 50 ms.
+
+    python bench/proxy_overhead.py --scan-cost [repeats]
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import os
+import random
+import re
 import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 
 from common import ROOT, BenchEnv, machine
 
 from bottle_tasks.labels import LABEL
 from bottle_tasks.settings import Settings
-from tests.integration.certs import mint_upstream_certs
-from tests.integration.conftest import UPSTREAM_IMAGE, UPSTREAM_NAMES
+from bottle_tasks.sidecars import bodies, dlp
 
 AGENT = "bench-proxy"
 AGENT_YAML = """routes:
@@ -168,6 +181,9 @@ def verdict(ok: bool) -> str:
 
 
 def main() -> None:
+    from tests.integration.certs import mint_upstream_certs
+    from tests.integration.conftest import UPSTREAM_IMAGE, UPSTREAM_NAMES
+
     small_n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     bench = BenchEnv({AGENT: AGENT_YAML}, {"BOTTLE_PIPELOCK": "off",
                                            "BOTTLE_BUILD_CA_CERTS": "/etc/ssl/certs/ca-certificates.crt"})
@@ -244,5 +260,119 @@ def main() -> None:
             bench.cleanup()
 
 
+# -- scan cost ----------------------------------------------------------------------------------
+
+# The floor before issue 10 (bottle_tasks/sidecars/dlp.py at 9bb0f8c): nine regexes over the text
+# and its percent-decodings, the baseline for the scan cost.
+OLD_PATTERNS = tuple(re.compile(source) for source in (
+    r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])",
+    r"(?i)aws[_\-. ]?secret[_\-. ]?(?:access[_\-. ]?)?key[\"'\s]*[:=]\s*[\"']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])",
+    r"(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{36,255}",
+    r"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{22,255}",
+    r"(?<![A-Za-z0-9_-])sk-ant-[A-Za-z0-9_-]{20,}",
+    r"(?<![A-Za-z0-9_-])sk-(?!ant-)(?:[A-Za-z0-9]+-)?[A-Za-z0-9_-]{20,}",
+    r"(?<![A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,}",
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
+    r"(?<![A-Za-z0-9_-])AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])",
+))
+
+
+def old_scan_text(text: str) -> int:
+    views, current = [text], text
+    for _ in range(3):
+        if "%" not in current and "+" not in current:
+            break
+        decoded = urllib.parse.unquote_plus(current, errors="replace")
+        if decoded == current:
+            break
+        views.append(decoded)
+        current = decoded
+    return sum(1 for pattern in OLD_PATTERNS if any(pattern.search(view) for view in views))
+
+
+def old_floor(head: dlp.RequestParts, body: str) -> int:
+    """The old egress path: URL and each header value, then the body in bodies' windows."""
+    found = old_scan_text(head.url) + sum(old_scan_text(value) for _, value in head.headers)
+    step = bodies.SCAN_WINDOW - bodies.SCAN_OVERLAP
+    return found + sum(old_scan_text(body[start:start + bodies.SCAN_WINDOW]) for start in range(0, max(len(body), 1), step))
+
+
+def new_floor(head: dlp.RequestParts, body: str) -> int:
+    """egress's path today: dlp.scan_request on URL and headers, bodies.scan_body on the body."""
+    found = dlp.scan_request(head)
+    window = bodies.scan_body(body.encode(), "", 1 << 30, lambda text: dlp.scan_text(text, "body") or None)
+    return len(found) + len(window or [])
+
+
+def scan_cases(rng: random.Random) -> list[tuple[str, dlp.RequestParts, str]]:
+    headers = (("host", "api.anthropic.com"), ("content-type", "application/json"), ("accept", "application/json"),
+               ("anthropic-version", "2023-06-01"), ("anthropic-beta", "prompt-caching-2024-07-31"),
+               ("x-api-key", "bottle-placeholder-ANTHROPIC_API_KEY"), ("user-agent", "claude-cli/1.0.0 (external, cli)"),
+               ("x-stainless-lang", "js"), ("x-stainless-retry-count", "0"))
+    head = dlp.RequestParts("api.anthropic.com/v1/messages?beta=true", headers, "")
+    prose = (ROOT / "README.md").read_text() * 200
+    code = (ROOT / "bottle_tasks" / "sidecars" / "egress.py").read_text() * 40
+
+    def messages(*blocks) -> str:
+        return json.dumps({"model": "claude-sonnet-4", "max_tokens": 8192, "stream": True, "system": "You are Claude Code.",
+                           "messages": [{"role": "user", "content": list(blocks)}]})
+
+    text_block = lambda text: {"type": "text", "text": text}  # noqa: E731
+    image = lambda size: {"type": "image", "source": {"type": "base64", "media_type": "image/png",  # noqa: E731
+                                                       "data": base64.b64encode(rng.randbytes(size)).decode()}}
+    lockfile = json.dumps({"packages": {f"node_modules/pkg-{i}": {
+        "version": f"1.{i % 40}.{i % 7}", "resolved": f"https://registry.npmjs.org/pkg-{i}/-/pkg-{i}-1.0.0.tgz",
+        "integrity": "sha512-" + base64.b64encode(hashlib.sha512(str(i).encode()).digest()).decode(), "license": "MIT"}
+        for i in range(4000)}}, indent=2)
+    return [
+        ("typical request: headers + 2 KB JSON", head, messages(text_block(prose[:2000]))),
+        ("1 MB Messages API body: screenshot + text", head, messages(image(600_000), text_block(prose[:200_000]))),
+        ("1 MB Messages API body: text and code", head, messages(text_block(prose[:500_000]), text_block(code[:500_000]))),
+        ("1 MB plain text (prose)", head, prose[:1_000_000]),
+        ("1 MB plain text (code)", head, code[:1_000_000]),
+        ("1 MB base64 (an image alone)", head, base64.b64encode(rng.randbytes(750_000)).decode()),
+        ("1 MB JSON lockfile (hashes, URLs)", head, lockfile[:1_000_000]),
+    ]
+
+
+def timed_ms(fn, repeats: int) -> tuple[float, float]:
+    """Median wall time and median CPU time of fn, in ms (caches cleared: every request is new text).
+    CPU time is what the scan costs egress; on a shared machine wall time also counts the waits."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        dlp.analyse.cache_clear()
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        fn()
+        wall.append(1000 * (time.perf_counter() - start))
+        cpu.append(1000 * (time.thread_time() - start_cpu))
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def scan_cost(repeats: int) -> None:
+    print(f"machine: {machine()}, load average {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
+    print(f"DLP floor scan cost, median of {repeats} runs (small requests: 40 times as many), in this process;"
+          " wall ms (CPU ms)")
+    print(f"{'case':44} {'size':>9} {'old floor':>16} {'new floor':>16} {'new per MB':>16} {'redact_body':>16}")
+    goal = None
+    for label, head, body in scan_cases(random.Random(10)):
+        runs = repeats * 40 if len(body) < 10_000 else repeats
+        old = timed_ms(lambda: old_floor(head, body), runs)
+        new = timed_ms(lambda: new_floor(head, body), runs)
+        redact = timed_ms(lambda: dlp.redact_body(body, "application/json"), runs) if body.startswith("{") else None
+        megabytes = len(body) / 1e6
+        cells = [f"{old[0]:7.2f} ({old[1]:6.2f})", f"{new[0]:7.2f} ({new[1]:6.2f})",
+                 f"{new[0] / megabytes:7.1f} ({new[1] / megabytes:6.1f})" if len(body) > 100_000 else "",
+                 f"{redact[0]:7.2f} ({redact[1]:6.2f})" if redact else ""]
+        print(f"{label:44} {len(body):9d} " + " ".join(f"{cell:>16}" for cell in cells))
+        if label.startswith("1 MB Messages API body: screenshot"):
+            goal = new
+    assert goal is not None
+    print(f"goal: a 1 MB Messages API body well under 50 ms: {goal[0]:.1f} ms wall, {goal[1]:.1f} ms CPU, "
+          f"{verdict(goal[0] < 50)}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--scan-cost"]:
+        scan_cost(int(sys.argv[2]) if len(sys.argv) > 2 else 7)
+    else:
+        main()

@@ -1,8 +1,8 @@
 """Secret detection for egress and git-gate: the built-in floor (pipelock's client: pipelock_scan.py).
 
 Everything here reports *which pattern* matched and *where* (``url``, ``header:<name>``,
-``header-name:#<index>``, ``body``, ...), never the matched text: results go into logs and block
-responses. Stdlib only: this runs inside the bundle image.
+``header-name:#<index>``, ``headers``, ``body``, ...), never the matched text: results go into
+logs and block responses. Stdlib only: this runs inside the bundle image.
 
 Rules (``BUILTIN_PATTERNS``)
     Provider formats: a fixed prefix and enough characters after it that a placeholder such as
@@ -13,13 +13,14 @@ Rules (``BUILTIN_PATTERNS``)
     case-sensitive base62/base64, which a change of case destroys. Known documentation keys
     (``DOCUMENTATION_KEYS``) never match (``is_documentation_example``).
 
-Views (``decoded_views``)
+Views (``analyse``, ``decoded_views``)
     The rules also run over what the text says once decoded, and what that says once decoded,
     to ``MAX_DEPTH`` decodings (base64 of percent-encoded hex ...):
 
     - percent escapes (``%41``, ``%u0041``) and JSON/JavaScript/HTML escapes (``\\u0041``,
       surrogate pairs, ``\\u{41}``, ``\\x41``, octal, ``\\/``, ``&#65;``) are decoded in place,
-      with ``ESCAPE_CONTEXT`` characters of the text around each cluster of them;
+      with ``ESCAPE_CONTEXT`` characters of the text around each cluster of them (escaped quotes
+      alone open none: the rules that need quotes take escaped ones);
     - base64 (standard and URL-safe, any padding, lines wrapped or not) and hex (plain, or bytes
       separated by ``:``, ``-``, ``,`` or spaces, with or without ``0x``) are decoded run by run:
       every run of the alphabet ``MIN_BASE64_RUN``/``MIN_HEX_RUN`` characters long or more, at
@@ -28,26 +29,34 @@ Views (``decoded_views``)
       bytes count only where they hold text (``MIN_TEXT`` printable ASCII or UTF-16 characters
       in a row); gzip and zlib streams are inflated first.
 
-    Bounds: at most ``MAX_DEPTH`` decodings deep, and at most ``WORK_FACTOR`` times the text's
-    length (plus ``WORK_FLOOR``) of decoded characters in all. Ordinary text and images stay
-    well under it (base64 costs three times its length, hex once). A text built to go past it
-    matches the pseudo-pattern ``decode_limit``: what was not decoded was not scanned.
+    A match found in a view is reported with the span of what carries it in the text: the escape
+    or the whole encoded run (what redaction replaces). Bounds: at most ``MAX_DEPTH`` decodings
+    deep, and at most ``WORK_FACTOR`` times the text's length (plus ``WORK_FLOOR``) of decoded
+    characters in all. Ordinary text and images stay well under it (base64 costs three times its
+    length, hex once). A text built to go past it matches the pseudo-pattern ``decode_limit``:
+    what was not decoded was not scanned. Cost on a 2-core machine: 10 to 40 ms per MB of text,
+    code or base64 images; text dense with ids and hashes (a lockfile) up to about 150 ms.
 
-Seams (``JoinedText``, ``reassembled``)
-    Field values joined end to end, so that a secret split across two form fields, JSON strings
-    or headers is seen whole. Where one field ends and the next begins is a seam: there a rule's
-    "not next to a letter" checks are waived, since the receiver joins the fields there.
+Fields (``body_fields``, ``url_fields``, ``reassembled``, ``scan_body_text``, ``scan_request``)
+    The strings of a JSON body (keys too), the fields of a form or multipart body, a URL's path
+    segments and query fields, and a request's headers, each scanned, and joined end to end
+    (``JoinedText``) so that a secret split across two of them is seen whole: all the values
+    in order, all the keys, the values of each key (``"text"`` across content blocks), and the
+    values that are whole base64 or hex, decoded. Where one field ends and the next begins is a
+    seam: there a rule's "not next to a letter" checks are waived, since the receiver joins the
+    fields there.
 
-Redaction (``redact_body``, ``redact_text``): each match replaced by ``[REDACTED:<pattern>]``.
+Redaction (``redact_body``, ``redact_text``): each match replaced by ``[REDACTED:<pattern>]``;
+what has no single place to cut (a split secret) is reported as unredactable.
 
 Hostnames (``hostname_problem``): the names a wildcard route lets the agent choose.
 
-Known limits: a secret split across fields whose pieces sit next to letters the receiver must
-drop; pieces of one secret encoded separately; escapes more than ``ESCAPE_CONTEXT`` characters
-from the rest of their match; decoded text only shows up in runs of ``MIN_TEXT`` characters, and
-the few garbage characters a misaligned decoding puts next to it can defeat a rule's boundary
-check; base32 is only decoded in hostnames; encryption, compression other than gzip/zlib, and
-any encoding a receiver and the agent agree on beforehand are not seen.
+Known limits: a split secret whose pieces sit next to letters inside their fields; pieces of
+one secret encoded separately inside one field or text (as whole fields they join); escapes
+more than ``ESCAPE_CONTEXT`` characters from the rest of their match; decoded text shows up
+only in runs of ``MIN_TEXT`` characters, and the garbage characters a misaligned decoding puts
+next to it can defeat a rule's boundary check; base32 is decoded only in hostnames; encryption,
+other compression, and any encoding the agent and a receiver agree on beforehand are not seen.
 """
 
 from __future__ import annotations
@@ -347,12 +356,16 @@ class Analysis:
     base64_stretches: tuple[tuple[int, int], ...] = ()  # runs of the text of ELIDE_RUN standard base64 or more
 
 
-@functools.lru_cache(maxsize=2)  # scan_text and then open_match_start look at the same window
 def analyse(text: str) -> Analysis:
-    """text and its decoded views, breadth first, within the bounds of the module docstring."""
+    """text and its decoded views, breadth first, within the bounds of the module docstring. For a
+    JoinedText, only what crosses a seam is decoded (the fields were each decoded on their own)."""
+    return _analyse(text, tuple(sorted(getattr(text, "seams", ()))))
+
+
+@functools.lru_cache(maxsize=2)  # scan_text and then open_match_start look at the same window
+def _analyse(text: str, seams: tuple[int, ...]) -> Analysis:
     budget = _Budget(len(text))
-    seams = getattr(text, "seams", None)
-    root = _View(str(text), _Seamed(tuple(sorted(seams))) if seams else _Root())
+    root = _View(str(text), _Seamed(seams) if seams else _Root())
     stretches: list[tuple[int, int]] = []
     views = [root]
     following = _decode(root, 1, budget, stretches)
@@ -366,6 +379,9 @@ def analyse(text: str) -> Analysis:
         layer = _View("\x00".join(view.text for view in following), _Joined(tuple(following), starts), depth - 1)
         following = _decode(layer, depth, budget, None)
     return Analysis(tuple(views), budget.exhausted, budget.spent, tuple(stretches))
+
+
+analyse.cache_clear = _analyse.cache_clear  # type: ignore[attr-defined]  # for tests and the bench
 
 
 def decoded_views(text: str) -> list[str]:
@@ -433,6 +449,11 @@ def _decode_percent(run: str) -> str:
 
 
 def _decode_escapes(run: str) -> str:
+    if "\\x" not in run and "\\u{" not in run and "&#" not in run:
+        try:  # JSON's own escapes, the common case: the json module decodes them in C
+            return json.loads(f'"{run}"')
+        except ValueError:
+            pass  # octal, \' or \v: JavaScript's, below
     units: list[int] = []
     for one in _ESCAPE_ONE.finditer(run):
         braced, four, byte, octal, simple, html_hex, html_dec = one.groups()
@@ -504,8 +525,8 @@ _TEXT_CLASS = bytes(ord("p") if 32 <= i < 127 or i in (9, 10, 13) else ord("z") 
 _UTF16_RUNS = re.compile(rb"(?:pz){%d,}|(?:zp){%d,}" % (MIN_TEXT, MIN_TEXT))
 
 
-def _without_breaks(run: str) -> str:
-    return run.replace("\r", "").replace("\n", "") if "\n" in run or "\r" in run else run
+def _without_breaks(run: bytes) -> bytes:
+    return run.replace(b"\r", b"").replace(b"\n", b"") if b"\n" in run or b"\r" in run else run
 
 
 def _alphabet_runs(classes: bytes, min_length: int) -> list[tuple[int, int]]:
@@ -553,31 +574,32 @@ def _inflate(data: bytes, budget: _Budget) -> bytes | None:
 def _decode_runs(view: _View, depth: int, budget: _Budget, stretches: list[tuple[int, int]] | None) -> list[_View]:
     """Views of the base64 and hex runs of view; the long standard-base64 ones go into stretches."""
     text = view.text
-    base64_runs: list[tuple[int, int, str]] = []
-    hex_runs: list[tuple[int, int, str]] = []
+    base64_runs: list[tuple[int, int, bytes]] = []
+    hex_runs: list[tuple[int, int, bytes]] = []
     octets = text.encode("latin-1", "replace")  # one octet per character: positions stay
+    hex_marks = octets.translate(_HEX_RUN_CLASS)
     # The loops below run once per run (tens of thousands in a lockfile): kept lean.
     repeats = None if type(view.origin) in (_Root, _Run) else view.repeats_parent
-    breaks = "\n" in text or "\r" in text
+    breaks = b"\n" in octets or b"\r" in octets
     for start, end in _alphabet_runs(octets.translate(_B64_CLASS), MIN_BASE64_RUN):
-        if repeats is not None and repeats(start, end):
-            continue
-        run = _without_breaks(text[start:end]) if breaks else text[start:end]
-        if len(run) < MIN_BASE64_RUN or _HEX_ONLY.fullmatch(run):
+        if (repeats is not None and repeats(start, end)) or hex_marks.find(0, start, end) < 0:
             continue  # hex is base64 too, but base64 of a secret is never hex: the hex runs below do
+        run = _without_breaks(octets[start:end]) if breaks else octets[start:end]
+        if len(run) < MIN_BASE64_RUN:
+            continue
         padded = end + 2 if text.startswith("==", end) else end + 1 if text.startswith("=", end) else end
         base64_runs.append((start, padded, run))  # the padding is part of what carries it
-        if stretches is not None and end - start >= ELIDE_RUN and len(run) == end - start and not ("-" in run or "_" in run):
+        if stretches is not None and end - start >= ELIDE_RUN and len(run) == end - start and not (b"-" in run or b"_" in run):
             stretches.append((start, end))
     # Hex runs on their own, so that hex pasted after other letters ("x414b...") still decodes.
-    for start, end in _alphabet_runs(octets.translate(_HEX_RUN_CLASS), MIN_HEX_RUN):
-        run = _without_breaks(text[start:end]) if breaks else text[start:end]
+    for start, end in _alphabet_runs(hex_marks, MIN_HEX_RUN):
+        run = _without_breaks(octets[start:end]) if breaks else octets[start:end]
         if len(run) >= MIN_HEX_RUN and not (repeats is not None and repeats(start, end)):
             hex_runs.append((start, end, run))
     for start, end in _separated_hex_stretches(octets):
         for found in _SEPARATED_HEX.finditer(text, start, end):
             if not (repeats is not None and repeats(*found.span())):
-                hex_runs.append((*found.span(), _NOT_HEX.sub("", found.group())))
+                hex_runs.append((*found.span(), _NOT_HEX.sub("", found.group()).encode()))
     views: list[_View] = []
     for alignment in range(4):
         views += _decode_batch(view, depth, budget, base64_runs, alignment, _BASE64)
@@ -605,41 +627,41 @@ def _separated_hex_stretches(octets: bytes) -> Iterator[tuple[int, int]]:
         at = end
 
 
-def _a2b_base64(chunk: str) -> bytes:
-    octets = chunk.encode("ascii")
-    if b"-" in octets or b"_" in octets:
-        octets = octets.translate(_URLSAFE_TO_STANDARD)
-    return binascii.a2b_base64(octets)
+def _a2b_base64(chunk: bytes) -> bytes:
+    if b"-" in chunk or b"_" in chunk:
+        chunk = chunk.translate(_URLSAFE_TO_STANDARD)
+    return binascii.a2b_base64(chunk)
 
 
 class _Codec(NamedTuple):
-    group: int                        # characters per group
-    group_bytes: int                  # bytes a group decodes to
-    fill: tuple[str, ...]             # per length % group of a tail: what makes it whole ("" and a cut of one otherwise)
-    decode: Callable[[str], bytes]
+    group: int                    # characters per group
+    group_bytes: int              # bytes a group decodes to
+    cut: tuple[int, ...]          # per length % group of a run's tail: characters cut from it ...
+    fill: tuple[bytes, ...]       # ... or added to it, to make whole groups
+    decode: Callable[[bytes], bytes]
 
 
 # A base64 tail of 2 or 3 characters is filled with "A": it decodes to its bytes and then NULs,
 # where "=" would end the whole decoder call (runs are decoded many to a call). A tail of 1
 # character (6 bits, no byte) is cut, as is an odd hex digit.
-_BASE64 = _Codec(4, 3, ("", "", "AA", "A"), lambda chunk: _a2b_base64(chunk))
-_HEX = _Codec(2, 1, ("", ""), bytes.fromhex)
+_BASE64 = _Codec(4, 3, (0, 1, 0, 0), (b"", b"", b"AA", b"A"), lambda chunk: _a2b_base64(chunk))
+_HEX = _Codec(2, 1, (0, 1), (b"", b""), binascii.a2b_hex)
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"\x78\x9c", b"\x78\xda", b"\x78\x01", b"\x78\x5e")  # gzip, zlib
 
 
-def _decode_batch(view: _View, depth: int, budget: _Budget, runs: list[tuple[int, int, str]], alignment: int,
+def _decode_batch(view: _View, depth: int, budget: _Budget, runs: list[tuple[int, int, bytes]], alignment: int,
                   codec: _Codec) -> list[_View]:
     """Views of the text in runs decoded from alignment on, all runs in one decoder call."""
-    group, fill = codec.group, codec.fill
+    group, cut, fill = codec.group, codec.cut, codec.fill
     # Inline, no call per run: a lockfile has tens of thousands of runs.
-    chunks = [run[alignment:len(run) - (tail == 1 or (group == 2 and tail))] + fill[tail]
-              for _, _, run in runs for tail in ((len(run) - alignment) % group,)]
+    chunks = [run[alignment:len(run) - cut[tail]] + fill[tail] for _, _, run in runs
+              for tail in ((len(run) - alignment) % group,)]
     if not chunks:
         return []
     ends = [chars // group * codec.group_bytes for chars in itertools.accumulate(map(len, chunks))]
     if not budget.take(ends[-1]):
         return []
-    data = codec.decode("".join(chunks))
+    data = codec.decode(b"".join(chunks))
     views: list[_View] = []
 
     def add(piece: bytes, encoding: str, run_index: int) -> None:
@@ -653,14 +675,10 @@ def _decode_batch(view: _View, depth: int, budget: _Budget, runs: list[tuple[int
             if stop - start >= MIN_TEXT:
                 add(data[start:stop], encoding, first)
             start, first = stop, first + 1
-    for magic in _COMPRESSED_MAGIC:  # a gzip or zlib stream where a run's decoding starts
-        at = data.find(magic)
-        while at >= 0:
-            index = bisect.bisect_right(ends, at)
-            if at == (ends[index - 1] if index else 0) and (inflated := _inflate(data[at:ends[index]], budget)):
-                for start, end, encoding in _text_spans(inflated):
-                    add(inflated[start:end], encoding, index)
-            at = data.find(magic, at + 1)
+    for index, start in enumerate([0, *ends[:-1]]):  # a gzip or zlib stream where a run's decoding starts
+        if data.startswith(_COMPRESSED_MAGIC, start) and (inflated := _inflate(data[start:ends[index]], budget)):
+            for text_start, text_end, encoding in _text_spans(inflated):
+                add(inflated[text_start:text_end], encoding, index)
     return views
 
 
@@ -874,16 +892,16 @@ def url_fields(url: str) -> Iterator[Field]:
 
 def _whole_decoding(value: str) -> str | None:
     """value decoded when all of it is base64 or hex of text (pieces shorter than a run still
-    join up: "QUtJQQ==" + ...)."""
+    join up: "QUtJQQ==" + ...). Only pieces: a value longer than FIELD_EDGE is not one."""
     value = value.strip()
-    if len(value) < 4:
+    if not 4 <= len(value) <= FIELD_EDGE:
         return None
     try:
         if _HEX_ONLY.fullmatch(value) and len(value) % 2 == 0:
             data = bytes.fromhex(value)
         elif re.fullmatch(r"[A-Za-z0-9+/_-]+={0,2}", value):
             stripped = value.rstrip("=")
-            data = _a2b_base64(stripped + "=" * (-len(stripped) % 4)) if len(stripped) % 4 != 1 else b""
+            data = _a2b_base64((stripped + "=" * (-len(stripped) % 4)).encode()) if len(stripped) % 4 != 1 else b""
         else:
             return None
     except (binascii.Error, ValueError):
@@ -998,13 +1016,12 @@ class RequestParts:
 _PLAIN_HEADER_NAME = re.compile(r"[a-z0-9-]{1,64}")
 
 
-def header_where(name: str, index: int) -> str:
+def header_where(name: str, index: int, name_matches: Sequence[DlpMatch] | None = None) -> str:
     """``header:<name>`` for a header, or ``header:#<index>`` when the name is itself suspect: a
-    name that could carry a secret never goes into a log."""
+    name that could carry a secret never goes into a log. name_matches: the name's scan, if done."""
     lowered = name.lower()
-    if _PLAIN_HEADER_NAME.fullmatch(lowered) and not scan_text(name, ""):
-        return f"header:{lowered}"
-    return f"header:#{index}"
+    suspect = name_matches if name_matches is not None else scan_text(name, "")
+    return f"header:{lowered}" if _PLAIN_HEADER_NAME.fullmatch(lowered) and not suspect else f"header:#{index}"
 
 
 def scan_request(parts: RequestParts) -> list[DlpMatch]:
@@ -1015,8 +1032,8 @@ def scan_request(parts: RequestParts) -> list[DlpMatch]:
     matches += [match for match in scan_fields(url_fields(parts.url), "url") if match not in matches]
     content_type = ""
     for index, (name, value) in enumerate(parts.headers):
-        matches += scan_text(value, header_where(name, index))
-        matches += scan_text(name, f"header-name:#{index}")
+        name_matches = scan_text(name, f"header-name:#{index}")
+        matches += scan_text(value, header_where(name, index, name_matches)) + name_matches
         if name.lower() == "content-type":
             content_type = value
     if len(parts.headers) > 1:
@@ -1131,10 +1148,11 @@ def _parses_as_json(text: str) -> bool:
 
 HOST_MAX_LABELS = 5        # labels left of a wildcard route's suffix
 HOST_MAX_CHARS = 100       # characters left of the suffix, dots included
-HOST_MIXED_CHARS = 20      # letters-and-digits tokens (a1b2c3) in all, in characters
 HOST_HEX_RUN = 20          # hex characters in a row (dots and dashes dropped) that mix digits and letters
-HOST_CONSONANT_RUN = 12    # a letters-only token this long ...
-HOST_MIN_VOWELS = 0.2      # ... with fewer vowels (aeiouy) than this share of its letters
+HOST_ENCODED_CHARS = 16    # characters in all of tokens that look like data (see hostname_problem)
+HOST_CONSONANT_RUN = 12    # a letters-only token this long with few vowels is refused on its own
+HOST_MIN_VOWELS = 0.2      # "few vowels": fewer vowels (aeiouy) than this share of the letters ...
+_CONSONANTS = re.compile(r"[^aeiouy]{6}")  # ... or six consonants in a row ("latchstring" has the most in English)
 _BASE32_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 
 
@@ -1142,7 +1160,8 @@ def hostname_problem(host: str, route_host: str) -> str | None:
     """Why egress should refuse host on a wildcard route before resolving it, or None.
 
     Only the labels left of the route's suffix count (the agent chose them); an exact route, or a
-    host outside the route, gives None. The name is lower-cased, as DNS treats it.
+    host outside the route, gives None. Pass host as the agent sent it: a resolver forwards the
+    case of a name, so mixed case can carry base64, and is itself a sign of it.
 
     ``hostname_secret``: a rule matches a label, the labels joined (with and without the dots),
     or their decodings (the module's views, plus base32 and hex of the letters and digits joined
@@ -1152,41 +1171,49 @@ def hostname_problem(host: str, route_host: str) -> str | None:
       - more than HOST_MAX_LABELS labels or HOST_MAX_CHARS characters;
       - a run of HOST_HEX_RUN hex characters mixing digits and letters, once dots and dashes are
         dropped (a 32-character hex label, or hex spread over several labels);
-      - tokens (label parts between "-" and "_") that mix letters and digits, HOST_MIXED_CHARS
-        characters of them in all (base32, base36 or base64 chunks, one label or several);
-      - a letters-only token of HOST_CONSONANT_RUN letters or more with fewer than
-        HOST_MIN_VOWELS vowels (random letters; words have more).
+      - tokens (label parts between ".", "-" and "_") that look like data, HOST_ENCODED_CHARS
+        characters of them in all, one label or several: tokens that mix letters and digits
+        (base32, base36, base64), tokens that mix upper and lower case past a first capital
+        (base64 with its case kept), and letters-only tokens of 5 or more that read as random letters: fewer than
+        HOST_MIN_VOWELS vowels, or six consonants in a row. Numbers and words do not count;
+      - such a letters-only token of HOST_CONSONANT_RUN letters or more on its own.
     So "d111111abcdef8" (CloudFront, 14 mixed characters), "us-east-1", "my-api-v2", "pr-1234",
-    "abc123", "logs-2024-01-15-backup" and S3-style names of words and dashes pass; a name built
-    from 20 random characters of base32 does not, and neither do AWS Lambda function URL ids (32
-    random characters): give such hosts an exact route. Low-rate channels (a word list, a few
-    bits per name) are not stopped here."""
-    host, route_host = host.strip().rstrip(".").lower(), route_host.strip().lower()
+    "abc123", "logs-2024-01-15-backup" and S3-style names of words and dashes pass; 20 random
+    base32 characters, in one label or in several, almost never do, and neither do AWS Lambda
+    function URL ids (32 random characters): give such hosts an exact route. Low-rate channels
+    (a word list, a dozen random characters per name) are not stopped here."""
+    sent, route_host = host.strip().rstrip("."), route_host.strip().lower()
+    host = sent.lower()
     if not route_host.startswith("*."):
         return None
     suffix = route_host[1:]
     if not host.endswith(suffix) or len(host) <= len(suffix):
         return None
-    left = host[:-len(suffix)]
+    left, left_sent = host[:-len(suffix)], sent[:-len(suffix)]
     labels = left.split(".")
-    joined = "".join(labels)
-    compact = re.sub(r"[^a-z0-9]", "", joined)
-    texts = [JoinedText(joined, _cumulative([0, *map(len, labels)])), left, *labels]
-    if any(scan_text(text, "host") for text in texts) or any(scan_text(text, "host") for text in _base32_and_hex(compact)):
+    compact = re.sub(r"[^a-z0-9]", "", left)
+    texts = [JoinedText(text, _cumulative([0, *map(len, text.split("."))])) for text in {left.replace(".", ""), left_sent.replace(".", "")}]
+    texts += [left, left_sent, *labels, *left_sent.split(".")]
+    if any(scan_text(text, "host") for text in [*texts, *_base32_and_hex(compact)]):
         return "hostname_secret"
     if len(labels) > HOST_MAX_LABELS or len(left) > HOST_MAX_CHARS:
         return "hostname_encoded"
     if any(re.search(r"\d", run) and re.search(r"[a-f]", run)
            for run in re.findall(r"[0-9a-f]{%d,}" % HOST_HEX_RUN, compact)):
         return "hostname_encoded"
-    tokens = re.findall(r"[a-z0-9]+", left)
-    if sum(len(token) for token in tokens if re.search(r"\d", token) and re.search(r"[a-z]", token)) >= HOST_MIXED_CHARS:
-        return "hostname_encoded"
-    for token in tokens:
-        if token.isalpha() and len(token) >= HOST_CONSONANT_RUN and \
-                sum(token.count(vowel) for vowel in "aeiouy") < HOST_MIN_VOWELS * len(token):
-            return "hostname_encoded"
-    return None
+    encoded = 0
+    for token in re.findall(r"[A-Za-z0-9]+", left_sent):
+        lower = token.lower()
+        if token.isdigit():
+            continue
+        if not token.isalpha() or (token[1:] != lower[1:] and token[1:] != token[1:].upper()):
+            encoded += len(token)  # letters and digits, or upper and lower case, mixed
+        elif len(token) >= 5 and (sum(map(lower.count, "aeiouy")) < HOST_MIN_VOWELS * len(token)
+                                  or _CONSONANTS.search(lower) is not None):
+            if len(token) >= HOST_CONSONANT_RUN:
+                return "hostname_encoded"
+            encoded += len(token)  # random letters
+    return "hostname_encoded" if encoded >= HOST_ENCODED_CHARS else None
 
 
 def _base32_and_hex(compact: str) -> Iterator[str]:

@@ -1,12 +1,15 @@
 """Request bodies for DLP (bottle_tasks.sidecars.bodies): bounded decoding and windowed scanning.
 
 The windowed scanner must find everything a scan of the whole text finds: a secret across a window
-boundary, and a match longer than any overlap (the two built-in patterns without a length bound).
+boundary, encoded or not, and a match longer than any overlap (the two built-in patterns without a
+length bound); and scan_body reassembles the fields of a body larger than a window.
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
+import json
 import os
 import random
 import urllib.parse
@@ -15,6 +18,7 @@ import zlib
 import pytest
 
 from bottle_tasks.sidecars import bodies, dlp
+from tests.unit.test_dlp import fake_aws_key
 
 # One example per built-in pattern; each stands alone between spaces.
 SECRETS = {
@@ -134,3 +138,55 @@ def test_windowed_scan_finds_whatever_a_whole_scan_finds():
         text = "".join(parts)
         if dlp.matching_pattern_names(text):
             assert scan(text, step=rng.randint(1, 300)), text[:200]
+
+
+# -- encoded secrets and fields (dlp's decoders and reassembly) ------------------------------------
+
+ENCODINGS = {
+    "base64": lambda key: base64.b64encode(key.encode()).decode(),
+    "hex": lambda key: key.encode().hex(),
+    "JSON escapes": lambda key: "".join(f"\\u{ord(char):04x}" for char in key),
+    "base64 of percent": lambda key: base64.b64encode("".join(f"%{b:02X}" for b in key.encode()).encode()).decode(),
+}
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_an_encoded_secret_across_a_window_cut_is_caught(encoding):
+    # Inside a longer base64 run too, so that a window starts in the middle of a run, at any alignment.
+    encoded = ENCODINGS[encoding](fake_aws_key())
+    run_filler = base64.b64encode(os.urandom(3 * WINDOW)).decode()
+    for offset in range(WINDOW - len(encoded) - 3, WINDOW + 3):
+        for filler in ("." * (3 * WINDOW), run_filler):
+            text = filler[:offset] + encoded + filler[:WINDOW]
+            assert "aws_access_key_id" in scan(text), f"missed at offset {offset}"
+
+
+def test_an_open_match_inside_a_base64_run_longer_than_the_overlap_is_caught():
+    # The padded name is only there once decoded; the window carries from where the run starts.
+    inner = "aws_secret_access_key" + " " * (3 * OVERLAP) + "= " + "Ab1/" * 10
+    encoded = base64.b64encode(inner.encode()).decode()
+    assert len(encoded) > 2 * OVERLAP
+    for lead in (0, 5, WINDOW - 20, 3 * WINDOW + 11):
+        assert "aws_secret_access_key" in scan("." * lead + " " + encoded + " " + "." * WINDOW), f"missed after {lead}"
+
+
+def scan_body(body: bytes, content_type: str | None = None) -> list[str]:
+    found = bodies.scan_body(body, "", len(body) + 1, lambda text: [m.pattern for m in dlp.scan_text(text, "body")] or None,
+                             content_type=content_type)
+    return found or []
+
+
+def test_a_key_split_across_form_fields_of_a_large_body_is_caught():
+    key = fake_aws_key().lower()
+    body = (f"a={key[:10]}&b={key[10:]}&pad=" + "x" * (2 * bodies.SCAN_WINDOW)).encode()
+    assert scan_body(body) == ["aws_access_key_id"]  # sniffed
+    assert scan_body(body, "application/x-www-form-urlencoded; charset=utf-8") == ["aws_access_key_id"]
+    assert scan_body(body, "text/plain") == []  # told it has no fields
+
+
+def test_fields_are_reassembled_only_up_to_the_structure_limit(monkeypatch):
+    key = fake_aws_key().lower()
+    body = json.dumps({"a": key[:10], "b": key[10:], "pad": "x" * 5000}).encode()
+    assert scan_body(body) == ["aws_access_key_id"]
+    monkeypatch.setattr(bodies, "STRUCTURE_LIMIT", 1000)  # the documented limit: windows only
+    assert scan_body(body) == []

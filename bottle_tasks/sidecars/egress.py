@@ -194,7 +194,7 @@ class Egress:
         if not route.allows_port(port):
             self.block(flow, _port_block(route, host, port), host)
             return
-        problem = _hostname_block(route, host)
+        problem = _hostname_block(route, flow.request.host)
         if problem is not None:
             self.block(flow, problem, host)
             return
@@ -270,7 +270,7 @@ class Egress:
                          "send https through a CONNECT tunnel")
         if not route.allows_port(port):
             return _port_block(route, host, port)
-        problem = _hostname_block(route, host)
+        problem = _hostname_block(route, req.host)
         if problem is not None:
             return problem
         if in_tunnel and (normalize_host(req.host) != host or req.port != port):
@@ -534,7 +534,8 @@ def _is_event_stream(response: http.Response) -> bool:
 
 def _hostname_block(route: Route, host: str) -> Block | None:
     """Decision 1b: on a wildcard route, a name whose labels carry a secret or look like encoded
-    data is refused before anything resolves it (a DNS lookup is itself a way out)."""
+    data is refused before anything resolves it (a DNS lookup is itself a way out). host as the
+    guest sent it: mixed case is itself a sign of base64."""
     if not route.host.startswith("*."):
         return None
     problem = dlp.hostname_problem(host, route.host)

@@ -126,7 +126,8 @@ class Inspector:
                 matches = self.pipelock.scan(replace(parts, body=text), locate=False)
             return matches or None
 
-        found = bodies.scan_body(request.raw_body, request.content_encoding, limit, scan_window) or []
+        found = bodies.scan_body(request.raw_body, request.content_encoding, limit, scan_window,
+                                 content_type=request.content_type) or []
         if not found and unsent and self.pipelock is not None:
             found = self.pipelock.scan(head, locate=False)
         return found

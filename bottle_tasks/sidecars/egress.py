@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import inspect
 import json
 import os
@@ -74,7 +73,6 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, TextIO
 
@@ -83,7 +81,9 @@ from mitmproxy.proxy import server_hooks
 
 from bottle_tasks.contract import DEFAULT_MAX_BODY_BYTES, Route, TokenSlot, normalize_host
 from bottle_tasks.sidecars import bodies, dlp, pipelock_scan
-from bottle_tasks.sidecars.inspection import RESPONSE_SCAN_LIMIT, Inspector, OutgoingRequest, SseInjectionFilter
+from bottle_tasks.sidecars.inspection import (
+    RESPONSE_SCAN_LIMIT, Block, Inspector, OutgoingRequest, SseInjectionFilter,
+)
 from bottle_tasks.sidecars.addresses import is_public_address, resolve_host
 from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token
 from bottle_tasks.sidecars.routes import RoutesConfig, RoutesError, load_routes
@@ -101,16 +101,6 @@ RESPONSE_DECODE_LIMIT = 4 * BUFFER_LIMIT
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 Emit = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class Block:
-    reason: str
-    detail: str
-    status: int = 403
-    pattern: str = ""
-    where: str = ""
-    log_host: str = ""  # what the log names as the host, when the host itself must not be logged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +303,7 @@ class Egress:
             content_type=req.headers.get("content-type", ""))
         verdict = await asyncio.to_thread(self.inspector.inspect_request, outgoing, route)
         if verdict.refusal is not None:
-            r = verdict.refusal
-            return Block(r.reason, r.detail, status=r.status, pattern=r.pattern, where=r.where)
+            return verdict.refusal
         if verdict.action == "redact":
             _apply_redaction(req, verdict)
         event = {"log": "dlp_logged", "redact": "dlp_redacted"}.get(verdict.action)

@@ -26,7 +26,7 @@ Stdlib only: this runs inside the bundle image.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from bottle_tasks.contract import Route
@@ -46,12 +46,15 @@ _UNSCANNED_TYPES = ("image/", "audio/", "video/", "font/", "application/octet-st
 
 
 @dataclass(frozen=True)
-class Refusal:
+class Block:
+    """Why egress refuses a request or response: its reason code, detail and HTTP status."""
+
     reason: str
     detail: str
     status: int = 403
     pattern: str = ""
     where: str = ""
+    log_host: str = ""  # what the log names as the host, when the host itself must not be logged
 
 
 @dataclass(frozen=True)
@@ -62,13 +65,13 @@ class RequestVerdict:
 
     action: str = "pass"
     found: tuple[dlp.DlpMatch, ...] = ()
-    refusal: Refusal | None = None
+    refusal: Block | None = None
     # redact: the parts to send instead (None: that part unchanged)
     path: str | None = None
     headers: tuple[tuple[str, str], ...] | None = None
     trailers: tuple[tuple[str, str], ...] | None = None
     body: bytes | None = None                   # decoded, to be sent without Content-Encoding
-    redacted: tuple[dlp.DlpMatch, ...] = field(default=())
+    redacted: tuple[dlp.DlpMatch, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,9 @@ class Inspector:
             if route.dlp == "redact":
                 return self._redact(request, route, found)
         except bodies.BodyRefused as refused:
-            return _blocked(Refusal(refused.reason, refused.detail, refused.status))
+            return _blocked(Block(refused.reason, refused.detail, refused.status))
         except DlpUnavailable as exc:
-            return _blocked(Refusal("dlp_unavailable", str(exc)))
+            return _blocked(Block("dlp_unavailable", str(exc)))
         return _blocked(_match_refusal(found[0]), found)
 
     def _find(self, request: OutgoingRequest, limit: int) -> list[dlp.DlpMatch]:
@@ -291,16 +294,16 @@ def _whole_text(request: OutgoingRequest, limit: int) -> str | None:
         return None
 
 
-def _blocked(refusal: Refusal, found: list[dlp.DlpMatch] = ()) -> RequestVerdict:
+def _blocked(refusal: Block, found: list[dlp.DlpMatch] = ()) -> RequestVerdict:
     return RequestVerdict(action="block", found=tuple(found), refusal=refusal)
 
 
-def _match_refusal(match: dlp.DlpMatch) -> Refusal:
-    return Refusal("dlp_match", f"pattern {match.pattern} in {match.where}", pattern=match.pattern, where=match.where)
+def _match_refusal(match: dlp.DlpMatch) -> Block:
+    return Block("dlp_match", f"pattern {match.pattern} in {match.where}", pattern=match.pattern, where=match.where)
 
 
-def _unredactable(match: dlp.DlpMatch) -> Refusal:
-    return Refusal("dlp_match", f"pattern {match.pattern} in {match.where}, which redaction could not cut out",
+def _unredactable(match: dlp.DlpMatch) -> Block:
+    return Block("dlp_match", f"pattern {match.pattern} in {match.where}, which redaction could not cut out",
                    pattern=match.pattern, where=match.where)
 
 

@@ -31,6 +31,14 @@ from bottle_tasks.subnets import bottle_subnet
 
 FENCE_TIMEOUT = 30.0
 FENCE_TEMPLATES = ("guest-fence.rules.j2", "guest-fence6.rules.j2")     # IPv4, IPv6
+FENCE_MARK = "/run/bottle-fenced"
+HOLDER_SCRIPT = ('trap "exit 0" TERM INT; '
+                 'printf "%s\\n" "$BOTTLE_FENCE_V4" | iptables-restore && '
+                 'printf "%s\\n" "$BOTTLE_FENCE_V6" | ip6tables-restore && '
+                 f'touch {FENCE_MARK} && while :; do sleep 86400 & wait $!; done')
+# The holder's health is its fence, not the bundle image's check (which needs the daemons it never runs).
+HOLDER_HEALTH = ("--health-cmd", f"test -e {FENCE_MARK}", "--health-interval", "5s",
+                 "--health-timeout", "2s", "--health-retries", "1", "--health-start-period", "0s")
 
 
 class DockerBackend(DockerBundle):
@@ -63,6 +71,7 @@ class DockerBackend(DockerBundle):
         # The rules are a function of the network, the guest ports and the templates: hash those, so a
         # probe of an unchanged start renders nothing (jinja2 stays unimported).
         return digest_of(self.docker.image_id(plan.bundle_image.tag), plan.network, plan.bundle.guest_ports,
+                         HOLDER_SCRIPT, HOLDER_HEALTH,
                          *(content_digest(TEMPLATES_DIR / template) for template in FENCE_TEMPLATES))
 
     @staticmethod
@@ -75,10 +84,6 @@ class DockerBackend(DockerBundle):
         rules_v4, rules_v6 = self.fence_rules(plan)
         # The rules travel in the holder's own config (they hold no secret), so every start of it,
         # whoever starts it, applies them before anything can use the namespace.
-        apply = ('trap "exit 0" TERM INT; '
-                 'printf "%s\\n" "$BOTTLE_FENCE_V4" | iptables-restore && '
-                 'printf "%s\\n" "$BOTTLE_FENCE_V6" | ip6tables-restore && '
-                 'touch /run/bottle-fenced && while :; do sleep 86400 & wait $!; done')
         return ["create", "--name", self.netns_holder(plan), *plan.label_args("fence"),
                 "--label", f"{FINGERPRINT_LABEL}={self.holder_fingerprint(plan)}",
                 "--network", net.guest_side.name, "--ip", net.guest_ip,
@@ -87,8 +92,10 @@ class DockerBackend(DockerBundle):
                 "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW",
                 "--security-opt", "no-new-privileges", "--restart", "unless-stopped",
                 "--memory", "32m", "--pids-limit", "16",
+                # /run is fresh at every start, so the mark says this namespace is fenced, not an earlier one.
+                "--tmpfs", "/run:size=64k", *HOLDER_HEALTH,
                 "--env", f"BOTTLE_FENCE_V4={rules_v4}", "--env", f"BOTTLE_FENCE_V6={rules_v6}",
-                "--entrypoint", "/bin/sh", plan.bundle_image.tag, "-c", apply]
+                "--entrypoint", "/bin/sh", plan.bundle_image.tag, "-c", HOLDER_SCRIPT]
 
     def holder_ready(self, plan: Plan) -> bool:
         return self.running_with(self.netns_holder(plan), self.holder_fingerprint(plan))
@@ -102,7 +109,7 @@ class DockerBackend(DockerBundle):
             self.docker(*self.holder_create_argv(plan))
             self.docker("start", name)
             deadline = time.monotonic() + FENCE_TIMEOUT
-            while self.docker("exec", name, "test", "-e", "/run/bottle-fenced", check=False).returncode != 0:
+            while self.docker("exec", name, "test", "-e", FENCE_MARK, check=False).returncode != 0:
                 state = (self.docker.inspect("container", name, fresh=True) or {}).get("State", {})
                 if not state.get("Running") or time.monotonic() > deadline:
                     logs = self.docker.query("logs", "--tail", "20", name, check=False)

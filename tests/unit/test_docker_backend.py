@@ -114,6 +114,10 @@ def test_the_guest_holds_no_capability_and_joins_a_namespace_whose_holder_applie
     assert f"--dport {plan.bundle.guest_ports[0][1]}" in fence["BOTTLE_FENCE_V4"] and ":OUTPUT DROP" in fence["BOTTLE_FENCE_V4"]
     script = holder[-1]
     assert script.index("iptables-restore") < script.index("ip6tables-restore") < script.index("touch /run/bottle-fenced")
+    # The mark lives on a /run that every start makes afresh (a restarted holder cannot show an old
+    # namespace's mark), and the holder's health is that mark, not the bundle image's daemon check.
+    assert _flags(holder, "--tmpfs") == ["/run:size=64k"]
+    assert _flags(holder, "--health-cmd") == ["test -e /run/bottle-fenced"]
     # The guest is created only once the holder said the fence is in place.
     waited = runner.commands("docker", "exec", holder_name, "test", "-e", "/run/bottle-fenced")
     assert waited and runner.calls.index(waited[-1]) < runner.calls.index(guest)

@@ -108,21 +108,22 @@ _RULES: tuple[_Rule, ...] = (
           folded=True, at_seams=False),
     *(_Rule("aws_secret_access_key", name + _AWS_SECRET_VALUE, after="[a-z0-9/+]", folded=True)
       for name in _AWS_SECRET_NAMES),
-    _Rule("github_token", r"gh[pousr]_[A-Za-z0-9]{36,255}", before="[A-Za-z0-9_]"),
-    _Rule("github_pat", r"github_pat_[A-Za-z0-9_]{22,255}", before="[A-Za-z0-9_]"),
-    _Rule("anthropic_api_key", r"sk-ant-[A-Za-z0-9_-]{20,}", before="[A-Za-z0-9_-]"),
-    _Rule("openai_api_key", r"sk-(?!ant-)(?:[A-Za-z0-9]+-)?[A-Za-z0-9_-]{20,}", before="[A-Za-z0-9_-]"),
-    _Rule("slack_token", r"xox[abposr]-[A-Za-z0-9-]{10,}", before="[A-Za-z0-9_-]"),
+    # A prefix glued to a word by "-" or "_" ("agent-xoxb-...", "id_ghp_...") still starts a token.
+    _Rule("github_token", r"gh[pousr]_[A-Za-z0-9]{36,255}", before="[A-Za-z0-9]"),
+    _Rule("github_pat", r"github_pat_[A-Za-z0-9_]{22,255}", before="[A-Za-z0-9]"),
+    _Rule("anthropic_api_key", r"sk-ant-[A-Za-z0-9_-]{20,}", before="[A-Za-z0-9]"),
+    _Rule("openai_api_key", r"sk-(?!ant-)(?:[A-Za-z0-9]+-)?[A-Za-z0-9_-]{20,}", before="[A-Za-z0-9]"),
+    _Rule("slack_token", r"xox[abposr]-[A-Za-z0-9-]{10,}", before="[A-Za-z0-9]"),
     _Rule("slack_webhook", r"hooks\.slack\.com/services/T[A-Za-z0-9]{8,}/B[A-Za-z0-9]{8,}/[A-Za-z0-9]{24}"),
     _Rule("private_key", r"-----begin[ +](?:[a-z0-9]+[ +])*private[ +]key(?:[ +]block)?-----", folded=True),
     # "+" and "/" before: inside a base64 run (an image) "AIza" plus 35 characters is common.
     _Rule("google_api_key", r"AIza[0-9A-Za-z_-]{35}", before="[A-Za-z0-9_+/-]", after="[0-9A-Za-z_-]"),
-    *(_Rule("stripe_key", prefix + r"_(?:live|test)_[A-Za-z0-9]{20,}", before="[A-Za-z0-9_]") for prefix in ("sk", "rk")),
-    _Rule("gitlab_token", r"glpat-[A-Za-z0-9_-]{20,}", before="[A-Za-z0-9_-]"),
-    _Rule("npm_token", r"npm_[A-Za-z0-9]{36}", before="[A-Za-z0-9_]", after="[A-Za-z0-9]"),
+    *(_Rule("stripe_key", prefix + r"_(?:live|test)_[A-Za-z0-9]{20,}", before="[A-Za-z0-9]") for prefix in ("sk", "rk")),
+    _Rule("gitlab_token", r"glpat-[A-Za-z0-9_-]{20,}", before="[A-Za-z0-9]"),
+    _Rule("npm_token", r"npm_[A-Za-z0-9]{36}", before="[A-Za-z0-9]", after="[A-Za-z0-9]"),
     _Rule("pypi_token", r"pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"),
     _Rule("huggingface_token", r"hf_[A-Za-z]{34}", before="[A-Za-z0-9_]", after="[A-Za-z0-9]"),
-    _Rule("sendgrid_api_key", r"SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}", before="[A-Za-z0-9_-]"),
+    _Rule("sendgrid_api_key", r"SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}", before="[A-Za-z0-9]"),
 )
 
 # (name, regex) per rule, each a single regex over plain text; a name can have several.
@@ -173,6 +174,9 @@ DOCUMENTATION_KEYS: frozenset[str] = frozenset({
     "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY",
     # Stripe's published test key, Slack's documentation token
     "sk_test_4eC39HqLyjWDarjtT1zdp7dc", "xoxb-not-a-real-token-this-will-not-work",
+    # jwt.io's example token (HS256, "John Doe"), quoted in every JWT tutorial
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ"
+    ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
 })
 _CASELESS_DOCUMENTATION_KEYS = frozenset(key.upper() for key in DOCUMENTATION_KEYS if re.fullmatch(r"A[KS]IA\w{16}", key))
 _LAST_TOKEN = re.compile(r"[A-Za-z0-9/+_-]+\Z")
@@ -182,9 +186,31 @@ def is_documentation_example(matched_text: str) -> bool:
     """True when matched_text is a provider's documented example key, or ends in one after a key
     name ("aws_secret_access_key = <example>"): the same test for pipelock's findings and ours."""
     text = matched_text.strip().strip("\"'")
+    if text in DOCUMENTATION_KEYS:
+        return True
     token = _LAST_TOKEN.search(text)
     candidate = token.group() if token else text
     return candidate in DOCUMENTATION_KEYS or candidate.upper() in _CASELESS_DOCUMENTATION_KEYS
+
+
+# What templates and docs write where a secret goes: "<token>", "${TOKEN}", "{{ token }}", "xxxx",
+# "sk-..." or lower-case words with one that says so ("your-api-key", "ghp_your_token_here").
+# Digits never qualify, nor capitals but in a $VARIABLE_NAME of words, so no key (nor a key with such
+# words around it) does.
+_TEMPLATE_VALUE = re.compile(r"<[a-z_ .-]{1,40}>|\$\{?[A-Z]+(?:_[A-Z]+)+\}?|\{\{ ?[a-z_.]+ ?\}\}"
+                             r"|[xX*.]{3,}|[a-z]{1,4}[-_]\.{3}|[a-z]+(?:[-_][a-z]+)*")
+_TEMPLATE_WORDS = frozenset({"your", "here", "example", "placeholder", "changeme", "replace", "insert",
+                             "dummy", "redacted", "todo"})
+
+
+def is_template_value(value: str) -> bool:
+    """True when value (an assignment's right side) is a stand-in for a secret, not one."""
+    value = value.strip().strip("\"'")
+    if not _TEMPLATE_VALUE.fullmatch(value):
+        return False
+    if value[0] in "<${xX*." or value.endswith("..."):
+        return True
+    return any(word in _TEMPLATE_WORDS for word in re.split(r"[-_]", value))
 
 
 def _fold(text: str) -> str:
@@ -913,7 +939,8 @@ def reassembled(fields: Iterable[Field]) -> JoinedText | None:
     """Fields joined end to end, with a seam between every two; None for fewer than two fields.
     Joined: the values; the keys; the values each decoded whole (base64 or hex) where one is; and,
     per key that has several values, its values ("text" across content blocks, a form name
-    repeated). Of a long field only its first and last FIELD_EDGE characters join (the rest is
+    repeated); and a secret's name given as a value, paired with each value next to it
+    (_named_pairs). Of a long field only its first and last FIELD_EDGE characters join (the rest is
     scanned where it stands). The joins are separated by NUL, which no rule crosses."""
     values: list[str] = []
     keys: list[str] = []
@@ -936,12 +963,12 @@ def reassembled(fields: Iterable[Field]) -> JoinedText | None:
     joins = [values, keys, *(group for group in by_key.values() if len(group) < len(values))]
     if decoded_any:
         joins.append(decoded)
+    # A join of one field says nothing new, but a name paired with its neighbour is a text of its own.
+    joins = [join for join in joins if len(join) >= 2] + [[pair] for pair in _named_pairs(values, decoded)]
     pieces: list[str] = []
     seams: list[int] = []
     length = 0
     for join in joins:
-        if len(join) < 2:
-            continue
         if pieces:
             pieces.append("\x00")
             length += 1
@@ -951,6 +978,22 @@ def reassembled(fields: Iterable[Field]) -> JoinedText | None:
             length += len(text)
         seams.append(length)
     return JoinedText("".join(pieces), seams) if pieces else None
+
+
+_SECRET_NAME = re.compile("|".join(_AWS_SECRET_NAMES), re.IGNORECASE)
+
+
+def _named_pairs(values: list[str], decoded: list[str]) -> list[str]:
+    """A value that is a secret's name ("AWS_SECRET_ACCESS_KEY"), written as the name of each value
+    next to it, as sent and decoded: name and value in fields of their own, as in
+    [{"name": ..., "value": ...}] env lists, or a form's n=<name>&v=<value> in either order."""
+    pairs = []
+    for index, value in enumerate(values):
+        if _SECRET_NAME.fullmatch(value.strip()):
+            for neighbour in (index - 1, index + 1):
+                if 0 <= neighbour < len(values):
+                    pairs += [f"{value}={text}" for text in dict.fromkeys((values[neighbour], decoded[neighbour]))]
+    return pairs
 
 
 def _each_text(fields: Sequence[Field]) -> tuple[str, list[int]]:
@@ -1152,6 +1195,8 @@ HOST_HEX_RUN = 20          # hex characters in a row (dots and dashes dropped) t
 HOST_ENCODED_CHARS = 16    # characters in all of tokens that look like data (see hostname_problem)
 HOST_CONSONANT_RUN = 12    # a letters-only token this long with few vowels is refused on its own
 HOST_MIN_VOWELS = 0.2      # "few vowels": fewer vowels (aeiouy) than this share of the letters ...
+# A UUID as RFC 9562 writes it: lower-case hex in 8-4-4-4-12, a version digit 1-8, variant bits 10.
+_UUID_LABEL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _CONSONANTS = re.compile(r"[^aeiouy]{6}")  # ... or six consonants in a row ("latchstring" has the most in English)
 _BASE32_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 
@@ -1177,6 +1222,8 @@ def hostname_problem(host: str, route_host: str) -> str | None:
         (base64 with its case kept), and letters-only tokens of 5 or more that read as random letters: fewer than
         HOST_MIN_VOWELS vowels, or six consonants in a row. Numbers and words do not count;
       - such a letters-only token of HOST_CONSONANT_RUN letters or more on its own.
+    One label that is a UUID in its canonical form (a SaaS tenant's subdomain) is left out of
+    these counts: a channel of 122 bits per name, which the secret rules above still read.
     So "d111111abcdef8" (CloudFront, 14 mixed characters), "us-east-1", "my-api-v2", "pr-1234",
     "abc123", "logs-2024-01-15-backup" and S3-style names of words and dashes pass; 20 random
     base32 characters, in one label or in several, almost never do, and neither do AWS Lambda
@@ -1198,6 +1245,14 @@ def hostname_problem(host: str, route_host: str) -> str | None:
         return "hostname_secret"
     if len(labels) > HOST_MAX_LABELS or len(left) > HOST_MAX_CHARS:
         return "hostname_encoded"
+    # One label that is a UUID (a tenant's id) is a name, not data; the rest is judged without it.
+    # As sent: the case of its letters could carry more.
+    tenant = next((index for index, label in enumerate(left_sent.split(".")) if _UUID_LABEL.fullmatch(label)), None)
+    if tenant is not None:
+        kept = [label for index, label in enumerate(labels) if index != tenant]
+        kept_sent = [label for index, label in enumerate(left_sent.split(".")) if index != tenant]
+        left, left_sent = ".".join(kept), ".".join(kept_sent)
+        compact = re.sub(r"[^a-z0-9]", "", left)
     if any(re.search(r"\d", run) and re.search(r"[a-f]", run)
            for run in re.findall(r"[0-9a-f]{%d,}" % HOST_HEX_RUN, compact)):
         return "hostname_encoded"

@@ -81,7 +81,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from bottle_tasks.contract import PLACEHOLDER_PREFIX
-from bottle_tasks.sidecars.dlp import DlpMatch, RequestParts, is_documentation_example
+from bottle_tasks.sidecars.dlp import DlpMatch, RequestParts, is_documentation_example, is_template_value
 
 # Sizes measured against v2.3.0 (docs/bundle-contract.md, "pipelock"): a dlp or prompt_injection scan
 # of 32 Ki characters took at most 1.8 s in the worst case, hex text with four scans at once on a
@@ -105,7 +105,10 @@ _B64_RUN = re.compile(rf"[A-Za-z0-9+/]{{{BLOB_MIN_CHARS},}}")
 _SINGLE_CASE_RUN = re.compile(rf"[A-Z0-9]{{{KEPT_RUN_CHARS},}}|[a-z0-9]{{{KEPT_RUN_CHARS},}}")
 # Where a key can stand as a whole token: a run of letters and digits (an id), or of base64 (a secret key).
 _KEY_TOKENS = (re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{16,40}(?![A-Za-z0-9])"),
-               re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{16,40}(?![A-Za-z0-9+/])"))
+               re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{16,40}(?![A-Za-z0-9+/])"),
+               re.compile(r"(?<![\w.-])eyJ[\w-]+\.eyJ[\w-]+\.[\w-]+(?![\w.-])"))   # a JWT
+# An assignment in a body ("NAME=value", "name: value"), whose value may be a template's stand-in.
+_ASSIGNED_VALUE = re.compile(r"(?<![\w-])[A-Za-z_][\w-]*[ \t]*[=:][ \t]*[\"']?(<[^<>\n]{1,40}>|[^\s\"',;&]+)")
 _PRINTABLE = re.compile(rb"[\x20-\x7e\t\r\n]{%d,}" % DECODED_MIN_CHARS)
 _PRINTABLE_WORD = re.compile(rb"[\x21-\x7e]{8,}")  # the shortest a pipelock rule reads
 _WHOLE_DECODABLE = re.compile(r"[A-Za-z0-9+/=_\-:,\\ ]{10,}")
@@ -317,12 +320,16 @@ class _OutOfBudget(Exception):
 
 def _prepare(text: str, body: bool) -> _Prepared:
     """text with the stretches that are not secrets blanked, same length (see the module docstring).
-    Placeholders only in a body: pipelock sees a header exactly as it goes out, but for the token."""
+    Placeholders and templates' stand-in values only in a body: pipelock sees a header exactly as it
+    goes out, but for the token."""
     edits: list[tuple[int, int, str]] = []
     start = text.find(PLACEHOLDER_PREFIX) if body else -1
     while start >= 0:
         edits.append((start, start + len(PLACEHOLDER_PREFIX), _filler("ph", len(PLACEHOLDER_PREFIX))))
         start = text.find(PLACEHOLDER_PREFIX, start + len(PLACEHOLDER_PREFIX))
+    for value in _ASSIGNED_VALUE.finditer(text) if body else ():
+        if is_template_value(value.group(1)):
+            edits.append((value.start(1), value.end(1), _filler("tv", len(value.group(1)))))
     for tokens in _KEY_TOKENS:
         for token in tokens.finditer(text):
             if is_documentation_example(token.group()):

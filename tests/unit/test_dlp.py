@@ -179,3 +179,23 @@ def test_scan_request_reports_where():
         dlp.DlpMatch("github_token", "header:x-leak"),
         dlp.DlpMatch("slack_token", "body"),
     ]
+
+
+@pytest.mark.parametrize("value", ["your-access-key-id", "ghp_your_token_here", "sk-...", "<your token>", "${GITHUB_TOKEN}",
+                                   "xxxxxxxx", "********", "changeme", "'replace-me'", "{{ api_key }}"])
+def test_templates_stand_ins_are_not_secrets(value):
+    assert dlp.is_template_value(value)
+
+
+@pytest.mark.parametrize("value", ["hunter22", "my-secret-dog", "correct-horse-battery", "your_AKIA2345ABCD", "$AKIAIOSFODNN",
+                                   "<AbCdEf>", "your-token-1", "sk-proj-abc", "example1"])
+def test_values_that_could_be_real_are_not_stand_ins(value):
+    assert not dlp.is_template_value(value)
+
+
+@pytest.mark.parametrize("name", ["github_token", "github_pat", "anthropic_api_key", "openai_api_key", "slack_token",
+                                  "stripe_key", "gitlab_token", "npm_token", "sendgrid_api_key"])
+def test_a_token_glued_to_a_word_by_a_dash_or_underscore_still_matches(name):
+    token = fake_secrets()[name]
+    for glued in (f"agent-{token}", f"client_{token}"):
+        assert name in names(glued), glued

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import random
+import string
 import urllib.parse
 
 import pytest
@@ -161,3 +163,27 @@ def test_a_joined_text_decodes_only_across_seams_and_never_stands_in_for_plain_t
     plain = f"x {base64.b64encode(fake_aws_key().encode()).decode()} y"
     assert dlp.scan_text(dlp.JoinedText(plain, [0, len(plain)]), "body") == []
     assert [m.pattern for m in dlp.scan_text(plain, "body")] == ["aws_access_key_id"]
+
+
+def _aws_secret() -> str:
+    return "".join(random.choice(string.ascii_letters + string.digits + "/+") for _ in range(40))
+
+
+@pytest.mark.parametrize("shape", ["form, name first", "form, value first", "form, value in base64", "env list", "env list, reversed"])
+def test_a_secret_whose_name_rides_in_the_next_field_is_found(shape):
+    secret = _aws_secret()
+    b64 = base64.b64encode(secret.encode()).decode()
+    body, content_type = {
+        "form, name first": (urllib.parse.urlencode({"n": "aws_secret_access_key", "s": secret}), dlp.FORM_MEDIA),
+        "form, value first": (urllib.parse.urlencode({"s": secret, "n": "AWS_SECRET_ACCESS_KEY"}), dlp.FORM_MEDIA),
+        "form, value in base64": (urllib.parse.urlencode({"s": b64, "n": "aws_secret_access_key"}), dlp.FORM_MEDIA),
+        "env list": (json.dumps({"environment": [{"name": "AWS_SECRET_ACCESS_KEY", "value": secret}]}), "application/json"),
+        "env list, reversed": (json.dumps([{"value": secret, "name": "aws_secret_access_key"}]), "application/json"),
+    }[shape]
+    assert [m.pattern for m in dlp.scan_body_text(body, content_type)] == ["aws_secret_access_key"], body
+
+
+def test_a_secrets_name_beside_ordinary_values_is_not_a_finding():
+    body = json.dumps({"environment": [{"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": "arn:aws:ssm:eu-west-1:123456789012:parameter/prod/aws-secret"},
+                                       {"name": "LOG_LEVEL", "value": "info"}]})
+    assert dlp.scan_body_text(body, "application/json") == []

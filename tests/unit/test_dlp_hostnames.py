@@ -105,3 +105,16 @@ def test_only_the_labels_the_agent_chose_count():
     assert dlp.hostname_problem(f"api.{key}.example.com", f"*.{key}.example.com") is None  # the route's own labels
     assert dlp.hostname_problem(f"{key.upper()}.Example.COM.", "*.example.com") == "hostname_secret"  # DNS case, root dot
     assert dlp.hostname_problem("MyApp-Staging.example.com", "*.example.com") is None  # capitals on words
+
+
+def test_one_uuid_label_is_a_tenant_name_and_no_more():
+    import uuid
+    tenant = str(uuid.uuid4())
+    assert dlp.hostname_problem(f"{tenant}.example.com", "*.example.com") is None
+    assert dlp.hostname_problem(f"api.{tenant}.example.com", "*.example.com") is None
+    # The exemption is one canonical UUID: a second one, data beside it, or a case that carries bits is judged as data.
+    assert dlp.hostname_problem(f"{tenant}.{uuid.uuid4()}.example.com", "*.example.com") == "hostname_encoded"
+    assert dlp.hostname_problem(f"{secrets.token_hex(12)}.{tenant}.example.com", "*.example.com") == "hostname_encoded"
+    mixed = "".join(c.upper() if i % 3 == 0 else c for i, c in enumerate(tenant))
+    assert dlp.hostname_problem(f"{mixed}.example.com", "*.example.com") == "hostname_encoded"
+    assert dlp.hostname_problem(f"{tenant.replace('-', '')}.example.com", "*.example.com") == "hostname_encoded"

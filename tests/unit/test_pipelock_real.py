@@ -386,6 +386,33 @@ def test_documentation_keys_are_not_live_secrets(pipelock):
     assert match.pattern == "pipelock:DLP-AWS Access ID" and body[match.span[0]:match.span[1]].startswith(key)
 
 
+JWT_IO_EXAMPLE = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ"
+                  ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+
+
+@requires_pipelock
+def test_the_jwt_io_example_is_not_a_live_token(pipelock):
+    assert "DLP-JWT Token" in pipelock.raw_rules(f"Authorization: Bearer {JWT_IO_EXAMPLE}")
+    client = pipelock.client()
+    assert client.scan(dlp.RequestParts("docs.example.com/api/me", (("authorization", f"Bearer {JWT_IO_EXAMPLE}"),),
+                                        f"decode {JWT_IO_EXAMPLE}")) == []
+    live = JWT_IO_EXAMPLE.rsplit(".", 1)[0] + "." + rand(string.ascii_letters + string.digits, 43)
+    assert client.scan(dlp.RequestParts("docs.example.com/api/me", (("authorization", f"Bearer {live}"),), "")) != []
+
+
+@requires_pipelock
+def test_a_templates_stand_in_values_do_not_trip_the_env_rule(pipelock):
+    template = ("AWS_SECRET_ACCESS_KEY=your-secret-access-key\nGITHUB_TOKEN=ghp_your_token_here\n"
+                "DB_PASSWORD=<your database password>\nSTRIPE_API_KEY=${STRIPE_API_KEY_FROM_VAULT}\n")
+    assert "DLP-Environment Variable Secret" in pipelock.raw_rules(template)
+    client = pipelock.client()
+    assert client.scan(dlp.RequestParts("docs.example.com/api/files", (), template)) == []
+    secret = rand(string.ascii_letters + string.digits, 14)
+    body = template + f"API_TOKEN=your-{secret}\n"
+    (match,) = client.scan(dlp.RequestParts("docs.example.com/api/files", (), body))
+    assert match.pattern == "pipelock:DLP-Environment Variable Secret"
+
+
 # -- prompt injection -----------------------------------------------------------------------------
 
 

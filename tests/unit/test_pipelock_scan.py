@@ -135,6 +135,38 @@ def test_placeholders_in_a_body_and_documentation_keys_never_reach_pipelock(pipe
     assert "x-api-key: bottle-placeholder-ANTHROPIC_API_KEY" in head_sent  # a header goes as it is sent
 
 
+JWT_IO_EXAMPLE = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ"
+                  ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+
+
+def test_the_jwt_io_example_is_withheld_and_a_live_jwt_is_sent(pipelock_server):
+    server = pipelock_server(lambda req: completed("allow"))
+    live = JWT_IO_EXAMPLE[:-10] + "".join(random.choice(string.ascii_letters) for _ in range(10))
+    PipelockClient(server.url).scan(dlp.RequestParts("", (("authorization", f"Bearer {JWT_IO_EXAMPLE}"),),
+                                                     f"decode {JWT_IO_EXAMPLE} and {live}"))
+    sent = "\n".join(texts(server))
+    assert sent.count("eyJ") == 2 and live in sent   # only the live one, and it once per part it rides in
+
+
+TEMPLATE_ENV = ("AWS_ACCESS_KEY_ID=your-access-key-id\nAWS_SECRET_ACCESS_KEY=<your secret key>\n"
+                "GITHUB_TOKEN=ghp_your_token_here\nOPENAI_API_KEY=sk-...\nDB_PASSWORD=${DB_PASSWORD_FROM_VAULT}\n")
+
+
+def test_a_templates_stand_in_values_are_withheld_and_real_values_beside_them_sent(pipelock_server):
+    server = pipelock_server(lambda req: completed("allow"))
+    live = "ghp_" + "".join(random.choice(string.ascii_letters + string.digits) for _ in range(36))
+    attacks = [f"SECRET=your_{live}", "TOKEN=your-" + live[4:], f"KEY=${{{live}}}", f"PASSWORD=<{live}>",
+               f"API_KEY=xxxx{live}"]
+    body = TEMPLATE_ENV + "\n".join(attacks)
+    PipelockClient(server.url).scan(dlp.RequestParts("", (), body))
+    (sent,) = texts(server)
+    assert len(sent) == len(body)
+    for value in ("your-access-key-id", "your secret key", "ghp_your_token_here", "sk-...", "DB_PASSWORD_FROM_VAULT"):
+        assert value not in sent
+    for attack in attacks:
+        assert attack in sent, attack     # a value with a live key in it is never a stand-in
+
+
 def test_a_documentation_key_inside_a_longer_token_is_sent(pipelock_server):
     server = pipelock_server(lambda req: completed("allow"))
     PipelockClient(server.url).scan(dlp.RequestParts("", (), "AKIAIOSFODNN7EXAMPLEX2"))

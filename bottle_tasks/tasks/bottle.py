@@ -152,7 +152,8 @@ def task_guest():
         be = backend(plan)
         yield {
             "name": plan.agent,
-            "task_dep": [be.guest_image_task(plan.agent), f"bundle:{plan.agent}"],
+            # Preflight first: doit runs a task's deps in order, so a check that fails costs no image build.
+            "task_dep": [f"preflight:{plan.agent}", be.guest_image_task(plan.agent), f"bundle:{plan.agent}"],
             "actions": [(action(_start_guest), [plan])],
             "uptodate": [(probe(_guest_current), [plan])],
             "clean": [(action(be.remove_guest), [plan])],

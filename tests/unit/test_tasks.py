@@ -43,7 +43,9 @@ def test_stages_chain_through_real_dependencies(agent_var):
     assert _one(bottle.task_networks(), "example")["task_dep"] == ["preflight:example"]
     bundle_deps = _one(bottle.task_bundle(), "example")["task_dep"]
     assert {"bundle_build", "render:example", "ca:example", "networks:example"} <= set(bundle_deps)
-    assert set(_one(bottle.task_guest(), "example")["task_dep"]) == {"image_build:example", "bundle:example"}
+    assert bundle_deps[0] == "preflight:example"
+    # In this order: doit runs deps as listed, and the cheap checks must come before any build.
+    assert _one(bottle.task_guest(), "example")["task_dep"] == ["preflight:example", "image_build:example", "bundle:example"]
     assert start.task_start()["task_dep"] == ["provision:example"]
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from bottle_tasks.build_trust import TRUST_ENV
 from bottle_tasks.errors import BottleError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ class Settings:
     cache_dir: Path            # transient: digests, staged build contexts
     base_image: str
     claude_code_version: str
-    build_ca_certs: Path | None    # extra CAs for image builds (corporate TLS interception)
+    build_trust_env: tuple[tuple[str, str], ...]  # what build_trust reads: BOTTLE_BUILD_CA_CERTS, the host's CA variables
     upstream_ca_certs: Path | None  # extra CAs egress trusts for upstream TLS
     pipelock_bin: Path | None      # BOTTLE_PIPELOCK_BIN, else a local pipelock: the fallback when pipelock_image is set
     pipelock_image: str            # the image the bundle build takes /pipelock from; "" = none (pipelock_source)
@@ -65,7 +66,7 @@ class Settings:
             cache_dir=(path_or_none("BOTTLE_CACHE_DIR") or _xdg(env, "XDG_CACHE_HOME", ".cache") / "claude-bottle"),
             base_image=env.get("BOTTLE_BASE_IMAGE") or DEFAULT_BASE_IMAGE,
             claude_code_version=env.get("BOTTLE_CLAUDE_CODE_VERSION") or DEFAULT_CLAUDE_CODE_VERSION,
-            build_ca_certs=path_or_none("BOTTLE_BUILD_CA_CERTS"),
+            build_trust_env=tuple((var, env[var]) for var in TRUST_ENV if env.get(var)),
             upstream_ca_certs=path_or_none("BOTTLE_UPSTREAM_CA_CERTS"),
             pipelock_bin=pipelock_bin,
             pipelock_image=pipelock_image,

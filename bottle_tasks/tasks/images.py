@@ -1,6 +1,7 @@
 """image_build:<agent> and bundle_build: one `docker build --iidfile` each. The digest file is the
 target later tasks depend on; an uptodate probe rebuilds an image removed by hand. pipelock_binary
-takes pipelock out of its official image for the bundle build (settings.pipelock_source)."""
+takes pipelock out of its official image for the bundle build (settings.pipelock_source); build_trust
+stages the extra CAs every build context holds as extra-ca.pem (bottle_tasks/build_trust.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
+from bottle_tasks.build_trust import host_build_trust, tls_failure, tls_failure_error
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import ImagePlan, Plan
+from bottle_tasks.runner import CommandError, Result
 from bottle_tasks.settings import PACKAGE_DIR, PIPELOCK_IN_IMAGE, Settings, pipelock_binary_choice, pipelock_problem
 from bottle_tasks.tasks.common import action, current_run, files_under, plans, probe, purge_requested, settings
 
-__all__ = ["task_image_build", "task_bundle_build", "task_pipelock_binary"]
+__all__ = ["task_build_trust", "task_image_build", "task_bundle_build", "task_pipelock_binary"]
 
 PULL_TIMEOUT_SECONDS = 300
 
@@ -30,9 +33,28 @@ def bundle_pipelock(s: Settings) -> Path | None:
     return pulled_pipelock(s) if s.pipelock_image else s.pipelock_bin
 
 
+def staged_trust(s: Settings) -> Path:
+    """build_trust's target: the extra CAs of every image build ("" for none; the Dockerfiles skip an empty file)."""
+    return s.cache_dir / "images" / "extra-ca.pem"
+
+
+def stage_build_trust(s: Settings) -> None:
+    """build_trust's action. It writes only when the CAs changed, so an unchanged start leaves the
+    image builds' file_dep as it was and builds nothing."""
+    trust = host_build_trust(dict(s.build_trust_env))
+    print(f"build CAs: {trust.summary}")
+    target = staged_trust(s)
+    if target.exists() and target.read_text() == trust.pem:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(trust.pem)
+    tmp.replace(target)
+
+
 def _extra_files(image: ImagePlan, s: Settings) -> dict[str, Path | None]:
     """Files copied into the staged context on top of the Dockerfile directory."""
-    extras: dict[str, Path | None] = {"extra-ca.pem": s.build_ca_certs}
+    extras: dict[str, Path | None] = {"extra-ca.pem": staged_trust(s)}
     if image.kind == "bundle":
         extras["bottle_tasks/__init__.py"] = PACKAGE_DIR / "__init__.py"
         extras["bottle_tasks/contract.py"] = PACKAGE_DIR / "contract.py"
@@ -50,8 +72,6 @@ def stage_context(image: ImagePlan, s: Settings) -> None:
         dest = ctx / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if source is None:
-            if rel.endswith(".pem"):
-                dest.write_text("")      # the Dockerfile skips an empty CA file
             continue
         if not source.exists():
             raise BottleError(f"{source} does not exist (needed for the {image.kind} image build as {rel}); fix the setting that names it")
@@ -71,8 +91,21 @@ def build_image(image: ImagePlan, s: Settings) -> None:
     for key, value in image.build_args:
         args += ["--build-arg", f"{key}={value}"]
     print(f"building {image.tag} (the first build takes minutes; later ones reuse the layer cache)")
-    current_run().docker("build", "--iidfile", str(tmp), "-t", image.tag, *args, str(image.context_dir), timeout=3600)
+    result = current_run().docker("build", "--iidfile", str(tmp), "-t", image.tag, *args, str(image.context_dir),
+                                  timeout=3600, check=False)
+    if not result.ok:
+        raise build_failure(image, result, s)
     tmp.replace(image.iid_file)
+
+
+def build_failure(image: ImagePlan, result: Result, s: Settings) -> BottleError:
+    """A failed build's error. A TLS failure names the setting that fixes it; any other shows the
+    output's last lines (the classic builder prints a RUN's output on stdout, only its verdict on stderr)."""
+    output = result.stdout + result.stderr
+    line = tls_failure(output)
+    if line:
+        return tls_failure_error(f"the build of {image.tag}", line, host_build_trust(dict(s.build_trust_env)))
+    return CommandError(result.argv, result.returncode, output)
 
 
 def image_current(image: ImagePlan) -> bool:
@@ -84,7 +117,8 @@ def image_current(image: ImagePlan) -> bool:
 def image_task(image: ImagePlan, s: Settings) -> dict:
     extras = [p for p in _extra_files(image, s).values() if p is not None]
     return {
-        "file_dep": files_under(image.dockerfile_dir, *extras),
+        # build_trust's target need not exist yet (files_under skips it): doit runs that task first.
+        "file_dep": sorted({*files_under(image.dockerfile_dir, *extras), str(staged_trust(s))}),
         "targets": [str(image.iid_file)],
         "actions": [(action(build_image), [image, s])],
         "uptodate": [config_changed({"tag": image.tag, "args": image.build_args,
@@ -101,6 +135,18 @@ def _purge_image(image: ImagePlan) -> None:
     if purge_requested() and image.kind == "agent":
         current_run().docker("rmi", "-f", image.tag, check=False)
         image.iid_file.unlink(missing_ok=True)
+
+
+def task_build_trust():
+    """Stage the extra CAs image builds trust: BOTTLE_BUILD_CA_CERTS, else the host's trust minus the public roots."""
+    s = settings()
+    return {
+        "actions": [(action(stage_build_trust), [s])],
+        "targets": [str(staged_trust(s))],
+        # Runs every time (it reads a few files): the host's trust may change without any file doit watches.
+        "uptodate": [False],
+        "verbosity": 2,
+    }
 
 
 def task_image_build():

@@ -169,8 +169,6 @@ def bottle_env(tmp_path_factory) -> Env:
         "BOTTLE_UPSTREAM_CA_CERTS": str(ca_pem),
         "ANTHROPIC_API_KEY": FAKE_TOKEN,
     }
-    if not env.get("BOTTLE_BUILD_CA_CERTS") and Path("/etc/ssl/certs/ca-certificates.crt").exists():
-        env["BOTTLE_BUILD_CA_CERTS"] = "/etc/ssl/certs/ca-certificates.crt"
     e = Env(root=root, env=env, argv_log=argv_log)
     for name, text in AGENT_FILES.items():
         e.write_agent(name, text)

@@ -37,6 +37,19 @@ def test_image_builds_depend_on_their_dockerfile_and_write_a_digest_file(agent_v
     assert str(ROOT / "bottle_tasks" / "sidecars" / "egress.py") in bundle["file_dep"]
 
 
+def test_every_image_build_depends_on_the_staged_build_cas(agent_var):
+    from bottle_tasks.tasks import images
+    from bottle_tasks.tasks.common import settings
+
+    staged = str(images.staged_trust(settings()))
+    trust = images.task_build_trust()
+    # build_trust runs every start and rewrites the file only when the CAs change; doit runs it
+    # before the builds because its target is their file_dep, which need not exist yet.
+    assert trust["targets"] == [staged] and trust["uptodate"] == [False]
+    assert staged in _one(images.task_image_build(), "example")["file_dep"]
+    assert staged in images.task_bundle_build()["file_dep"]
+
+
 def test_stages_chain_through_real_dependencies(agent_var):
     from bottle_tasks.tasks import bottle, start
 
@@ -54,5 +67,5 @@ def test_console_command_lists_the_tasks_outside_the_checkout(capsys, monkeypatc
     monkeypatch.setenv("BOTTLE_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["list", "agent=example"]) == 0
     out = capsys.readouterr().out
-    for name in ("start", "image_build", "bundle_build", "provision"):
+    for name in ("start", "build_trust", "image_build", "bundle_build", "provision"):
         assert name in out

@@ -44,10 +44,13 @@ def test_missing_token_variable_names_it_and_never_a_value(bottle_env):
           - host: api.example.test
             token: {env: BOTTLE_TEST_MISSING_TOKEN, header: authorization, format: "Bearer {value}"}
     """)
-    mark = len(bottle_env.argv_log.read_text().splitlines()) if bottle_env.argv_log.exists() else 0
+    def argv_lines() -> list[str]:   # no docker command yet, no log yet
+        return bottle_env.argv_log.read_text().splitlines() if bottle_env.argv_log.exists() else []
+
+    mark = len(argv_lines())
     out = _failed_start(bottle_env, "needs-token")
     # The check costs nothing: this agent's image was never built, and still no build ran.
-    builds = [line for line in bottle_env.argv_log.read_text().splitlines()[mark:] if line.startswith("build")]
+    builds = [line for line in argv_lines()[mark:] if line.startswith("build")]
     assert builds == [], builds
     assert "BOTTLE_TEST_MISSING_TOKEN is not set in the host environment" in out
     assert "export BOTTLE_TEST_MISSING_TOKEN=" in out

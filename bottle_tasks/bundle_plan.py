@@ -42,7 +42,7 @@ class ConfigFile:
     """One file (or directory) a reading side sees: rendered from a template, or a host file used as is."""
     host_path: Path
     target: str                   # where the reader sees it: a path in the bundle (or the guest)
-    template: str | None = None   # templates/<template>; None: an existing host file or directory
+    template: str | None = None   # bottle_tasks/templates/<template>; None: an existing host file or directory
     mode: int = 0o644
     origin: str = ""              # for a file used as is: the setting or key it comes from
 

@@ -23,7 +23,7 @@ _END = "<!-- end of bundle inputs -->"
 def contract_table(daemons: tuple[BundleDaemon, ...], shared: tuple[ConfigFile, ...]) -> str:
     """The markdown table of every daemon and file, with host paths shown relative to the state dir."""
     def where(f: ConfigFile) -> str:
-        return f"`templates/{f.template}`" if f.template else f"host file: {f.origin}"
+        return f"`bottle_tasks/templates/{f.template}`" if f.template else f"host file: {f.origin}"
 
     rows = ["| daemon | command | probe | guest ports | reads (mode) | writes |", "|---|---|---|---|---|---|"]
     for d in daemons:

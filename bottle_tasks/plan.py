@@ -25,7 +25,7 @@ from bottle_tasks.spec import AgentSpec, GitUser
 # Paths inside the guest.
 GUEST_HOME = "/home/agent"
 GUEST_USER = "agent"
-GUEST_AGENT_UID = 1000          # images/agent/Dockerfile creates the agent with this uid
+GUEST_AGENT_UID = 1000          # bottle_tasks/images/agent/Dockerfile creates the agent with this uid
 GUEST_WORKSPACE = "/workspace"
 GUEST_CA_PATH = "/usr/local/share/ca-certificates/claude-bottle.crt"
 GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"

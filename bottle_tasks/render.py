@@ -1,4 +1,4 @@
-"""Render config files from the Jinja templates in templates/. Python never builds YAML by hand.
+"""Render config files from the Jinja templates in bottle_tasks/templates/. Python never builds YAML by hand.
 
 Every template sees the plan and the same context: the bundle's ports and paths, the guest's paths,
 and the scan API token (minted once per bottle, in its state dir).
@@ -14,10 +14,10 @@ from typing import Iterable
 from bottle_tasks import bundle_plan, plan as plan_module
 from bottle_tasks.bundle_plan import ConfigFile
 from bottle_tasks.plan import Plan
-from bottle_tasks.settings import ROOT
+from bottle_tasks.settings import package_dir
 from bottle_tasks.sidecars.files import atomic_write
 
-TEMPLATES_DIR = ROOT / "templates"
+TEMPLATES_DIR = package_dir("templates")
 
 
 @cache
@@ -45,7 +45,11 @@ def scan_token(plan: Plan) -> str:
 
 
 def render(template: str, plan: Plan, **extra: object) -> str:
-    return _environment().get_template(template).render(plan=plan, **extra)
+    return render_template(template, plan=plan, **extra)
+
+
+def render_template(template: str, **context: object) -> str:
+    return _environment().get_template(template).render(**context)
 
 
 def render_files(files: Iterable[ConfigFile], plan: Plan) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 import shutil
@@ -9,11 +10,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from bottle_tasks.agents import agent_dirs
 from bottle_tasks.build_trust import TRUST_ENV
 from bottle_tasks.errors import BottleError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent   # the checkout, when run from one (its ./agents)
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def package_dir(name: str) -> Path:
+    """A directory the package ships (templates/, images/), as a path on disk: Jinja's loader and
+    docker build contexts need one, which every installed wheel (and the checkout) gives."""
+    found = importlib.resources.files("bottle_tasks") / name
+    if not isinstance(found, Path) or not found.is_dir():
+        raise BottleError(f"claude-bottle's package data {name}/ is missing or not on disk ({found}): "
+                          "install the package from a wheel or a checkout (pip install / pipx install), not as a zip")
+    return found
+
+
+IMAGES_DIR = package_dir("images")
 # Pinned defaults; see README "Pinned versions".
 DEFAULT_BASE_IMAGE = "debian:bookworm-slim"
 DEFAULT_CLAUDE_CODE_VERSION = "2.1.197"  # newest 2.1.x that runs on Debian bookworm's node 18
@@ -34,7 +49,7 @@ def _xdg(env: Mapping[str, str], var: str, fallback: str) -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    agents_dir: Path
+    agents_dirs: tuple[Path, ...]  # the agent files' search path (bottle_tasks/agents.py)
     images_dir: Path           # holds agent/Dockerfile and bundle/Dockerfile; point it at your own copy to customise
     state_dir: Path            # holds work: workspace metadata, CA, rendered configs; kept by clean
     cache_dir: Path            # transient: digests, staged build contexts
@@ -60,8 +75,8 @@ class Settings:
 
         pipelock_bin, pipelock_image = pipelock_source(env, local_pipelock(env))
         return cls(
-            agents_dir=Path(env.get("BOTTLE_AGENTS_DIR") or ROOT / "agents").resolve(),
-            images_dir=Path(env.get("BOTTLE_IMAGES_DIR") or ROOT / "images").resolve(),
+            agents_dirs=agent_dirs(env, Path.cwd()),
+            images_dir=Path(env.get("BOTTLE_IMAGES_DIR") or IMAGES_DIR).resolve(),
             state_dir=(path_or_none("BOTTLE_STATE_DIR") or _xdg(env, "XDG_STATE_HOME", ".local/state") / "claude-bottle"),
             cache_dir=(path_or_none("BOTTLE_CACHE_DIR") or _xdg(env, "XDG_CACHE_HOME", ".cache") / "claude-bottle"),
             base_image=env.get("BOTTLE_BASE_IMAGE") or DEFAULT_BASE_IMAGE,

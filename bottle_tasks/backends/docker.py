@@ -2,7 +2,7 @@
 bundle joins, and the guest in a network namespace it does not own.
 
 The namespace belongs to a holder container, as a Kubernetes pod's pause container holds the pod's:
-it alone has NET_ADMIN, applies the fence (templates/guest-fence*.rules.j2) every time it starts,
+it alone has NET_ADMIN, applies the fence (bottle_tasks/templates/guest-fence*.rules.j2) every time it starts,
 before it does anything else, and then only sleeps. The guest joins it (`--network container:`) with no
 capabilities. So a restart of the guest (by hand or by the engine) never runs unfenced: the fence lives
 with the namespace, not with the guest process; a holder that cannot apply it exits, and the guest

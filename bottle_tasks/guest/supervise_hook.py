@@ -3,7 +3,7 @@
 
 Runs inside the guest with the guest's python3 (standard library only; this file is copied
 into the guest on its own, root-owned). Registered in Claude Code's managed settings
-(templates/claude-managed-settings.json.j2) as a PreToolUse command hook that nothing the agent
+(bottle_tasks/templates/claude-managed-settings.json.j2) as a PreToolUse command hook that nothing the agent
 writes can influence: an empty environment, the root-owned interpreter, isolated, no site::
 
     /usr/bin/env -i PATH=/usr/bin:/bin LANG=C.UTF-8 /usr/bin/python3 -I -S \

@@ -85,7 +85,7 @@ from bottle_tasks.sidecars.dlp import DlpMatch, RequestParts, is_documentation_e
 
 # Sizes measured against v2.3.0 (docs/bundle-contract.md, "pipelock"): a dlp or prompt_injection scan
 # of 32 Ki characters took at most 1.8 s in the worst case, hex text with four scans at once on a
-# loaded 2-core machine, against the 10 s scan timeout of templates/pipelock.yaml.j2. UTF-8 and JSON
+# loaded 2-core machine, against the 10 s scan timeout of bottle_tasks/templates/pipelock.yaml.j2. UTF-8 and JSON
 # escapes keep such a chunk far below the API's 512 KiB field and 1 MiB body limits.
 CHUNK_CHARS = 32 * 1024
 CHUNK_OVERLAP = 512          # longer than any bounded match, so a match cut by a chunk edge is whole in the next

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 from doit import get_var
 from doit.exceptions import TaskFailed
 
+from bottle_tasks import agents
 from bottle_tasks.backends import backend_class
 from bottle_tasks.backends.base import Backend
 from bottle_tasks.docker_cli import Docker
@@ -73,7 +74,7 @@ def selected_agent() -> str | None:
 
 
 def agent_files(s: Settings) -> list[Path]:
-    return sorted(s.agents_dir.glob("*.yaml"))
+    return agents.agent_files(s.agents_dirs)
 
 
 def plans() -> Iterator[Plan]:
@@ -81,7 +82,7 @@ def plans() -> Iterator[Plan]:
     run = current_run()
     agent = selected_agent()
     if agent:
-        plan = _plan_or_exit(run, run.settings.agents_dir / f"{agent}.yaml")
+        plan = _plan_or_exit(run, lambda: agents.find_agent_file(agent, run.settings.agents_dirs))
         run.docker.watch(*run.backend(plan).watch_names(plan))
         yield plan
         return
@@ -99,9 +100,9 @@ def load_plan(path: Path, s: Settings, docker: Docker | None = None) -> Plan:
     return make_plan(spec, s, kind.host_facts(spec.name, docker or Docker()))
 
 
-def _plan_or_exit(run: Run, path: Path) -> Plan:
+def _plan_or_exit(run: Run, find: Callable[[], Path]) -> Plan:
     try:
-        return run.plan(path)
+        return run.plan(find())
     except BottleError as exc:
         print(f"claude-bottle: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -2,7 +2,7 @@
 runs as a docker container, and its --allow-cidr fence (applied from outside the guest) holds.
 
 Everything here is created by this module and labelled dev.claude-bottle.test=smolvm-fake plus a per-run label;
-teardown removes only those. The registry image is the product's own (images/registry: Debian's docker-registry).
+teardown removes only those. The registry image is the product's own (bottle_tasks/images/registry: Debian's docker-registry).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+IMAGES_DIR = ROOT / "bottle_tasks" / "images"
 FAKE = ROOT / "tests" / "fakes" / "smolvm"
 LABEL = "dev.claude-bottle.test=smolvm-fake"
 RUN = secrets.token_hex(4)
@@ -112,7 +113,7 @@ def env(tmp_path_factory, crane, cleanup) -> dict:
 
 @pytest.fixture(scope="module")
 def registry(crane, cleanup) -> str:
-    docker("build", "-q", "-t", REGISTRY_IMAGE, str(ROOT / "images" / "registry"))
+    docker("build", "-q", "-t", REGISTRY_IMAGE, str(IMAGES_DIR / "registry"))
     name = f"sf-{RUN}-registry"
     docker("run", "-d", "--label", LABEL, "--label", RUN_LABEL, "--name", name, "-p", "127.0.0.1::5000",
            REGISTRY_IMAGE)

@@ -14,7 +14,7 @@ import pytest
 
 from bottle_tasks.labels import LABEL
 from bottle_tasks.plan import GUEST_PROMPT_PATH
-from bottle_tasks.settings import ROOT
+from bottle_tasks.settings import IMAGES_DIR, ROOT
 from bottle_tasks.backends.docker import DockerBackend
 from tests.integration.conftest import docker
 
@@ -42,7 +42,7 @@ def _labelled(slug: str, kind: str) -> list[str]:
 def lifecycle(bottle_env, tmp_path_factory):
     """An agent of its own, with a private copy of images/ the tests may edit."""
     images = tmp_path_factory.mktemp("images")
-    shutil.copytree(ROOT / "images", images, dirs_exist_ok=True)
+    shutil.copytree(IMAGES_DIR, images, dirs_exist_ok=True)
     bottle_env.write_agent("lifecycle", 'prompt: "lifecycle prompt"\nroutes: []\nenv: {STAGE: "one"}\n')
     # Its own image names too: editing its bundle Dockerfile must not move the shared bundle tag.
     extra = {"BOTTLE_IMAGES_DIR": str(images), "BOTTLE_IMAGE_PREFIX": "claude-bottle-lifecycle"}

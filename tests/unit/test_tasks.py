@@ -8,7 +8,7 @@ from doit.doit_cmd import reset_vars, set_var
 
 from bottle_tasks.cli import main
 from bottle_tasks.tasks.common import new_run
-from bottle_tasks.settings import ROOT
+from bottle_tasks.settings import IMAGES_DIR, ROOT
 
 
 @pytest.fixture
@@ -30,10 +30,10 @@ def test_image_builds_depend_on_their_dockerfile_and_write_a_digest_file(agent_v
     from bottle_tasks.tasks import images
 
     task = _one(images.task_image_build(), "example")
-    assert str(ROOT / "images" / "agent" / "Dockerfile") in task["file_dep"]
+    assert str(IMAGES_DIR / "agent" / "Dockerfile") in task["file_dep"]
     assert task["targets"][0].endswith("agent.iid")
     bundle = images.task_bundle_build()
-    assert str(ROOT / "images" / "bundle" / "Dockerfile") in bundle["file_dep"]
+    assert str(IMAGES_DIR / "bundle" / "Dockerfile") in bundle["file_dep"]
     assert str(ROOT / "bottle_tasks" / "sidecars" / "egress.py") in bundle["file_dep"]
 
 
@@ -63,9 +63,15 @@ def test_stages_chain_through_real_dependencies(agent_var):
 
 
 def test_console_command_lists_the_tasks_outside_the_checkout(capsys, monkeypatch, tmp_path):
+    # Outside the checkout its agents/ is not on the search path: an agent of the user's own is.
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("BOTTLE_AGENTS_DIR", raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     monkeypatch.setenv("BOTTLE_CACHE_DIR", str(tmp_path / "cache"))
-    assert main(["list", "agent=example"]) == 0
+    assert main(["init", "mine"]) == 0
+    assert (tmp_path / ".config" / "claude-bottle" / "agents" / "mine.yaml").is_file()
+    assert main(["list", "agent=mine"]) == 0
     out = capsys.readouterr().out
     for name in ("start", "build_trust", "image_build", "bundle_build", "provision"):
         assert name in out

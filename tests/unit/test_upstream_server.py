@@ -131,6 +131,8 @@ def test_a_configured_answer_goes_to_the_first_request_only_whatever_its_path(up
     # the next request, even on the other port, gets the ordinary answer
     status, _, echoed = upstream.send("POST", "/v1/messages", scheme="http", body=b'{"messages": []}')
     assert status == 200 and json.loads(echoed)["content"][0]["text"] == "hello from the stand-in messages api"
+    # The server logs a request after answering it: wait for both lines, not just the answers.
+    upstream.wait_for(lambda r: len([x for x in upstream.log if x.get("path") == "/v1/messages"]) >= 2)
     first, second = [r for r in upstream.log if r.get("path") == "/v1/messages"]
     assert (first["served_status"], first["served_b64"], first["scheme"]) == (418, b64(body), "https")
     assert (second["served_status"], second["served_b64"], second["scheme"]) == (200, b64(echoed), "http")

@@ -42,17 +42,20 @@ class Docker:
     # -- commands --------------------------------------------------------------------------------
 
     def __call__(self, *args: str, check: bool = True, env: Mapping[str, str] | None = None,
-                 input: str | bytes | None = None, timeout: float | None = None, capture: bool = True) -> Result:
-        """Run `docker ARGS`. It may change what the cache describes, so the cache is dropped."""
+                 input: str | bytes | None = None, timeout: float | None = None, capture: bool = True,
+                 on_line: Callable[[str], None] | None = None) -> Result:
+        """Run `docker ARGS`. It may change what the cache describes, so the cache is dropped.
+        on_line gets each output line as it arrives (runner.run), e.g. to show a build's progress."""
         self.invalidate()
-        return self.query(*args, check=check, env=env, input=input, timeout=timeout, capture=capture)
+        return self.query(*args, check=check, env=env, input=input, timeout=timeout, capture=capture, on_line=on_line)
 
     def query(self, *args: str, check: bool = True, env: Mapping[str, str] | None = None,
-              input: str | bytes | None = None, timeout: float | None = None, capture: bool = True) -> Result:
+              input: str | bytes | None = None, timeout: float | None = None, capture: bool = True,
+              on_line: Callable[[str], None] | None = None) -> Result:
         """Run a docker command that changes nothing (inspect, ls, logs, port): the cache stays."""
         try:
             result = self._run([self.binary, *args], check=check, env=env, input=input, timeout=timeout,
-                               capture=capture)
+                               capture=capture, on_line=on_line)
         except CommandError as exc:
             _raise_if_daemon_down(exc.stderr)
             raise

@@ -1,5 +1,6 @@
 """DOIT_CONFIG for the bottle (reference/doit.md section 0 lists why each key is set)."""
 
+from bottle_tasks.reporter import BottleReporter
 from bottle_tasks.settings import Settings
 
 _cache = Settings.from_env().cache_dir
@@ -14,4 +15,5 @@ DOIT_CONFIG = {
     "cleandep": True,
     "verbosity": 1,
     "action_string_formatting": "new",
+    "reporter": BottleReporter,          # doit's console output, then the time each stage took
 }

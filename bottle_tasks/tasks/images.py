@@ -1,16 +1,19 @@
 """image_build:<agent> and bundle_build: one `docker build --iidfile` each. The digest file is the
 target later tasks depend on; an uptodate probe rebuilds an image removed by hand. pipelock_binary
 takes pipelock out of its official image for the bundle build (settings.pipelock_source); build_trust
-stages the extra CAs every build context holds as extra-ca.pem (bottle_tasks/build_trust.py)."""
+stages the extra CAs every build context holds as extra-ca.pem (bottle_tasks/build_trust.py). A build
+shows its steps as they start (bottle_tasks/build_progress.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from doit.tools import config_changed
 
+from bottle_tasks.build_progress import BuildProgress
 from bottle_tasks.build_trust import host_build_trust, tls_failure, tls_failure_error
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import ImagePlan, Plan
@@ -90,9 +93,10 @@ def build_image(image: ImagePlan, s: Settings) -> None:
     args: list[str] = []
     for key, value in image.build_args:
         args += ["--build-arg", f"{key}={value}"]
-    print(f"building {image.tag} (the first build takes minutes; later ones reuse the layer cache)")
-    result = current_run().docker("build", "--iidfile", str(tmp), "-t", image.tag, *args, str(image.context_dir),
-                                  timeout=3600, check=False)
+    print(f"building {image.tag} (the first build takes minutes; later ones reuse the layer cache)", flush=True)
+    with BuildProgress.on(sys.stdout) as progress:
+        result = current_run().docker("build", "--iidfile", str(tmp), "-t", image.tag, *args, str(image.context_dir),
+                                      timeout=3600, check=False, on_line=progress.line)
     if not result.ok:
         raise build_failure(image, result, s)
     tmp.replace(image.iid_file)

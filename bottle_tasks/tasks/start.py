@@ -10,6 +10,7 @@ from doit import get_var
 from doit.exceptions import TaskFailed
 
 from bottle_tasks.plan import agent_command
+from bottle_tasks.reporter import HANDS_OVER
 from bottle_tasks.tasks.bottle import purge_state
 from bottle_tasks.tasks.common import action, backend, plans, selected_agent
 
@@ -41,6 +42,7 @@ def task_start():
             "actions": [(run_agent, [plan])],
             "uptodate": [False],
             "verbosity": 2,
+            "meta": {HANDS_OVER: True},     # the stages' timings print before the agent takes the terminal
             # Runs first among the clean actions (dependents first): sweep everything labelled with
             # the slug, so a resource left by an interrupted run is found too.
             "clean": [(action(be.remove_all), [plan]), (action(purge_state), [plan])],

@@ -43,7 +43,8 @@ class FakeRunner:
     """Stands in for runner.run: records every argv (and the env it was given) and answers from a script.
 
     `answers` maps an argv prefix (a tuple) to a Result-like (returncode, stdout, stderr) or a callable
-    taking the argv; the longest matching prefix wins; anything else succeeds with no output."""
+    taking the argv; the longest matching prefix wins; anything else succeeds with no output. An
+    `on_line` callback gets the answer's stdout lines, then its stderr lines, as runner.run would."""
 
     def __init__(self, answers=None):
         self.answers = dict(answers or {})
@@ -51,7 +52,7 @@ class FakeRunner:
         self.envs: list[dict | None] = []
         self.inputs: list[str | None] = []
 
-    def __call__(self, argv, *, check=True, env=None, input=None, timeout=None, capture=True):
+    def __call__(self, argv, *, check=True, env=None, input=None, timeout=None, capture=True, on_line=None):
         from bottle_tasks.runner import CommandError, Result
 
         argv = [str(a) for a in argv]
@@ -66,6 +67,8 @@ class FakeRunner:
         if callable(answer):
             answer = answer(argv)
         code, out, err = answer
+        for line in [*out.splitlines(), *err.splitlines()] if on_line else ():
+            on_line(line)
         result = Result(tuple(argv), code, out, err)
         if check and code != 0:
             raise CommandError(argv, code, err)

@@ -7,6 +7,7 @@ import pytest
 from doit.doit_cmd import reset_vars, set_var
 
 from bottle_tasks.cli import main
+from bottle_tasks.reporter import HANDS_OVER
 from bottle_tasks.tasks.common import new_run
 from bottle_tasks.settings import IMAGES_DIR, ROOT
 
@@ -60,6 +61,8 @@ def test_stages_chain_through_real_dependencies(agent_var):
     # In this order: doit runs deps as listed, and the cheap checks must come before any build.
     assert _one(bottle.task_guest(), "example")["task_dep"] == ["preflight:example", "image_build:example", "bundle:example"]
     assert start.task_start()["task_dep"] == ["provision:example"]
+    # The reporter prints the stages' timings before this task hands the terminal to the agent.
+    assert start.task_start()["meta"] == {HANDS_OVER: True}
 
 
 def test_console_command_lists_the_tasks_outside_the_checkout(capsys, monkeypatch, tmp_path):

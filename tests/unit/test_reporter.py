@@ -13,6 +13,7 @@ from doit.reporter import ConsoleReporter
 from doit.task import Stream, Task
 
 from bottle_tasks.cli import main
+from bottle_tasks.settings import ROOT
 from bottle_tasks.reporter import HANDS_OVER, BottleReporter, summary_line
 from bottle_tasks.tasks import DOIT_CONFIG
 
@@ -146,6 +147,7 @@ def test_dodo_and_the_console_command_use_this_reporter():
 @pytest.fixture
 def doit_run(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BOTTLE_AGENTS_DIR", str(ROOT / "agents"))   # the checkout's example, from outside it
     monkeypatch.setenv("BOTTLE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)

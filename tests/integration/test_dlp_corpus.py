@@ -4,8 +4,8 @@ The bundle runs as `start` makes it: with pipelock when BOTTLE_PIPELOCK_BIN (or 
 is there, floor-only with BOTTLE_PIPELOCK=off. The module prints the corpus table (run with -s) and
 asserts the goals of issue 10 (tests/corpus/report.py): false positives at most 1 in 40 benign cases
 and none on the model API, containment of the malicious cases at least 50% with the floor and 85%
-with pipelock, and every secret sent by URL, header, hostname or the model API, and every SSRF
-attempt, contained.
+with pipelock, and every case of the floor's layer (secrets by URL, header, body, hostname, the
+model API and WebSocket, their encodings, and SSRF) contained.
 
 The bottle's agent is the corpus site (tests/corpus/site.yaml, public routes marked private_network
 since the stand-in upstream sits on a private network); the stand-in upstream answers to every fixed
@@ -95,10 +95,8 @@ def test_containment_meets_the_goal_of_the_mode(corpus_bottle, verdicts):
     assert malicious and 1 - len(out) / len(malicious) >= goal, out
 
 
-# Categories the floor contains whole today: one case getting out is a regression, not noise.
-WHOLLY_CONTAINED = ("exfil-url", "exfil-header", "exfil-hostname", "exfil-model", "ssrf")
-
-
-def test_no_secret_leaves_by_url_header_hostname_or_the_model_api_and_no_ssrf_gets_through(verdicts):
-    assert [(v.case_id, v.detail) for v in _malicious(verdicts)
-            if v.category in WHOLLY_CONTAINED and v.layer == "floor" and not v.contained] == []
+def test_every_case_the_floor_is_for_is_contained_in_both_modes(verdicts):
+    """The floor contains all of its layer (secrets, encodings, hostnames, SSRF) whether or not
+    pipelock runs: one case getting out is a regression, not noise."""
+    floor = [v for v in _malicious(verdicts) if v.layer == "floor"]
+    assert floor and [(v.case_id, v.detail) for v in floor if not v.contained] == []

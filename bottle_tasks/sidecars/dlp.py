@@ -4,6 +4,13 @@ Everything here reports *which pattern* matched and *where* (``url``, ``header:<
 ``header-name:#<index>``, ``headers``, ``body``, ...), never the matched text: results go into
 logs and block responses. Stdlib only: this runs inside the bundle image.
 
+Why not a detector library: bc-detect-secrets 1.5.52 (Yelp's detect-secrets, maintained), measured
+in a scratch venv with its default plugins, line by line as it scans: 8.5 ms for a 2 KB JSON request
+and 6.6 s for 1 MB of prose, against 0.8 ms and 41 ms here (bench/proxy_overhead.py --scan-cost),
+so a Messages API body would wait seconds. It decodes nothing: a key in base64, hex, a JSON escape
+or lower case is reported only by its entropy plugins, which also fire on every image, hash and
+lockfile, so they cannot block; its provider plugins find what the rules here find.
+
 Rules (``BUILTIN_PATTERNS``)
     Provider formats: a fixed prefix and enough characters after it that a placeholder such as
     "sk-ant-placeholder" does not match. Case: an AWS access key ID is upper-case base32, so a

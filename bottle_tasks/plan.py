@@ -149,6 +149,7 @@ class GuestPlan:
 class SecretEnv:
     name: str          # host environment variable, passed to the bundle by name
     key: str           # where the agent file asks for it, for error messages
+    destination: str   # where its value goes (a route's host, a repo's upstream), for start to say
 
 
 @dataclass(frozen=True)
@@ -339,8 +340,8 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
                               "raise it, or leave it out for the sized default")
 
     secret_envs = tuple(
-        [SecretEnv(r.token.env, f"routes[{i}].token.env") for i, r in enumerate(spec.routes) if r.token]
-        + [SecretEnv(r.identity.token_env, f"git.repos[{i}].identity.token_env")
+        [SecretEnv(r.token.env, f"routes[{i}].token.env", r.host) for i, r in enumerate(spec.routes) if r.token]
+        + [SecretEnv(r.identity.token_env, f"git.repos[{i}].identity.token_env", f"the upstream of repo {r.name}")
            for i, r in enumerate(spec.git_repos) if r.identity.kind == "token"])
     bundle = BundlePlan(
         name=f"bottle-{slug}-bundle",

@@ -32,7 +32,15 @@ def secret_values(plan: Plan) -> dict[str, str]:
     return values
 
 
+def agent_line(plan: Plan) -> str:
+    """Which agent file start reads and where it sends host tokens: ./agents comes before the
+    user's config dir, so a repository's own agents/ could otherwise steer a token unseen."""
+    tokens = ", ".join(f"{s.name} -> {s.destination}" for s in plan.secret_envs) or "none"
+    return f"agent {plan.agent}: {plan.spec_path} (host tokens: {tokens})"
+
+
 def preflight(plan: Plan) -> None:
+    print(agent_line(plan))
     secret_values(plan)
     pipelock_ok(plan, settings())
     for key, value in plan.guest.env:
@@ -44,7 +52,7 @@ def preflight(plan: Plan) -> None:
 def task_preflight():
     """Check what start needs before anything is built: tokens, pipelock, docker, free names and subnet."""
     for plan in plans():
-        yield {"name": plan.agent, "actions": [(action(preflight), [plan])], "uptodate": [False]}
+        yield {"name": plan.agent, "actions": [(action(preflight), [plan])], "uptodate": [False], "verbosity": 2}
 
 
 def ensure_state_dir(plan: Plan) -> None:

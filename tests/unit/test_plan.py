@@ -152,3 +152,19 @@ def test_docker_plan_keeps_two_bridges_and_the_agent_user(plan):
 def test_hook_matcher_names_exactly_the_supervised_tools():
     assert hook_matcher(("Bash(git push:*)", "WebFetch", "Bash(npm publish)", "mcp__gh")) == "Bash|WebFetch|mcp__gh__.*"
     assert hook_matcher(("Read(~/x)", "*")) == "*"
+
+
+def test_start_says_which_agent_file_it_read_and_where_each_host_token_goes(tmp_path):
+    from bottle_tasks.tasks.bottle import agent_line
+
+    path = tmp_path / "two-tokens.yaml"
+    path.write_text("routes:\n"
+                    "  - {host: api.anthropic.com, token: {env: ANTHROPIC_API_KEY, header: x-api-key}}\n"
+                    "  - {host: api.github.com, token: {env: GH_TOKEN, header: authorization, format: 'Bearer {value}'}}\n"
+                    "  - {host: registry.npmjs.org}\n")
+    line = agent_line(make_plan(load_spec(path), settings(tmp_path)))
+    assert line == (f"agent two-tokens: {path} (host tokens: ANTHROPIC_API_KEY -> api.anthropic.com, "
+                    "GH_TOKEN -> api.github.com)")
+    offline = tmp_path / "offline.yaml"
+    offline.write_text("routes: []\n")
+    assert agent_line(make_plan(load_spec(offline), settings(tmp_path))).endswith("(host tokens: none)")

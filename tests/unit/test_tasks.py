@@ -78,3 +78,4 @@ def test_console_command_lists_the_tasks_outside_the_checkout(capsys, monkeypatc
     out = capsys.readouterr().out
     for name in ("start", "build_trust", "image_build", "bundle_build", "provision"):
         assert name in out
+

@@ -1244,21 +1244,20 @@ def hostname_problem(host: str, route_host: str) -> str | None:
     if not host.endswith(suffix) or len(host) <= len(suffix):
         return None
     left, left_sent = host[:-len(suffix)], sent[:-len(suffix)]
-    labels = left.split(".")
+    labels, labels_sent = left.split("."), left_sent.split(".")
     compact = re.sub(r"[^a-z0-9]", "", left)
     texts = [JoinedText(text, _cumulative([0, *map(len, text.split("."))])) for text in {left.replace(".", ""), left_sent.replace(".", "")}]
-    texts += [left, left_sent, *labels, *left_sent.split(".")]
+    texts += [left, left_sent, *labels, *labels_sent]
     if any(scan_text(text, "host") for text in [*texts, *_base32_and_hex(compact)]):
         return "hostname_secret"
     if len(labels) > HOST_MAX_LABELS or len(left) > HOST_MAX_CHARS:
         return "hostname_encoded"
     # One label that is a UUID (a tenant's id) is a name, not data; the rest is judged without it.
     # As sent: the case of its letters could carry more.
-    tenant = next((index for index, label in enumerate(left_sent.split(".")) if _UUID_LABEL.fullmatch(label)), None)
+    tenant = next((index for index, label in enumerate(labels_sent) if _UUID_LABEL.fullmatch(label)), None)
     if tenant is not None:
-        kept = [label for index, label in enumerate(labels) if index != tenant]
-        kept_sent = [label for index, label in enumerate(left_sent.split(".")) if index != tenant]
-        left, left_sent = ".".join(kept), ".".join(kept_sent)
+        left = ".".join(labels[:tenant] + labels[tenant + 1:])
+        left_sent = ".".join(labels_sent[:tenant] + labels_sent[tenant + 1:])
         compact = re.sub(r"[^a-z0-9]", "", left)
     if any(re.search(r"\d", run) and re.search(r"[a-f]", run)
            for run in re.findall(r"[0-9a-f]{%d,}" % HOST_HEX_RUN, compact)):

@@ -27,6 +27,7 @@ from bottle_tasks.settings import ROOT, Settings, local_pipelock
 from bottle_tasks.sidecars import dlp
 from bottle_tasks.sidecars.pipelock_scan import PipelockClient
 from bottle_tasks.spec import load_spec
+from tests.unit.test_pipelock_scan import JWT_IO_EXAMPLE
 
 PIPELOCK = os.environ.get("BOTTLE_PIPELOCK_BIN") or (str(local_pipelock(os.environ) or "") or None)
 requires_pipelock = pytest.mark.skipif(
@@ -384,10 +385,6 @@ def test_documentation_keys_are_not_live_secrets(pipelock):
     body = docs + f"and the live one: {key}"
     (match,) = client.scan(dlp.RequestParts("api.anthropic.com/v1/messages", (), body))
     assert match.pattern == "pipelock:DLP-AWS Access ID" and body[match.span[0]:match.span[1]].startswith(key)
-
-
-JWT_IO_EXAMPLE = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ"
-                  ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
 
 
 @requires_pipelock

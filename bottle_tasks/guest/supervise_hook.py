@@ -63,6 +63,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from http.client import HTTPException
 from typing import Any, Callable, Mapping, Sequence
 
 DEFAULT_CONFIG = "/etc/claude-bottle/supervise.json"  # root-owned (provision.py); never the agent's home
@@ -270,8 +271,9 @@ def call(http: urllib.request.OpenerDirector, method: str, url: str, body: Any =
         status, raw = error.code, error.read()
         if status >= 500:
             raise Transient(f"HTTP {status}") from None
-    except (urllib.error.URLError, OSError, ValueError) as error:  # refused, reset, timed out, bad status line
-        raise Transient(str(getattr(error, "reason", error))) from None
+    except (urllib.error.URLError, OSError, ValueError, HTTPException) as error:
+        # refused, reset, timed out, a bad status line, or a body cut short (the bundle restarting mid-answer)
+        raise Transient(str(getattr(error, "reason", error)) or type(error).__name__) from None
     try:
         document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):

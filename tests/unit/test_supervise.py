@@ -1003,3 +1003,26 @@ def test_a_guest_cannot_pass_its_requests_off_as_git_gates_or_crowd_out_its_quot
     assert real.source == "git-gate" and store.count_pending(approval.SOURCE) == 1
     shown = supervise_cli.format_pending(store.state_dir)
     assert shown.count("from:    the agent in the guest") == 8 and shown.count("from:    git-gate, holding a push") == 1
+
+
+def test_an_answer_cut_short_by_a_bundle_restart_is_retried_not_fatal():
+    """The bundle restarting mid-answer: headers promise a body that never comes (IncompleteRead)."""
+    hook = load_hook_module()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer_then_die() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 134\r\n\r\n")
+        conn.close()
+
+    server = threading.Thread(target=answer_then_die)
+    server.start()
+    try:
+        with pytest.raises(hook.Transient):
+            hook.call(hook.opener(), "GET", f"http://127.0.0.1:{listener.getsockname()[1]}/v1/requests/x?wait=1")
+    finally:
+        server.join(10)
+        listener.close()

@@ -27,6 +27,7 @@ DAEMON_TABLE = f"{CONFIG_DIR}/daemons.json"
 SECRETS_FILE = "/var/lib/bottle/secrets.json"
 GIT_DIR = "/var/lib/bottle/git"
 SUPERVISE_DIR = "/var/lib/bottle/supervise"
+AUDIT_DIR = "/var/lib/bottle/audit"
 # Ports.
 EGRESS_PORT = 8080
 GIT_GATE_PORT = 8081
@@ -67,6 +68,7 @@ class BundleDaemon:
     files: tuple[ConfigFile, ...] = ()               # its own config files
     state: tuple[StateDir, ...] = ()
     secrets: tuple[str, ...] = ()                    # the secret variables it (and only it) gets
+    audit_sink: bool = False                         # reads the audit pipe (init gives every other daemon its write end)
     # Its share of the bundle's limits (docker --memory, --pids-limit), generous for a busy agent:
     # a daemon the guest floods runs into the bundle's ceiling, not the host's.
     memory_mib: int = 64
@@ -88,10 +90,18 @@ class BundleInputs:
     ssh_keys: tuple[ConfigFile, ...] = ()  # repos' SSH identities, mounted as they are
     supervise_config: Path | None = None  # host: supervise.yaml; None: nothing is supervised
     supervise_state: Path | None = None   # host: requests, decisions, history
+    audit_dir: Path | None = None         # host: the audit stream, kept by clean
 
 
 def _python(module: str, *args: str) -> tuple[str, ...]:
     return ("python", "-m", f"bottle_tasks.sidecars.{module}", *args)
+
+
+def audit(p: BundleInputs) -> BundleDaemon | None:
+    if p.audit_dir is None:
+        return None
+    return BundleDaemon("audit", _python("audit", "--dir", AUDIT_DIR), state=(StateDir(p.audit_dir, AUDIT_DIR),),
+                        audit_sink=True, memory_mib=32, pids=8)
 
 
 def egress(p: BundleInputs) -> BundleDaemon:
@@ -159,7 +169,8 @@ def supervise(p: BundleInputs) -> BundleDaemon | None:
 
 
 # In start order; BUNDLE_DAEMONS and daemons.json keep it.
-DAEMON_BUILDERS: tuple[Callable[[BundleInputs], BundleDaemon | None], ...] = (egress, pipelock, dns, git_gate, supervise)
+DAEMON_BUILDERS: tuple[Callable[[BundleInputs], BundleDaemon | None], ...] = (
+    audit, egress, pipelock, dns, git_gate, supervise)
 
 
 def bundle_daemons(p: BundleInputs) -> tuple[BundleDaemon, ...]:

@@ -182,7 +182,7 @@ class Plan:
     spec_path: Path
     backend: str
     labels: tuple[tuple[str, str], ...]
-    state_dir: Path           # per bottle, kept by clean: CA, rendered config, prompt
+    state_dir: Path           # per bottle, kept by clean: CA, rendered config, prompt, audit stream
     cache_dir: Path           # per bottle, transient
     ca_cert: Path
     ca_key: Path
@@ -202,6 +202,25 @@ class Plan:
     git: GitPlan | None
     supervise: SupervisePlan | None
     image_pipeline: Any | None   # the backend's own stages between the image and the guest (smolmachines: packs)
+    unknown_hosts: str = "deny"  # network.unknown_hosts: deny, ask (held for a human) or learn (allowed, logged)
+    hold_timeout: int = 300      # seconds egress holds a request to an unknown host (ask): supervise.timeout
+
+    @property
+    def policy_dir(self) -> Path:
+        """Routes approved with scope=always (policy overlay), applied live by egress; kept by clean."""
+        return self.state_dir / "policy"
+
+    @property
+    def approvals_dir(self) -> Path | None:
+        """The supervise queue: tool calls (supervise), and held requests to unknown hosts (ask)."""
+        if self.supervise is not None:
+            return self.supervise.state_dir
+        return self.state_dir / "supervise" if self.unknown_hosts == "ask" else None
+
+    @property
+    def audit_dir(self) -> Path:
+        """The audit stream (sidecars/audit.py); kept by clean."""
+        return self.state_dir / "audit"
 
     @property
     def rendered_files(self) -> tuple[ConfigFile, ...]:
@@ -329,7 +348,7 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         ssh_keys=tuple(ConfigFile(Path(source), repo.identity.ssh_key, origin=f"git.repos[{i}].identity.ssh_key")
                        for i, (repo, source) in enumerate(zip(git.repos, git.ssh_key_sources)) if source) if git else (),
         supervise_config=supervise.config_file if supervise else None,
-        supervise_state=supervise.state_dir if supervise else None)
+        supervise_state=supervise.state_dir if supervise else None, audit_dir=state / "audit")
     daemons = bundle_daemons(inputs)
     memory_mib, pids = bundle_limits(daemons)
     if spec.resources.bundle_memory:
@@ -348,7 +367,7 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         daemons=daemons,
         shared_files=shared_files(inputs, state / "ca"),
         env=(("BUNDLE_DAEMONS", ",".join(d.name for d in daemons)), ("BOTTLE_DAEMON_TABLE", DAEMON_TABLE),
-             ("BOTTLE_SECRETS_FILE", SECRETS_FILE)),
+             ("BOTTLE_SECRETS_FILE", SECRETS_FILE), ("BOTTLE_SLUG", slug)),
         memory_mib=memory_mib,
         pids=spec.resources.bundle_pids or pids,
         secret_env_names=tuple(sorted({s.name for s in secret_envs})),
@@ -397,6 +416,8 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         git=git,
         supervise=supervise,
         image_pipeline=kind.image_pipeline(slug, settings, cache, common_args),
+        unknown_hosts=spec.unknown_hosts,
+        hold_timeout=spec.supervise.timeout if spec.supervise else 300,
     )
 
 

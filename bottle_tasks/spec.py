@@ -63,6 +63,7 @@ class AgentSpec:
     git_repos: tuple[GitRepo, ...] = ()
     git_max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES
     supervise: SupervisePolicy | None = None
+    unknown_hosts: str = "deny"          # network.unknown_hosts: deny, ask or learn
 
     @property
     def token_slots(self) -> tuple[TokenSlot, ...]:
@@ -260,6 +261,7 @@ def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
                             bundle_memory=res.get("bundle", {}).get("memory"), bundle_pids=res.get("bundle", {}).get("pids")),
         workspace_host_path=host_path,
         subnet=data.get("network", {}).get("subnet"),
+        unknown_hosts=data.get("network", {}).get("unknown_hosts", "deny"),
         git_user=git_user,
         git_repos=git_repos,
         git_max_push_bytes=data.get("git", {}).get("max_push_bytes", DEFAULT_MAX_PUSH_BYTES),

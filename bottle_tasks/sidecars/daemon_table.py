@@ -5,7 +5,8 @@ names another file)::
 
     {"name": {"command": ["prog", "arg", ...],
               "probe": {"tcp": "ip:port"} | {"http": "http://..."} | {"dns": "ip:port"} | null,
-              "secrets": ["VAR", ...]}}          # optional: the secret variables this daemon gets
+              "secrets": ["VAR", ...],           # optional: the secret variables this daemon gets
+              "audit_sink": true}}               # optional: reads the audit pipe on stdin (sidecars/audit.py)
 
 ``BUNDLE_DAEMONS`` (comma separated) selects the daemons init starts, in that order.
 Standard library only.
@@ -30,6 +31,7 @@ class Daemon:
     command: tuple[str, ...]
     probe: Probe | None = None  # None: ready as soon as it runs
     secrets: tuple[str, ...] = ()  # variables of the secrets file handed to this daemon, and to no other
+    audit_sink: bool = False       # gets the audit pipe's read end as stdin; every other daemon its write end
 
 
 class DaemonTableError(ValueError):
@@ -64,7 +66,10 @@ def parse_daemon_table(entries: Any, *, source: str = "daemons.json") -> dict[st
         secrets = entry.get("secrets", [])
         if not isinstance(secrets, list) or not all(isinstance(v, str) and ENV_NAME.match(v) for v in secrets):
             raise DaemonTableError(f"{source}: {name}.secrets: must be a list of environment variable names")
-        table[name] = Daemon(name, tuple(command), probe, tuple(secrets))
+        audit_sink = entry.get("audit_sink", False)
+        if not isinstance(audit_sink, bool):
+            raise DaemonTableError(f"{source}: {name}.audit_sink: must be true or false")
+        table[name] = Daemon(name, tuple(command), probe, tuple(secrets), audit_sink)
     return table
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
+from bottle_tasks.sidecars.audit import AUDIT_FD_ENV, SLUG_ENV, AuditWriter, make_pipe
 from bottle_tasks.sidecars.daemon import Backoff
 from bottle_tasks.sidecars.daemon_table import (
     DEFAULT_DAEMON_TABLE, Daemon, DaemonTableError, SecretsError, UnknownDaemon, daemon_environment,
@@ -115,9 +116,14 @@ class Supervisor:
     status_interval_s: float = 0.5
     stop_grace_s: float = 8.0  # below docker stop's default 10 s, so we SIGKILL first
     secrets: Mapping[str, str] = field(default_factory=dict)  # each daemon gets only the ones its entry names
+    bottle: str = ""                                          # the slug, for the audit stream
 
     def __post_init__(self) -> None:
         self.states = {daemon.name: DaemonState(daemon) for daemon in self.daemons}
+        # One pipe for the audit stream: the sink daemon reads it, every other daemon and init write it.
+        # init keeps both ends, so a restarted sink finds the lines that waited, and no writer meets EPIPE.
+        self.audit_pipe = make_pipe() if any(d.audit_sink for d in self.daemons) else None
+        self.audit = AuditWriter("init", fd=self.audit_pipe[1] if self.audit_pipe else None, bottle=self.bottle)
         self._by_pid: dict[int, DaemonState] = {}
         self._stop_signal: int | None = None
         self._force_kill = False
@@ -157,13 +163,22 @@ class Supervisor:
 
     def start(self, state: DaemonState, now: float) -> None:
         name = state.daemon.name
+        env = {**daemon_environment(os.environ, state.daemon, self.secrets), "PYTHONUNBUFFERED": "1"}
+        stdin: int = subprocess.DEVNULL
+        pass_fds: tuple[int, ...] = ()
+        if self.audit_pipe is not None and state.daemon.audit_sink:
+            stdin = self.audit_pipe[0]
+        elif self.audit_pipe is not None:
+            pass_fds = (self.audit_pipe[1],)
+            env[AUDIT_FD_ENV] = str(self.audit_pipe[1])
         try:
             process = subprocess.Popen(
                 state.daemon.command,
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,  # one pipe keeps stdout/stderr lines in order
-                env={**daemon_environment(os.environ, state.daemon, self.secrets), "PYTHONUNBUFFERED": "1"},
+                env=env,
+                pass_fds=pass_fds,
                 start_new_session=True,  # own process group: signals reach its children too
             )
         except OSError as error:
@@ -178,6 +193,8 @@ class Supervisor:
         assert process.stdout is not None
         state.pump = self.output.pump(name, process.stdout)
         self.log(f"{name}: started pid {process.pid}: {' '.join(state.daemon.command)}")
+        self.audit.emit("daemon_start", "info", reason=f"{name} started (pid {process.pid}, start {state.restarts + 1})",
+                        detail={"daemon": name, "pid": process.pid, "restarts": state.restarts})
 
     def probe(self, state: DaemonState, now: float) -> None:
         probe = state.daemon.probe
@@ -217,6 +234,9 @@ class Supervisor:
         state.next_start_at = now + delay
         state.restarts += 1
         self.log(f"{state.daemon.name}: exited with {exit_code}; restarting in {delay:.2f}s")
+        self.audit.emit("daemon_exit", "warn", reason_code="daemon_exited",
+                        reason=f"{state.daemon.name} exited with {exit_code}; restarting in {delay:.2f}s",
+                        detail={"daemon": state.daemon.name, "exit_code": exit_code, "restarts": state.restarts})
         self.write_status()
 
     # -- signals and shutdown ------------------------------------------------------
@@ -311,7 +331,7 @@ def main(env: Mapping[str, str] = os.environ) -> int:
         print(f"[init] error: {error}", file=sys.stderr, flush=True)
         return 2
     run_dir = Path(env.get("BOTTLE_RUN_DIR", DEFAULT_RUN_DIR))
-    return Supervisor(daemons, run_dir=run_dir, secrets=secrets).run()
+    return Supervisor(daemons, run_dir=run_dir, secrets=secrets, bottle=env.get(SLUG_ENV, "")).run()
 
 
 if __name__ == "__main__":

@@ -75,9 +75,10 @@ DEFAULT_MAX_PER_MINUTE: int = SupervisePolicy.max_requests_per_minute  # created
 RATE_WINDOW_S = 60.0
 
 
-# Who files requests: the guest through the daemon's HTTP API, or git-gate in the bundle (held pushes).
-# The daemon never lets the guest choose; the host shows it, so a guest cannot pass its request off as git-gate's.
-SOURCES = ("guest", "git-gate")
+# Who files requests: the guest through the daemon's HTTP API, git-gate in the bundle (held pushes), or
+# egress (held requests to a host no route names, network.unknown_hosts: ask). The daemon never lets
+# the guest choose; the host shows it, so a guest cannot pass its request off as the bundle's.
+SOURCES = ("guest", "git-gate", "egress")
 
 
 class SuperviseError(Exception):
@@ -283,23 +284,27 @@ class Store:
 
     # operations
     def create_request(self, tool: str, input: dict[str, Any], summary: str, timeout_seconds: int,
-                       source: str = "guest") -> Request:
+                       source: str = "guest", request_id: str | None = None) -> Request:
         """A new pending request. TooManyRequests when max_pending of the same source are pending or
         max_per_minute of it were created in the last minute (by any process using this state dir).
-        Each source has its own quota, so a guest flooding the queue cannot crowd out git-gate."""
+        Each source has its own quota, so a guest flooding the queue cannot crowd out git-gate.
+        request_id: the bundle's own id for it (egress's request id, which its audit line and 403 name);
+        the guest's requests always get a fresh one."""
         validate_request_fields(tool, input, summary, timeout_seconds)
         if source not in SOURCES:
             raise InvalidArgument(f"source must be one of {', '.join(SOURCES)}")
+        if request_id is not None and not ID_PATTERN.match(request_id):
+            raise InvalidArgument("request_id must be 8 to 64 letters, digits, '-' or '_'")
         owner = state_dir_owner(self.state_dir)
         if owner is not None:  # root (git-gate in the bundle): the file must still be the host user's
-            return self._create_as(owner, tool, input, summary, timeout_seconds, source)
+            return self._create_as(owner, tool, input, summary, timeout_seconds, source, request_id)
         self.ensure_layout()
         with self._create_lock, _dir_lock(self.requests_dir):
             self._admit(source)
-            return self._create(tool, input, summary, timeout_seconds, source)
+            return self._create(tool, input, summary, timeout_seconds, source, request_id)
 
     def _create_as(self, owner: tuple[int, int], tool: str, input: dict[str, Any], summary: str,
-                   timeout_seconds: int, source: str) -> Request:
+                   timeout_seconds: int, source: str, request_id: str | None = None) -> Request:
         """create_request in a forked child that has become the state dir's owner (a root process
         cannot chown here); its answer, or its error, comes back through a pipe."""
         read_end, write_end = os.pipe()
@@ -312,7 +317,8 @@ class Store:
                 become(*owner)
                 store = Store(Path("."), clock=self.clock, max_pending=self.max_pending,
                               max_per_minute=self.max_per_minute)
-                answer = {"request": store.create_request(tool, input, summary, timeout_seconds, source).as_dict()}
+                answer = {"request": store.create_request(tool, input, summary, timeout_seconds, source,
+                                                          request_id).as_dict()}
             except TooManyRequests as error:
                 answer = {"error": "TooManyRequests", "message": str(error), "retry_after": error.retry_after}
             except BaseException as error:
@@ -402,10 +408,10 @@ class Store:
         return created
 
     def _create(self, tool: str, input: dict[str, Any], summary: str, timeout_seconds: int,
-                source: str = "guest") -> Request:
+                source: str = "guest", request_id: str | None = None) -> Request:
         now = self.clock()
         request = Request(
-            id=secrets.token_urlsafe(12), tool=tool, input=dict(input), summary=summary,
+            id=request_id or secrets.token_urlsafe(12), tool=tool, input=dict(input), summary=summary,
             timeout_seconds=timeout_seconds, created_at=iso(now),
             expires_at=iso(now + timedelta(seconds=timeout_seconds)), source=source,
         )

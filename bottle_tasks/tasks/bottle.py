@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
 from doit.tools import config_changed
 
@@ -12,6 +13,7 @@ from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import Plan
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
 from bottle_tasks.render import TEMPLATES_DIR, render_files
+from bottle_tasks.sidecars.audit import AUDIT_FILE, AuditFile
 from bottle_tasks.sidecars.supervise_store import Store
 from bottle_tasks.tasks.common import action, backend, current_run, files_under, plans, probe, purge_requested, settings
 from bottle_tasks.tasks.images import pipelock_ok
@@ -67,11 +69,22 @@ def render_configs(plan: Plan) -> None:
     """Every file of plan.rendered_files (the bundle's list and the guest's), from its template."""
     ensure_state_dir(plan)
     render_files(plan.rendered_files, plan)
+    ensure_audit_dir(plan)
     if plan.git:
         plan.git.mirrors_dir.mkdir(parents=True, exist_ok=True)
     if plan.supervise:
         # Created by the host user, so decisions written from the host never meet root-owned dirs.
         Store(plan.supervise.state_dir).ensure_layout()
+
+
+def ensure_audit_dir(plan: Plan) -> None:
+    """The audit dir the bundle's sink writes (the host user's, so the sink becomes that user), and
+    <state>/audit.jsonl, a link to the current file, for a plain `tail -F`."""
+    AuditFile(plan.audit_dir).ensure()
+    link = plan.state_dir / AUDIT_FILE
+    if not link.is_symlink():
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(plan.audit_dir.name) / AUDIT_FILE)
 
 
 def _remove_files(paths) -> None:

@@ -73,7 +73,7 @@ def _mounted_files(argv: list[str]) -> list[Path]:
 
 
 def test_every_daemon_of_the_plan_is_present(plan):
-    assert plan.bundle.daemon_names == ("egress", "pipelock", "dns", "git-gate", "supervise")
+    assert plan.bundle.daemon_names == ("audit", "egress", "pipelock", "dns", "git-gate", "supervise")
 
 
 def test_a_change_to_any_file_the_bundle_reads_changes_its_fingerprint(plan):
@@ -133,7 +133,7 @@ def test_the_contract_doc_shows_the_list_as_it_is():
 
 def test_each_daemon_is_given_only_the_secrets_it_uses(plan):
     secrets = {d.name: d.secrets for d in plan.bundle.daemons}
-    assert secrets == {"egress": ("ANTHROPIC_API_KEY",), "pipelock": (), "dns": (), "git-gate": ("GIT_TOKEN",),
+    assert secrets == {"audit": (), "egress": ("ANTHROPIC_API_KEY",), "pipelock": (), "dns": (), "git-gate": ("GIT_TOKEN",),
                        "supervise": ()}
     assert not any(key in plan.bundle.secret_env_names for key, _ in plan.bundle.env)
 

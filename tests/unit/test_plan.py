@@ -97,9 +97,9 @@ def test_claude_gets_the_prompt_file_appended(plan, tmp_path):
 def test_pipelock_daemon_only_when_its_binary_is_known(tmp_path):
     spec = load_spec(ROOT / "agents" / "example.yaml")
     with_pl = make_plan(spec, settings(tmp_path))
-    assert with_pl.bundle.daemon_names == ("egress", "pipelock", "dns")
+    assert with_pl.bundle.daemon_names == ("audit", "egress", "pipelock", "dns")
     without = make_plan(spec, replace(settings(tmp_path), pipelock_bin=None))
-    assert without.bundle.daemon_names == ("egress", "dns")
+    assert without.bundle.daemon_names == ("audit", "egress", "dns")
     assert not any(m.target.endswith("pipelock.yaml") for m in without.bundle.mounts)
 
 

@@ -1,0 +1,319 @@
+"""The bottle's audit stream: one JSON line per decision, from every daemon, in one file per bottle.
+
+    <state dir>/audit/audit.jsonl      (also reachable as <state dir>/audit.jsonl, a link the host makes)
+    <state dir>/audit/audit.jsonl.1 .. .3   older lines, rotated by size; clean keeps them, purge deletes
+
+The shape of a line is docs/audit.md and bottle_tasks/schema/audit-v1.schema.json; ``audit_record``
+builds it, and nothing else does.
+
+Who writes. Every daemon holds an ``AuditWriter``. In the bundle, init hands each daemon the write end
+of one pipe (``$BOTTLE_AUDIT_FD``) and runs the ``audit`` daemon (this module's ``main``) with the read
+end as its stdin: that one process appends to the file and rotates it, as the owner of the state dir,
+so the files are the host user's and no two processes rotate at once. A line is at most
+``MAX_LINE_BYTES``, below PIPE_BUF, so lines from several daemons never interleave. The pipe is
+non-blocking: when the sink falls behind (a flood), a writer drops the line and counts it, and the
+next line it gets through says how many were lost (``dropped``), so a flood never stalls egress.
+Outside the bundle (the host deciding an approval, tests) a writer appends to the file itself, under
+the same lock the sink takes.
+
+What a line never holds: a token value (each daemon's scrubber replaces them with their
+placeholders), anything a DLP rule matches (``dlp.redact`` over the whole line), a query string, a
+header value or a body. Standard library only (plus the package's own dlp and scrub modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import os
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping, TextIO
+
+from bottle_tasks.sidecars import dlp
+from bottle_tasks.sidecars.scrub import SecretScrubber
+
+SCHEMA_VERSION = 1
+AUDIT_FILE = "audit.jsonl"
+AUDIT_FD_ENV = "BOTTLE_AUDIT_FD"
+AUDIT_DIR_ENV = "BOTTLE_AUDIT_DIR"
+SLUG_ENV = "BOTTLE_SLUG"
+SOURCES = ("egress", "pipelock", "dns", "git-gate", "supervise", "init", "host")
+DECISIONS = ("allow", "block", "hold", "learn", "redact", "log", "warn", "approve", "deny", "expire", "info")
+# Below PIPE_BUF (4096 on Linux): one write() of a line is atomic on a pipe shared by many writers.
+MAX_LINE_BYTES = 3800
+MAX_FIELD_CHARS = {"reason": 600, "fix": 900, "path": 400, "host": 253, "event": 64, "reason_code": 64,
+                   "request_id": 64, "method": 16}
+ROTATE_BYTES = 16 << 20     # one file; with ROTATE_KEEP older ones, at most 64 MiB per bottle
+ROTATE_KEEP = 3
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def utc_stamp(moment: float | None = None) -> str:
+    """2026-12-02T12:00:00.123Z"""
+    when = datetime.fromtimestamp(time.time() if moment is None else moment, timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _clip(value: Any, limit: int) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def audit_record(source: str, event: str, decision: str, *, reason_code: str = "", reason: str = "",
+                 request_id: str = "", method: str = "", host: str = "", port: int | None = None, path: str = "",
+                 dlp_pattern: str = "", dlp_where: str = "", fix: str = "", detail: Mapping[str, Any] | None = None,
+                 bottle: str = "", ts: str | None = None) -> dict[str, Any]:
+    """One line of the stream, as a dict in schema order. The path loses its query and fragment."""
+    if source not in SOURCES:
+        raise ValueError(f"audit source must be one of {', '.join(SOURCES)}, not {source!r}")
+    if decision not in DECISIONS:
+        raise ValueError(f"audit decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
+    record: dict[str, Any] = {
+        "v": SCHEMA_VERSION, "ts": ts or utc_stamp(), "bottle": bottle, "source": source,
+        "event": _clip(event, MAX_FIELD_CHARS["event"]), "decision": decision,
+        "reason_code": _clip(reason_code, MAX_FIELD_CHARS["reason_code"]),
+        "reason": _clip(reason, MAX_FIELD_CHARS["reason"]),
+    }
+    optional = {"request_id": request_id, "method": method, "host": host,
+                "path": path.split("?", 1)[0].split("#", 1)[0] if path else "", "fix": fix}
+    for key, value in optional.items():
+        if value:
+            record[key] = _clip(value, MAX_FIELD_CHARS[key])
+    if port is not None:
+        record["port"] = int(port)
+    if dlp_pattern or dlp_where:
+        record["dlp"] = {"pattern": _clip(dlp_pattern, 128), "where": _clip(dlp_where, 128)}
+    if detail:
+        record["detail"] = dict(detail)
+    return record
+
+
+def encode_line(record: Mapping[str, Any], scrubber: SecretScrubber | None = None) -> bytes:
+    """The record as one scrubbed line of at most MAX_LINE_BYTES: token values become their
+    placeholders, then whatever a DLP rule matches becomes a marker. Too long: detail goes first,
+    then the free text is cut."""
+    def render(doc: Mapping[str, Any]) -> bytes:
+        text = json.dumps(doc, ensure_ascii=True, separators=(",", ":"), default=str)
+        if scrubber:
+            text = scrubber.text(text)
+        return (dlp.redact(text) + "\n").encode("ascii", errors="replace")
+
+    line = render(record)
+    if len(line) <= MAX_LINE_BYTES:
+        return line
+    trimmed = {k: v for k, v in record.items() if k != "detail"}
+    trimmed["truncated"] = True
+    line = render(trimmed)
+    if len(line) <= MAX_LINE_BYTES:
+        return line
+    for key in ("reason", "fix", "path"):
+        if key in trimmed:
+            trimmed[key] = _clip(trimmed[key], 120)
+    return render(trimmed)[:MAX_LINE_BYTES - 1] + b"\n"
+
+
+# --------------------------------------------------------------------------- the file
+
+
+class AuditFile:
+    """audit.jsonl in one directory: append a line, rotate by size, both under one flock, so the
+    sink and a host command appending at the same time never lose or split a line."""
+
+    def __init__(self, directory: Path | str, *, rotate_bytes: int = ROTATE_BYTES, keep: int = ROTATE_KEEP):
+        self.directory = Path(directory)
+        self.rotate_bytes = rotate_bytes
+        self.keep = keep
+
+    @property
+    def path(self) -> Path:
+        return self.directory / AUDIT_FILE
+
+    def generations(self) -> list[Path]:
+        """Oldest first: audit.jsonl.3 .. audit.jsonl.1, audit.jsonl (those that exist)."""
+        older = [self.directory / f"{AUDIT_FILE}.{n}" for n in range(self.keep, 0, -1)]
+        return [p for p in (*older, self.path) if p.exists()]
+
+    def ensure(self) -> None:
+        self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+
+    def append(self, lines: Iterable[bytes]) -> None:
+        data = b"".join(lines)
+        if not data:
+            return
+        self.ensure()
+        lock = os.open(self.directory / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                size = os.stat(self.path).st_size
+            except FileNotFoundError:
+                size = 0
+            if size and size + len(data) > self.rotate_bytes:
+                self._rotate()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(lock)  # releases the flock
+
+    def _rotate(self) -> None:
+        for n in range(self.keep, 1, -1):
+            older = self.directory / f"{AUDIT_FILE}.{n - 1}"
+            if older.exists():
+                os.replace(older, self.directory / f"{AUDIT_FILE}.{n}")
+        os.replace(self.path, self.directory / f"{AUDIT_FILE}.1")
+
+
+def read_records(directory: Path | str) -> Iterable[dict[str, Any]]:
+    """Every line of every generation, oldest first; a line that is not a JSON object is skipped."""
+    for path in AuditFile(directory).generations():
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:
+            continue  # rotated away between listing and opening
+        with handle:
+            for raw in handle:
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    yield record
+
+
+# --------------------------------------------------------------------------- writers
+
+
+class AuditWriter:
+    """What a daemon writes through. ``fd``: the pipe init gave it; else ``directory``: append to the
+    file directly; neither: lines go nowhere (a daemon run by hand). Thread-safe."""
+
+    def __init__(self, source: str, *, fd: int | None = None, directory: Path | str | None = None,
+                 scrubber: SecretScrubber | None = None, bottle: str = "", echo: TextIO | None = None):
+        if source not in SOURCES:
+            raise ValueError(f"audit source must be one of {', '.join(SOURCES)}")
+        self.source = source
+        self.fd = fd
+        self.file = AuditFile(directory) if directory is not None and fd is None else None
+        self.scrubber = scrubber
+        self.bottle = bottle
+        self.echo = echo
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls, source: str, environ: Mapping[str, str] = os.environ, **options: Any) -> "AuditWriter":
+        fd_text = environ.get(AUDIT_FD_ENV, "")
+        fd = int(fd_text) if fd_text.isdigit() else None
+        directory = environ.get(AUDIT_DIR_ENV) or None
+        return cls(source, fd=fd, directory=directory, bottle=environ.get(SLUG_ENV, ""), **options)
+
+    def emit(self, event: str, decision: str, **fields: Any) -> dict[str, Any]:
+        """Write one line; returns the record as built (before scrubbing). Never raises for I/O."""
+        record = audit_record(self.source, event, decision, bottle=self.bottle, **fields)
+        with self._lock:
+            if self.dropped:
+                record["dropped"] = self.dropped
+            line = encode_line(record, self.scrubber)
+            if self._write(line):
+                self.dropped = 0
+            else:
+                self.dropped += 1
+            if self.echo is not None:
+                self.echo.write(line.decode("ascii"))
+                self.echo.flush()
+        return record
+
+    def _write(self, line: bytes) -> bool:
+        try:
+            if self.fd is not None:
+                return os.write(self.fd, line) == len(line)
+            if self.file is not None:
+                self.file.append([line])
+            return True
+        except BlockingIOError:
+            return False   # the sink is behind: counted, reported on the next line
+        except OSError as error:
+            if error.errno in (errno.EPIPE, errno.EBADF):
+                return False
+            print(f"audit: cannot write the audit stream: {error}", file=sys.stderr, flush=True)
+            return False
+
+
+def make_pipe() -> tuple[int, int]:
+    """(read end, write end) of the stream's pipe; the write end is non-blocking (shared by every
+    writer: a full pipe drops lines rather than stalling a daemon)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    return read_end, write_end
+
+
+# --------------------------------------------------------------------------- the sink (bundle daemon)
+
+
+def stamp(raw: bytes, bottle: str) -> bytes | None:
+    """A line from the pipe, checked and given the bottle's slug; None when it is not a record."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("v") != SCHEMA_VERSION or record.get("source") not in SOURCES:
+        return None
+    if bottle and not record.get("bottle"):
+        record["bottle"] = bottle
+    return (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode("ascii")
+
+
+def sink(fd: int, file: AuditFile, bottle: str, *, read_bytes: int = 64 << 10) -> None:
+    """Append every record read from fd (the pipe) until it ends. One read takes whatever has
+    arrived, so a flood costs one lock and one write per batch, and a lone line is written at once."""
+    pending = b""
+    while True:
+        chunk = os.read(fd, read_bytes)
+        if not chunk:
+            return
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        if len(pending) > MAX_LINE_BYTES:
+            pending = b""  # no writer sends a line this long: not a record
+        file.append(line for line in (stamp(raw, bottle) for raw in lines if raw) if line is not None)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    from bottle_tasks.sidecars.supervise_store import become, state_dir_owner
+
+    parser = argparse.ArgumentParser(prog="python -m bottle_tasks.sidecars.audit",
+                                     description="the bundle's audit sink: records on stdin, appended to DIR/audit.jsonl")
+    parser.add_argument("--dir", required=True, type=Path, help="the bottle's audit dir (mounted read-write)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    owner = state_dir_owner(args.dir)
+    try:
+        if owner is not None:
+            os.chdir(args.dir)  # the dir's parents in the bundle are root's
+            become(*owner)      # the files are the host user's, as the supervise store's are
+            directory = Path(".")
+        else:
+            directory = args.dir
+        AuditFile(directory).ensure()
+    except OSError as error:
+        print(f"audit: {args.dir}: {error}", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps({"event": "listening", "dir": str(args.dir), "uid": os.geteuid()}), flush=True)
+    try:
+        sink(sys.stdin.fileno(), AuditFile(directory), os.environ.get(SLUG_ENV, ""))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,7 @@ SECRETS_FILE = "/var/lib/bottle/secrets.json"
 GIT_DIR = "/var/lib/bottle/git"
 SUPERVISE_DIR = "/var/lib/bottle/supervise"
 AUDIT_DIR = "/var/lib/bottle/audit"
+POLICY_DIR = "/var/lib/bottle/policy"
 # Ports.
 EGRESS_PORT = 8080
 GIT_GATE_PORT = 8081
@@ -54,9 +55,12 @@ class ConfigFile:
 
 @dataclass(frozen=True)
 class StateDir:
-    """A host directory the bundle writes; it holds work, so clean keeps it."""
+    """A host directory the bundle writes (or, readonly, one only the host writes and the bundle reads
+    live); it holds work, so clean keeps it. Not in the bundle's fingerprint: its content changes
+    while the bundle runs."""
     host_path: Path
     target: str
+    readonly: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class BundleInputs:
     supervise_config: Path | None = None  # host: supervise.yaml; None: nothing is supervised
     supervise_state: Path | None = None   # host: requests, decisions, history
     audit_dir: Path | None = None         # host: the audit stream, kept by clean
+    policy_dir: Path | None = None        # host: the policy overlay (routes approved for good), read live by egress
+    unknown_host_approvals: Path | None = None  # host: the supervise queue, when egress holds unknown hosts (ask)
 
 
 def _python(module: str, *args: str) -> tuple[str, ...]:
@@ -113,6 +119,8 @@ def egress(p: BundleInputs) -> BundleDaemon:
         probe=("tcp", f"{p.bundle_ip}:{EGRESS_PORT}"),
         guest_ports=(("tcp", EGRESS_PORT),),
         files=(routes,),
+        state=(*((StateDir(p.policy_dir, POLICY_DIR, readonly=True),) if p.policy_dir else ()),
+               *((StateDir(p.unknown_host_approvals, SUPERVISE_DIR),) if p.unknown_host_approvals else ())),
         secrets=p.route_secrets,
         memory_mib=512,             # mitmproxy, bodies it scans, one thread per scan
         pids=96,

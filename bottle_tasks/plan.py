@@ -124,7 +124,7 @@ class BundlePlan:
     @property
     def mounts(self) -> tuple[Mount, ...]:
         return (*(Mount(str(f.host_path), f.target) for f in self.files),
-                *(Mount(str(s.host_path), s.target, readonly=False) for s in self.state_dirs))
+                *(Mount(str(s.host_path), s.target, readonly=s.readonly) for s in self.state_dirs))
 
     @property
     def guest_ports(self) -> tuple[tuple[str, int], ...]:
@@ -202,25 +202,12 @@ class Plan:
     git: GitPlan | None
     supervise: SupervisePlan | None
     image_pipeline: Any | None   # the backend's own stages between the image and the guest (smolmachines: packs)
+    audit_dir: Path = Path()     # the audit stream (sidecars/audit.py); kept by clean
+    policy_dir: Path = Path()    # routes approved with scope=always (the overlay), applied live by egress; kept by clean
+    approvals_dir: Path | None = None  # the supervise queue: tool calls (supervise) and held unknown hosts (ask)
     unknown_hosts: str = "deny"  # network.unknown_hosts: deny, ask (held for a human) or learn (allowed, logged)
     hold_timeout: int = 300      # seconds egress holds a request to an unknown host (ask): supervise.timeout
-
-    @property
-    def policy_dir(self) -> Path:
-        """Routes approved with scope=always (policy overlay), applied live by egress; kept by clean."""
-        return self.state_dir / "policy"
-
-    @property
-    def approvals_dir(self) -> Path | None:
-        """The supervise queue: tool calls (supervise), and held requests to unknown hosts (ask)."""
-        if self.supervise is not None:
-            return self.supervise.state_dir
-        return self.state_dir / "supervise" if self.unknown_hosts == "ask" else None
-
-    @property
-    def audit_dir(self) -> Path:
-        """The audit stream (sidecars/audit.py); kept by clean."""
-        return self.state_dir / "audit"
+    unknown_private_network: bool = False  # hosts admitted by ask or learn may resolve to private addresses
 
     @property
     def rendered_files(self) -> tuple[ConfigFile, ...]:
@@ -339,6 +326,7 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
     egress_url = f"http://{network.bundle_ip}:{EGRESS_PORT}"
     git = _git_plan(spec, state, config, network) if spec.git_repos else None
     supervise = _supervise_plan(spec.supervise, state, config, network) if spec.supervise else None
+    approvals = supervise.state_dir if supervise else (state / "supervise" if spec.unknown_hosts == "ask" else None)
     inputs = BundleInputs(
         bundle_ip=network.bundle_ip, config_dir=config, pipelock=pipelock, upstream_ca=settings.upstream_ca_certs,
         route_secrets=tuple(sorted({slot.env for slot in spec.token_slots})),
@@ -348,7 +336,8 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         ssh_keys=tuple(ConfigFile(Path(source), repo.identity.ssh_key, origin=f"git.repos[{i}].identity.ssh_key")
                        for i, (repo, source) in enumerate(zip(git.repos, git.ssh_key_sources)) if source) if git else (),
         supervise_config=supervise.config_file if supervise else None,
-        supervise_state=supervise.state_dir if supervise else None, audit_dir=state / "audit")
+        supervise_state=supervise.state_dir if supervise else None, audit_dir=state / "audit",
+        policy_dir=state / "policy", unknown_host_approvals=approvals if spec.unknown_hosts == "ask" else None)
     daemons = bundle_daemons(inputs)
     memory_mib, pids = bundle_limits(daemons)
     if spec.resources.bundle_memory:
@@ -416,7 +405,11 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         git=git,
         supervise=supervise,
         image_pipeline=kind.image_pipeline(slug, settings, cache, common_args),
+        audit_dir=inputs.audit_dir,
+        policy_dir=inputs.policy_dir,
+        approvals_dir=approvals,
         unknown_hosts=spec.unknown_hosts,
+        unknown_private_network=spec.unknown_private_network,
         hold_timeout=spec.supervise.timeout if spec.supervise else 300,
     )
 

@@ -64,6 +64,7 @@ class AgentSpec:
     git_max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES
     supervise: SupervisePolicy | None = None
     unknown_hosts: str = "deny"          # network.unknown_hosts: deny, ask or learn
+    unknown_private_network: bool = False  # network.unknown_private_network: ask/learn hosts may resolve privately
 
     @property
     def token_slots(self) -> tuple[TokenSlot, ...]:
@@ -262,6 +263,7 @@ def _build(path: Path, name: str, data: dict[str, Any]) -> AgentSpec:
         workspace_host_path=host_path,
         subnet=data.get("network", {}).get("subnet"),
         unknown_hosts=data.get("network", {}).get("unknown_hosts", "deny"),
+        unknown_private_network=data.get("network", {}).get("unknown_private_network", False),
         git_user=git_user,
         git_repos=git_repos,
         git_max_push_bytes=data.get("git", {}).get("max_push_bytes", DEFAULT_MAX_PUSH_BYTES),

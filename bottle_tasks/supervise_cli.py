@@ -31,6 +31,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, TextIO
 
+from bottle_tasks.sidecars.audit import AuditWriter
 from bottle_tasks.sidecars.supervise_store import Request, Store, SuperviseError
 
 
@@ -109,10 +110,16 @@ def decide(state_dir: Path | str, request_id: str, decision: str, by: str | None
     """Approve ("approve") or deny ("deny") a pending request. Raises SuperviseError with a one-line
     message for an unknown id, an already decided or expired request, or a bad decision."""
     try:
-        return Store(Path(state_dir)).decide(request_id, decision, by or default_author(), reason)
+        return Store(Path(state_dir), audit=host_audit(Path(state_dir))).decide(
+            request_id, decision, by or default_author(), reason)
     except OSError as error:
         raise SuperviseError(f"cannot write the decision in {state_dir}: {error.strerror or error} "
                              "(the state dir and its decisions/ must belong to the host user)") from None
+
+
+def host_audit(state_dir: Path) -> AuditWriter:
+    """Decisions made on the host go into the bottle's audit stream too: <state>/audit, beside the queue."""
+    return AuditWriter("supervise", directory=state_dir.parent / "audit", bottle=state_dir.parent.name)
 
 
 def notify_send(request: Request) -> None:

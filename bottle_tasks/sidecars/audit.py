@@ -49,6 +49,7 @@ DECISIONS = ("allow", "block", "hold", "learn", "redact", "log", "warn", "approv
 MAX_LINE_BYTES = 3800
 MAX_FIELD_CHARS = {"reason": 600, "fix": 900, "path": 400, "host": 253, "event": 64, "reason_code": 64,
                    "request_id": 64, "method": 16}
+PIPE_BYTES = 1 << 20         # the pipe's buffer (F_SETPIPE_SZ), the default pipe-max-size
 ROTATE_BYTES = 16 << 20     # one file; with ROTATE_KEEP older ones, at most 64 MiB per bottle
 ROTATE_KEEP = 3
 FILE_MODE = 0o600
@@ -254,6 +255,10 @@ def make_pipe() -> tuple[int, int]:
     writer: a full pipe drops lines rather than stalling a daemon)."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
+    try:  # room for a burst of some thousand lines before any is dropped (64 KiB is about 250)
+        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except OSError:
+        pass   # above /proc/sys/fs/pipe-max-size: the default size stays
     return read_end, write_end
 
 

@@ -65,9 +65,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import inspect
 import json
 import os
+import secrets as token_source
 import shutil
 import signal
 import sys
@@ -79,18 +81,28 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, TextIO
 from mitmproxy import connection, http, tcp, tls, websocket
 from mitmproxy.proxy import server_hooks
 
-from bottle_tasks.contract import DEFAULT_MAX_BODY_BYTES, Route, TokenSlot, normalize_host
+from bottle_tasks.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_ROUTE_PORTS, Route, TokenSlot, normalize_host
 from bottle_tasks.sidecars import bodies, dlp, pipelock_scan
+from bottle_tasks.sidecars.advice import Where, fix_for
+from bottle_tasks.sidecars.audit import AuditWriter
 from bottle_tasks.sidecars.inspection import (
     RESPONSE_SCAN_LIMIT, Block, Inspector, OutgoingRequest, SseInjectionFilter,
 )
 from bottle_tasks.sidecars.addresses import is_public_address, resolve_host
 from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token
-from bottle_tasks.sidecars.routes import RoutesConfig, RoutesError, load_routes
+from bottle_tasks.sidecars.routes import RoutesConfig, RoutesError, load_routes, route_for
 from bottle_tasks.sidecars.scrub import SecretScrubber
 from bottle_tasks.sidecars.targets import authority_problem, path_problem
 
 BLOCK_HEADER = "X-Bottle-Block-Reason"
+REQUEST_ID_HEADER = "X-Bottle-Request-Id"
+# How often the policy overlay's file is looked at (a stat); an approval re-reads it at once.
+OVERLAY_CHECK_S = 0.1
+HOLD_POLL_S = 0.1
+# egress's log events, as the audit stream's decisions; "connect" (a tunnel opened) is not a decision.
+AUDIT_DECISIONS = {"block": "block", "allow": "allow", "learn": "learn", "hold": "hold", "dlp_logged": "log",
+                   "dlp_redacted": "redact", "response_warning": "warn", "response_not_redacted": "warn",
+                   "approved": "approve", "start": "info"}
 DEFAULT_UPSTREAM_CA = "/etc/bottle/upstream-ca.pem"
 DEFAULT_PIPELOCK_CONFIG = "/etc/bottle/pipelock.yaml"
 # Responses up to this size (with a Content-Length) are buffered and redacted whole; larger or
@@ -98,6 +110,10 @@ DEFAULT_PIPELOCK_CONFIG = "/etc/bottle/pipelock.yaml"
 BUFFER_LIMIT = 8 << 20
 # A buffered compressed response is decoded for redaction up to this size, and passed on as is past it.
 RESPONSE_DECODE_LIMIT = 4 * BUFFER_LIMIT
+
+_REASON_WORDS = {"allow": "allowed by its route", "learn": "allowed: learn mode records hosts no route names",
+                 "hold": "held for a human: no route names this host (unknown_hosts: ask)",
+                 "approved": "a human approved it"}
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 Emit = Callable[[dict[str, Any]], None]
@@ -117,6 +133,66 @@ def json_line_emitter(out: TextIO, scrubber: SecretScrubber) -> Emit:
 
 
 # ---------------------------------------------------------------------------------------------
+# routes: the file's, and the overlay's, re-read live
+
+
+class LiveRoutes:
+    """routes.yaml's routes, then the policy overlay's (routes a human approved with scope=always),
+    which the host rewrites while egress runs: its file is stat'ed at most every OVERLAY_CHECK_S and
+    re-read when it changed. A route of the file always wins over one of the overlay. An overlay
+    route never carries a token, and reaches private addresses only with network.unknown_private_network."""
+
+    def __init__(self, config: RoutesConfig, log: Callable[[str], None] = lambda text: None):
+        self.config = config
+        self.path = Path(config.overlay) if config.overlay else None
+        self.overlay: tuple[Route, ...] = ()
+        self._seen: tuple[int, int, int] | None = None
+        self._checked_at = 0.0
+        self._log = log
+
+    def route_for(self, host: str) -> Route | None:
+        route = self.config.route_for(host)
+        if route is not None or self.path is None:
+            return route
+        self.refresh()
+        return route_for(self.overlay, host)
+
+    def key_of(self, route: Route | None) -> str:
+        """Where the route comes from, as a user finds it: routes[3], or the overlay."""
+        if route is None:
+            return ""
+        if route in self.config.routes:
+            return f"routes[{self.config.routes.index(route)}]"
+        return "the policy overlay's route (doit policy promote prints it for the agent file)"
+
+    def refresh(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.path is None or (not force and now - self._checked_at < OVERLAY_CHECK_S):
+            return
+        self._checked_at = now
+        try:
+            info = os.stat(self.path)
+            seen = (info.st_ino, info.st_size, info.st_mtime_ns)
+        except FileNotFoundError:
+            seen = None
+        if seen == self._seen:
+            return
+        self._seen = seen
+        if seen is None:
+            self.overlay = ()
+            return
+        from bottle_tasks.sidecars.overlay import OverlayError, load_overlay
+
+        try:
+            routes = load_overlay(self.path)
+        except OverlayError as error:
+            self._log(f"policy overlay not applied, the last good one stays: {error}")
+            return
+        private = self.config.unknown_private_network
+        self.overlay = tuple(dataclasses.replace(r, private_network=private) for r in routes if r.token is None)
+
+
+# ---------------------------------------------------------------------------------------------
 # the addon
 
 
@@ -132,6 +208,7 @@ class Egress:
         pipelock: pipelock_scan.PipelockClient | None = None,
         resolve: Resolver = resolve_host,
         dial_directly: bool | None = None,
+        audit: AuditWriter | None = None,
     ):
         missing = [slot.env for slot in config.token_slots() if not secrets.get(slot.env)]
         if missing:
@@ -140,6 +217,9 @@ class Egress:
         self.secrets = {slot.env: secrets[slot.env] for slot in config.token_slots()}
         self.scrubber = SecretScrubber.placeholders({secrets[slot.env]: slot.placeholder for slot in config.token_slots()})
         self.emit = emit or json_line_emitter(sys.stdout, self.scrubber)
+        self.audit = audit if audit is not None else AuditWriter.from_env("egress", scrubber=self.scrubber)
+        self.routes = LiveRoutes(config, lambda text: self.emit({"event": "error", "reason": text}))
+        self._holds: dict[tuple[str, int], asyncio.Future] = {}  # (host, port) -> the decision being waited for
         self.pipelock = pipelock
         self.inspector = Inspector(pipelock)
         self.resolve = resolve
@@ -153,40 +233,73 @@ class Egress:
     # -- logging ------------------------------------------------------------------------------
 
     def log(self, event: str, *, reason: str = "", method: str = "", host: str = "", path: str = "",
-            pattern: str = "", where: str = "") -> None:
+            pattern: str = "", where: str = "", request_id: str = "", port: int | None = None, detail: str = "",
+            fix: str = "") -> None:
         # The query string is dropped and DLP patterns redacted: a URL can carry the very secret
         # that was blocked. Header values and bodies are never passed in.
         safe_path = dlp.redact(path.split("?", 1)[0])
-        self.emit({"event": event, "reason": reason, "method": method, "host": dlp.redact(host),
-                   "path": safe_path, "pattern": pattern, "where": where})
+        safe_host = dlp.redact(host)
+        self.emit({"event": event, "reason": reason, "method": method, "host": safe_host,
+                   "path": safe_path, "pattern": pattern, "where": where,
+                   **({"request_id": request_id} if request_id else {})})
+        decision = AUDIT_DECISIONS.get(event)
+        if decision is None:
+            return
+        kind = "connect" if method == "CONNECT" else (where if where in ("tls", "response", "websocket", "tcp")
+                                                      else "request")
+        self.audit.emit(kind, decision, reason_code=reason, reason=detail or _REASON_WORDS.get(event, reason),
+                        request_id=request_id, method=method, host=safe_host, port=port, path=safe_path,
+                        dlp_pattern=pattern, dlp_where=where if pattern else "", fix=fix)
 
-    def block(self, flow: http.HTTPFlow, block: Block, host: str) -> None:
-        flow.response = self.block_response(block)
+    def request_id(self, flow: http.HTTPFlow) -> str:
+        """The id a 403, the audit line and a held request's supervise entry share."""
+        return flow.metadata.setdefault("bottle_request_id", token_source.token_hex(8))
+
+    def where(self, flow: http.HTTPFlow, host: str, route: Route | None) -> Where:
+        tunnel = self._tunnels.get(flow.client_conn.id)
+        port = tunnel[1] if tunnel else flow.request.port
+        return Where(agent_file=self.config.agent_file, unknown_hosts=self.config.unknown_hosts, host=host,
+                     port=port, method=flow.request.method, path=flow.request.path.split("?", 1)[0],
+                     route=route, route_key=self.routes.key_of(route))
+
+    def block(self, flow: http.HTTPFlow, block: Block, host: str, route: Route | None = None) -> None:
+        request_id = self.request_id(flow)
+        where = self.where(flow, host, route if route is not None else self.routes.route_for(host))
+        fix = fix_for(block.reason, where, size=block.size, pattern=block.pattern)
+        flow.response = self.block_response(block, request_id, fix)
         self.log("block", reason=block.reason, method=flow.request.method, host=block.log_host or host,
-                 path=flow.request.path, pattern=block.pattern, where=block.where)
+                 path=flow.request.path, pattern=block.pattern, where=block.where, request_id=request_id,
+                 port=where.port, detail=block.detail, fix=fix)
 
-    def block_response(self, block: Block) -> http.Response:
+    def block_response(self, block: Block, request_id: str = "", fix: str = "") -> http.Response:
         body = f"claude-bottle egress blocked this request: {block.reason} ({block.detail})\n"
-        return http.Response.make(
-            block.status,
-            self.scrubber.text(body),
-            {"Content-Type": "text/plain; charset=utf-8", BLOCK_HEADER: block.reason},
-        )
+        if request_id:
+            body += f"request id: {request_id} (doit logs shows it)\n"
+        if fix:
+            body += f"to allow it: {fix}\n"
+        headers = {"Content-Type": "text/plain; charset=utf-8", BLOCK_HEADER: block.reason}
+        if request_id:
+            headers[REQUEST_ID_HEADER] = request_id
+        return http.Response.make(block.status, self.scrubber.text(body), headers)
 
     # -- decision 1: CONNECT ------------------------------------------------------------------
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = normalize_host(flow.request.host), flow.request.port
-        route = self.config.route_for(host)
+        route = self.routes.route_for(host)
         if route is None:
-            self.block(flow, Block("route_not_allowed", f"no route for {host}"), host)
-            return
+            if self.config.unknown_hosts == "deny":
+                self.block(flow, Block("route_not_allowed", f"no route for {host}"), host)
+                return
+            # ask, learn: the tunnel opens (nothing is dialled yet: connection_strategy lazy) and each
+            # request in it is decided in request(), where its method and path are known.
+            route = self._unknown_host_route(host, port)
         if not route.allows_port(port):
             self.block(flow, _port_block(route, host, port), host)
             return
-        problem = _hostname_block(route, flow.request.host)
+        problem = _hostname_block(route, flow.request.host, unknown=self.routes.route_for(host) is None)
         if problem is not None:
-            self.block(flow, problem, host)
+            self.block(flow, problem, host, route)
             return
         self._tunnels[flow.client_conn.id] = (host, port)
         self.log("connect", method="CONNECT", host=host)
@@ -227,20 +340,34 @@ class Egress:
         host = tunnel[0] if tunnel else normalize_host(req.host)
         port = tunnel[1] if tunnel else req.port
 
-        route = self.config.route_for(host)
+        route = self.routes.route_for(host)
+        unknown = route is None
         if route is None:
-            return self.block(flow, Block("route_not_allowed", f"no route for {host}"), host)
-        problem = self._check_target(req, route, host, port, in_tunnel=tunnel is not None)
+            if self.config.unknown_hosts == "deny":
+                return self.block(flow, Block("route_not_allowed", f"no route for {host}"), host)
+            route = self._unknown_host_route(host, port)
+        problem = self._check_target(req, route, host, port, in_tunnel=tunnel is not None, unknown=unknown)
         if problem is not None:
-            return self.block(flow, problem, host)
+            return self.block(flow, problem, host, route)
 
-        pinned_ip, problem = await self._check_destination(route, host, port)
-        if problem is not None:
-            return self.block(flow, problem, host)
-
-        problem = await self._scan(flow, route, host)
-        if problem is not None:
-            return self.block(flow, problem, host)
+        if unknown and self.config.unknown_hosts == "ask":
+            # DLP before a human sees it: a request carrying a secret is refused, never offered for approval.
+            problem = await self._scan(flow, route, host)
+            if problem is not None:
+                return self.block(flow, problem, host, route)
+            problem, route = await self._hold(flow, host, port, route)
+            if problem is not None:
+                return self.block(flow, problem, host)
+            pinned_ip, problem = await self._check_destination(route, host, port)   # the floor, after approval too
+            if problem is not None:
+                return self.block(flow, problem, host, route)
+        else:
+            pinned_ip, problem = await self._check_destination(route, host, port)
+            if problem is not None:
+                return self.block(flow, problem, host, route)
+            problem = await self._scan(flow, route, host)
+            if problem is not None:
+                return self.block(flow, problem, host, route)
 
         if route.token is not None:
             if req.scheme != "https":
@@ -251,16 +378,91 @@ class Egress:
 
         if self.dial_directly and pinned_ip:
             self._pins[(host, port)] = pinned_ip
-        self.log("allow", method=req.method, host=host, path=req.path)
+        learned = unknown and self.config.unknown_hosts == "learn"
+        self.log("learn" if learned else "allow", method=req.method, host=host, path=req.path,
+                 request_id=self.request_id(flow), port=port)
 
-    def _check_target(self, req: http.Request, route: Route, host: str, port: int, *, in_tunnel: bool) -> Block | None:
+    def _unknown_host_route(self, host: str, port: int) -> Route:
+        """The route a host no route names is held (ask) or allowed (learn) under: the defaults, no
+        token, never a private address. ask admits any port (the human sees it); learn the default ones."""
+        ports = (port,) if self.config.unknown_hosts == "ask" else DEFAULT_ROUTE_PORTS
+        return Route(host, ports=ports, private_network=self.config.unknown_private_network)
+
+    async def _hold(self, flow: http.HTTPFlow, host: str, port: int, route: Route) -> tuple[Block | None, Route]:
+        """ask: file the request in the supervise queue and wait for a human (up to hold_seconds).
+        Requests to the same host and port while one is held wait for that one decision. Approved
+        with scope=always, the route is in the overlay by the time the decision is: it is re-read and
+        used from then on; approved once, only this request (and those waiting with it) pass."""
+        key = (host, port)
+        waiting = self._holds.get(key)
+        if waiting is None:
+            waiting = asyncio.get_running_loop().create_future()
+            self._holds[key] = waiting
+            asyncio.ensure_future(self._decide_hold(flow, host, port, waiting))
+        try:
+            decision = await asyncio.shield(waiting)
+        finally:
+            if waiting.done() and self._holds.get(key) is waiting:
+                del self._holds[key]
+        status, by, reason, scope = decision
+        if status == "approved":
+            if scope == "always":
+                self.routes.refresh(force=True)
+                route = self.routes.route_for(host) or route
+            return None, route
+        if status == "denied":
+            words = f"denied by {by}" + (f": {reason}" if reason else "")
+            return Block("denied_by_human", words), route
+        if status == "refused":
+            return Block("approvals_full", reason, status=429), route
+        return Block("approval_expired", f"no decision within {self.config.hold_seconds} s"), route
+
+    async def _decide_hold(self, flow: http.HTTPFlow, host: str, port: int, waiting: asyncio.Future) -> None:
+        from bottle_tasks.sidecars.supervise_store import Store, SuperviseError, TooManyRequests
+
+        request_id = self.request_id(flow)
+        method, path = flow.request.method, flow.request.path.split("?", 1)[0]
+        store = Store(Path(self.config.approvals_dir))
+        safe_path = dlp.redact(path)
+        try:
+            held = await asyncio.to_thread(
+                store.create_request, f"egress {method} {host}",
+                {"host": host, "port": port, "method": method, "path": safe_path,
+                 "scheme": flow.request.scheme}, f"a request to {host}:{port}, which no route names: {method} {safe_path}",
+                self.config.hold_seconds, "egress", request_id)
+        except TooManyRequests as error:
+            waiting.set_result(("refused", "", str(error), ""))
+            return
+        except (SuperviseError, OSError) as error:
+            waiting.set_result(("refused", "", f"the supervise queue is unavailable: {error}", ""))
+            return
+        self.log("hold", method=method, host=host, path=path, request_id=request_id, port=port,
+                 fix=f"doit approve id={request_id} scope=once|always, or doit deny id={request_id} reason=...")
+        deadline = time.monotonic() + self.config.hold_seconds + 5   # the store's expiry, with its grace
+        while time.monotonic() < deadline:
+            try:
+                current = await asyncio.to_thread(store.get, held.id)
+            except (SuperviseError, OSError):
+                current = None
+            if current is not None and not current.pending:
+                scope = getattr(current, "scope", "") or "once"
+                if current.status == "approved":
+                    self.log("approved", method=method, host=host, path=path, request_id=request_id, port=port,
+                             detail=f"approved by {current.by} (scope {scope})")
+                waiting.set_result((current.status, current.by, current.reason, scope))
+                return
+            await asyncio.sleep(HOLD_POLL_S)
+        waiting.set_result(("expired", "", "", ""))
+
+    def _check_target(self, req: http.Request, route: Route, host: str, port: int, *, in_tunnel: bool,
+                      unknown: bool = False) -> Block | None:
         """Decisions 1 (port), 3 and 4: what the request line and headers alone decide."""
         if not in_tunnel and req.scheme == "https":
             return Block("https_requires_connect", "an https URL sent in the clear to the proxy; "
                          "send https through a CONNECT tunnel")
         if not route.allows_port(port):
             return _port_block(route, host, port)
-        problem = _hostname_block(route, req.host)
+        problem = _hostname_block(route, req.host, unknown=unknown)
         if problem is not None:
             return problem
         if in_tunnel and (normalize_host(req.host) != host or req.port != port):
@@ -321,7 +523,7 @@ class Egress:
         req = flow.request
         tunnel = self._tunnels.get(flow.client_conn.id)
         host = tunnel[0] if tunnel else normalize_host(req.host)
-        route = self.config.route_for(host)
+        route = self.routes.route_for(host)
         limit = route.max_body_bytes if route is not None else DEFAULT_MAX_BODY_BYTES
         size = buffered if buffered is not None else _declared_length(req)
         if size is None or size <= limit:
@@ -363,7 +565,7 @@ class Egress:
     def _route_of(self, flow: http.HTTPFlow) -> tuple[str, Route | None]:
         tunnel = self._tunnels.get(flow.client_conn.id)
         host = tunnel[0] if tunnel else normalize_host(flow.request.host)
-        return host, self.config.route_for(host)
+        return host, self.routes.route_for(host)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
@@ -521,18 +723,23 @@ def _is_event_stream(response: http.Response) -> bool:
     return response.headers.get("content-type", "").split(";", 1)[0].strip().lower() == "text/event-stream"
 
 
-def _hostname_block(route: Route, host: str) -> Block | None:
+def _hostname_block(route: Route, host: str, *, unknown: bool = False) -> Block | None:
     """Decision 1b: on a wildcard route, a name whose labels carry a secret or look like encoded
     data is refused before anything resolves it (a DNS lookup is itself a way out). host as the
-    guest sent it: mixed case is itself a sign of base64."""
-    if not route.host.startswith("*."):
+    guest sent it: mixed case is itself a sign of base64. A host no route names (ask, learn) was
+    chosen by the agent whole, so every label but the top-level domain counts."""
+    if unknown:
+        pattern = "*." + normalize_host(host).rsplit(".", 1)[-1]
+    elif route.host.startswith("*."):
+        pattern = route.host
+    else:
         return None
-    problem = dlp.hostname_problem(host, route.host)
+    problem = dlp.hostname_problem(host, pattern)
     if problem is None:
         return None
     # Logged under the route's pattern: the name itself is what must not be written down.
-    return Block(problem, f"a name under {route.host} that carries a secret or encoded data; "
-                 "such names are refused before they are resolved", log_host=route.host)
+    return Block(problem, f"a name under {pattern} that carries a secret or encoded data; "
+                 "such names are refused before they are resolved", log_host=pattern)
 
 
 def _apply_redaction(req: http.Request, verdict) -> None:
@@ -578,7 +785,7 @@ def _body_too_large(route: Route | None, host: str, size: int, *, whole: bool = 
     limit = route.max_body_bytes if route is not None else DEFAULT_MAX_BODY_BYTES
     amount = f"{size} bytes" if whole else f"more than {limit} bytes"
     return Block("body_too_large", f"a request body of {amount} exceeds max_body_bytes ({limit} bytes) for {host}",
-                 status=413)
+                 status=413, size=size)
 
 
 def _accept_only_bounded_encodings(req: http.Request) -> None:

@@ -55,6 +55,7 @@ class Block:
     pattern: str = ""
     where: str = ""
     log_host: str = ""  # what the log names as the host, when the host itself must not be logged
+    size: int | None = None  # body_too_large: the size seen, for the advice on max_body_bytes
 
 
 @dataclass(frozen=True)

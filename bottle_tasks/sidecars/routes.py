@@ -32,6 +32,18 @@ class RoutesError(ValueError):
     """routes.yaml is missing or malformed; the message names the file and the key."""
 
 
+UNKNOWN_HOST_MODES = ("deny", "ask", "learn")
+MAX_HOLD_SECONDS = 3600
+
+
+def route_for(routes: tuple[Route, ...], host: str) -> Route | None:
+    """First route matching host; exact routes win over wildcards."""
+    exact = [r for r in routes if not r.host.startswith("*.") and r.matches_host(host)]
+    if exact:
+        return exact[0]
+    return next((r for r in routes if r.matches_host(host)), None)
+
+
 @dataclass(frozen=True)
 class RoutesConfig:
     agent: str
@@ -40,13 +52,15 @@ class RoutesConfig:
     upstream_proxy: str  # "" = egress dials upstreams itself
     pipelock_scan_url: str  # "" = no pipelock scan API
     routes: tuple[Route, ...]
+    agent_file: str = ""            # the host's agent file, named in a 403's advice
+    unknown_hosts: str = "deny"     # a host no route names: deny, ask (held for a human) or learn (allowed, logged)
+    hold_seconds: int = 300         # ask: how long a request waits for a decision
+    approvals_dir: str = ""         # ask: the supervise queue egress files held requests into
+    overlay: str = ""               # routes a human approved for good (scope=always), re-read live
+    unknown_private_network: bool = False  # hosts admitted by ask or learn (and the overlay's) may resolve privately
 
     def route_for(self, host: str) -> Route | None:
-        """First route matching host; exact routes win over wildcards."""
-        exact = [r for r in self.routes if not r.host.startswith("*.") and r.matches_host(host)]
-        if exact:
-            return exact[0]
-        return next((r for r in self.routes if r.matches_host(host)), None)
+        return route_for(self.routes, host)
 
     def token_slots(self) -> tuple[TokenSlot, ...]:
         return tuple(r.token for r in self.routes if r.token is not None)
@@ -58,8 +72,8 @@ def load_routes(path: str | Path) -> RoutesConfig:
 
 def parse_routes(data: Any, *, source: str = "routes.yaml") -> RoutesConfig:
     fail = config_failer(RoutesError, source)
-    versioned_document(data, {"agent", "listen", "upstream_proxy", "pipelock_scan_url", "routes"}, SUPPORTED_VERSION,
-                       fail)
+    versioned_document(data, {"agent", "listen", "upstream_proxy", "pipelock_scan_url", "routes", "agent_file",
+                              "unknown_hosts", "hold_seconds", "approvals_dir", "overlay", "unknown_private_network"}, SUPPORTED_VERSION, fail)
 
     agent = string_value(data, "agent", "agent", fail, required=True)
     listen_host, listen_port = listen_address(string_value(data, "listen", "listen", fail, required=True), "listen",
@@ -70,7 +84,19 @@ def parse_routes(data: Any, *, source: str = "routes.yaml") -> RoutesConfig:
                               fail)
     routes = tuple(_route(item, f"routes[{i}]", fail) for i, item in enumerate(list_of(data, "routes", fail)))
     refuse_duplicates([route.host for route in routes], "routes", "host", fail)
-    return RoutesConfig(agent, listen_host, listen_port, upstream_proxy, scan_url, routes)
+    unknown_hosts = _choice(data, "unknown_hosts", UNKNOWN_HOST_MODES, "unknown_hosts", fail) or "deny"
+    hold = data.get("hold_seconds", 300)
+    if not _is_int(hold) or not 1 <= hold <= MAX_HOLD_SECONDS:
+        raise fail("hold_seconds", f"must be a number of seconds from 1 to {MAX_HOLD_SECONDS}, got {hold!r}")
+    approvals_dir = string_value(data, "approvals_dir", "approvals_dir", fail)
+    if unknown_hosts == "ask" and not approvals_dir:
+        raise fail("approvals_dir", "unknown_hosts: ask needs the supervise queue's directory")
+    return RoutesConfig(agent, listen_host, listen_port, upstream_proxy, scan_url, routes,
+                        agent_file=string_value(data, "agent_file", "agent_file", fail), unknown_hosts=unknown_hosts,
+                        hold_seconds=hold, approvals_dir=approvals_dir,
+                        overlay=string_value(data, "overlay", "overlay", fail),
+                        unknown_private_network=bool_value(data, "unknown_private_network", "unknown_private_network",
+                                                           fail))
 
 
 def _route(item: Any, key: str, fail) -> Route:

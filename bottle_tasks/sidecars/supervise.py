@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from bottle_tasks.contract import SupervisePolicy
+from bottle_tasks.sidecars.audit import AuditWriter
 from bottle_tasks.sidecars.configfile import config_failer, read_yaml, string_list
 from bottle_tasks.sidecars.daemon import (
     BoundedThreadingMixIn, install_stop_handlers, read_chunks, split_host_port, wait_for_stop_signal,
@@ -344,7 +345,7 @@ class SuperviseServer(BoundedThreadingMixIn, HTTPServer):
 
 def store_for(config: Config, state_dir: Path | None = None) -> Store:
     return Store(state_dir or config.state_dir, max_pending=config.policy.max_pending,
-                 max_per_minute=config.policy.max_requests_per_minute)
+                 max_per_minute=config.policy.max_requests_per_minute, audit=AuditWriter.from_env("supervise"))
 
 
 def serve(config: Config, stopped: threading.Event, state_dir: Path | None = None,

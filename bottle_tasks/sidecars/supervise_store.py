@@ -223,6 +223,7 @@ class Store:
     max_pending: int | None = DEFAULT_MAX_PENDING        # None: no cap
     max_per_minute: int | None = DEFAULT_MAX_PER_MINUTE  # None: no rate limit
     _create_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    audit: Any = field(default=None, repr=False)   # an audit.AuditWriter: history lines go to the stream too
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
@@ -266,6 +267,9 @@ class Store:
                 os.write(fd, line)
             finally:
                 os.close(fd)
+        if self.audit is not None:
+            event, decision, fields = _audit_line(record)
+            self.audit.emit(event, decision, **fields)
 
     def history(self) -> list[dict[str, Any]]:
         try:
@@ -316,7 +320,7 @@ class Store:
                 os.chdir(self.state_dir)  # the dir's parents may be root's alone
                 become(*owner)
                 store = Store(Path("."), clock=self.clock, max_pending=self.max_pending,
-                              max_per_minute=self.max_per_minute)
+                              max_per_minute=self.max_per_minute, audit=self.audit)
                 answer = {"request": store.create_request(tool, input, summary, timeout_seconds, source,
                                                           request_id).as_dict()}
             except TooManyRequests as error:
@@ -586,6 +590,23 @@ def become(uid: int, gid: int) -> None:
     os.setresuid(uid, uid, uid)
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
         raise PermissionError(f"could not switch to uid {uid} gid {gid}")
+
+
+def _audit_line(record: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """A history record as the audit stream's (event, decision, fields); history.jsonl stays the full record."""
+    event = record.get("event")
+    fields: dict[str, Any] = {"request_id": str(record.get("id", "")),
+                              "detail": {"tool": record.get("tool", ""), "record": "supervise/history.jsonl"}}
+    if event == "request":
+        fields["detail"]["source"] = record.get("source", "guest")
+        return ("approval_request", "hold", {**fields, "reason": str(record.get("summary", "")),
+                                             "reason_code": "approval_requested"})
+    if event == "decision":
+        verdict = "approve" if record.get("decision") == "approve" else "deny"
+        words = f"{record.get('by', '')}" + (f": {record['reason']}" if record.get("reason") else "")
+        fields["detail"]["by"] = record.get("by", "")
+        return ("decision", verdict, {**fields, "reason": words, "reason_code": f"human_{verdict}"})
+    return ("expired", "expire", {**fields, "reason": str(record.get("reason", "")), "reason_code": "approval_expired"})
 
 
 def _with(request: Request, **changes: Any) -> Request:

@@ -41,8 +41,14 @@ def agent_line(plan: Plan) -> str:
     return f"agent {plan.agent}: {plan.spec_path} (host tokens: {tokens})"
 
 
+LEARN_WARNING = ("warning: network.unknown_hosts is learn: {agent} may reach any public host, each one allowed "
+                 "and recorded (doit policy suggest agent={agent} turns them into routes; set deny to lock down)")
+
+
 def preflight(plan: Plan) -> None:
     print(agent_line(plan))
+    if plan.unknown_hosts == "learn":
+        print(LEARN_WARNING.format(agent=plan.agent))
     secret_values(plan)
     pipelock_ok(plan, settings())
     for key, value in plan.guest.env:
@@ -72,9 +78,10 @@ def render_configs(plan: Plan) -> None:
     ensure_audit_dir(plan)
     if plan.git:
         plan.git.mirrors_dir.mkdir(parents=True, exist_ok=True)
-    if plan.supervise:
+    if plan.approvals_dir:
         # Created by the host user, so decisions written from the host never meet root-owned dirs.
-        Store(plan.supervise.state_dir).ensure_layout()
+        Store(plan.approvals_dir).ensure_layout()
+    plan.policy_dir.mkdir(mode=0o700, exist_ok=True)   # mounted into the bundle: it must exist
 
 
 def ensure_audit_dir(plan: Plan) -> None:

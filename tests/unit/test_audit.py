@@ -125,3 +125,36 @@ def test_from_env_reads_the_fd_and_the_slug():
     nowhere = audit.AuditWriter.from_env("dns", {})
     assert nowhere.fd is None and nowhere.file is None
     nowhere.emit("query", "block")   # goes nowhere, raises nothing
+
+
+def test_supervise_history_reaches_the_stream_with_the_request_id(tmp_path):
+    from bottle_tasks import supervise_cli
+    from bottle_tasks.sidecars.supervise_store import Store
+
+    queue = tmp_path / "demo" / "supervise"
+    store = Store(queue, audit=audit.AuditWriter("supervise", directory=tmp_path / "demo" / "audit"))
+    request = store.create_request("Bash", {"command": "git push"}, "push it", 60)
+    supervise_cli.decide(queue, request.id, "deny", "alice", "not now")   # the host's own writer
+    got = [(r["event"], r["decision"], r["request_id"]) for r in lines(tmp_path / "demo" / "audit")]
+    assert got == [("approval_request", "hold", request.id), ("decision", "deny", request.id)]
+    decision = lines(tmp_path / "demo" / "audit")[-1]
+    assert decision["reason"] == "alice: not now" and decision["bottle"] == "demo"
+    assert decision["detail"]["record"] == "supervise/history.jsonl"
+    assert len(store.history()) == 2   # the queue's own record is kept whole
+
+
+def test_git_gate_records_reach_the_stream_and_point_at_their_file(tmp_path):
+    import io
+
+    from bottle_tasks.sidecars.gitgate.audit import AuditLog
+
+    log = AuditLog(tmp_path / "git-audit.jsonl", io.StringIO(), SecretScrubber({}),
+                   stream=audit.AuditWriter("git-gate", directory=tmp_path / "audit"))
+    log.emit({"event": "push", "repo": "app", "refs": [{"ref": "refs/heads/main"}], "accepted": False,
+              "reason": "refs/heads/main: not an allowed branch"})
+    log.emit({"event": "refresh", "repo": "app", "accepted": True}, audit=False)   # not a decision
+    [line] = lines(tmp_path / "audit")
+    assert (line["source"], line["event"], line["decision"], line["reason_code"]) == \
+        ("git-gate", "push", "block", "push_refused")
+    assert line["detail"] == {"repo": "app", "refs": ["refs/heads/main"], "record": "git/audit.jsonl"}
+    assert (tmp_path / "git-audit.jsonl").read_text().count("\n") == 1   # the full record stays where it was

@@ -64,9 +64,11 @@ def test_secrets_reach_the_bundle_as_a_root_only_file_never_in_its_env_or_an_arg
     assert labels[ROLE_LABEL] == "bundle" and labels[FINGERPRINT_LABEL]
     assert _flags(create, "--ip") == [plan.network.bundle_ip] and _flags(create, "--network") == [plan.network.guest_side.name]
     mounts = _flags(create, "--mount")
-    for state in plan.bundle.state_dirs:          # state dirs are the only writable mounts
-        assert f"type=bind,source={state.host_path},target={state.target}" in mounts
-    assert all(m.endswith(",readonly") for m in mounts if not any(str(s.host_path) in m for s in plan.bundle.state_dirs))
+    for state in plan.bundle.state_dirs:          # state dirs are the only writable mounts (the overlay: read-only)
+        assert f"type=bind,source={state.host_path},target={state.target}" + (",readonly" if state.readonly else "") \
+            in mounts
+    assert all(m.endswith(",readonly") for m in mounts
+               if not any(str(s.host_path) in m for s in plan.bundle.state_dirs if not s.readonly))
     # The second network is joined after create, then the bundle starts and is waited on.
     assert runner.commands("docker", "network", "connect") == [["docker", "network", "connect", plan.network.outbound.name, plan.bundle.name]]
     assert runner.commands("docker", "start") == [["docker", "start", plan.bundle.name]]

@@ -157,8 +157,9 @@ def test_connect_to_unrouted_host_is_refused():
     flow = connect_flow(tflow.tclient_conn(), "evil.test")
     addon.http_connect(flow)
     assert "no route for evil.test" in assert_blocked(flow, "route_not_allowed")
+    request_id = flow.response.headers[egress.REQUEST_ID_HEADER]
     assert records[-1] == {"event": "block", "reason": "route_not_allowed", "method": "CONNECT",
-                           "host": "evil.test", "path": "", "pattern": "", "where": ""}
+                           "host": "evil.test", "path": "", "pattern": "", "where": "", "request_id": request_id}
 
 
 def test_plain_request_to_unrouted_host_is_refused():

@@ -73,6 +73,7 @@ class BundleDaemon:
     state: tuple[StateDir, ...] = ()
     secrets: tuple[str, ...] = ()                    # the secret variables it (and only it) gets
     audit_sink: bool = False                         # reads the audit pipe (init gives every other daemon its write end)
+    audit_stdout: str = ""                           # init reads its log for audit records ("pipelock")
     # Its share of the bundle's limits (docker --memory, --pids-limit), generous for a busy agent:
     # a daemon the guest floods runs into the bundle's ceiling, not the host's.
     memory_mib: int = 64
@@ -133,7 +134,8 @@ def pipelock(p: BundleInputs) -> BundleDaemon | None:
     # 0600: it holds the scan API's bearer token.
     config = ConfigFile(p.config_dir / "pipelock.yaml", f"{CONFIG_DIR}/pipelock.yaml", "pipelock.yaml.j2", 0o600)
     return BundleDaemon("pipelock", ("pipelock", "run", "--config", config.target),
-                        probe=("http", f"http://{PIPELOCK_LISTEN}/health"), files=(config,), memory_mib=256, pids=64)
+                        probe=("http", f"http://{PIPELOCK_LISTEN}/health"), files=(config,), memory_mib=256, pids=64,
+                        audit_stdout="pipelock")
 
 
 def dns(p: BundleInputs) -> BundleDaemon:

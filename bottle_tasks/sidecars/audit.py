@@ -262,6 +262,32 @@ def make_pipe() -> tuple[int, int]:
     return read_end, write_end
 
 
+# --------------------------------------------------------------------------- pipelock's own log
+
+# pipelock's log events (JSON lines on its stdout) that are decisions; the rest (allowed, tunnel_open...)
+# are egress's to record, which saw the same request first.
+PIPELOCK_EVENTS = {"blocked": "block", "body_dlp": "block", "header_dlp": "block", "sni_mismatch": "block",
+                   "kill_switch_deny": "block", "response_scan": "warn", "anomaly": "warn", "config_reload": "info"}
+
+
+def from_pipelock(line: str) -> tuple[str, str, dict[str, Any]] | None:
+    """One of pipelock's log lines as (event, decision, fields) for the stream, or None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("event") not in PIPELOCK_EVENTS:
+        return None
+    target = str(record.get("url") or record.get("target") or "")
+    host = target.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    path = "/" + target.split("://", 1)[-1].split("/", 1)[1] if "/" in target.split("://", 1)[-1] else ""
+    return str(record["event"]), PIPELOCK_EVENTS[record["event"]], {
+        "reason_code": str(record.get("scanner") or record["event"]),
+        "reason": str(record.get("reason") or record.get("message") or ""),
+        "method": str(record.get("method") or ""), "host": host.rsplit(":", 1)[0] if host.count(":") == 1 else host,
+        "path": path}
+
+
 # --------------------------------------------------------------------------- the sink (bundle daemon)
 
 

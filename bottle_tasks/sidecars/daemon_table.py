@@ -6,7 +6,8 @@ names another file)::
     {"name": {"command": ["prog", "arg", ...],
               "probe": {"tcp": "ip:port"} | {"http": "http://..."} | {"dns": "ip:port"} | null,
               "secrets": ["VAR", ...],           # optional: the secret variables this daemon gets
-              "audit_sink": true}}               # optional: reads the audit pipe on stdin (sidecars/audit.py)
+              "audit_sink": true,                # optional: reads the audit pipe on stdin (sidecars/audit.py)
+              "audit_stdout": "pipelock"}}       # optional: its log lines are read for audit records
 
 ``BUNDLE_DAEMONS`` (comma separated) selects the daemons init starts, in that order.
 Standard library only.
@@ -32,6 +33,7 @@ class Daemon:
     probe: Probe | None = None  # None: ready as soon as it runs
     secrets: tuple[str, ...] = ()  # variables of the secrets file handed to this daemon, and to no other
     audit_sink: bool = False       # gets the audit pipe's read end as stdin; every other daemon its write end
+    audit_stdout: str = ""         # its stdout lines are read for audit records ("pipelock": sidecars/audit.py)
 
 
 class DaemonTableError(ValueError):
@@ -69,7 +71,10 @@ def parse_daemon_table(entries: Any, *, source: str = "daemons.json") -> dict[st
         audit_sink = entry.get("audit_sink", False)
         if not isinstance(audit_sink, bool):
             raise DaemonTableError(f"{source}: {name}.audit_sink: must be true or false")
-        table[name] = Daemon(name, tuple(command), probe, tuple(secrets), audit_sink)
+        audit_stdout = entry.get("audit_stdout", "")
+        if audit_stdout not in ("", "pipelock"):
+            raise DaemonTableError(f"{source}: {name}.audit_stdout: must be \"pipelock\" or absent")
+        table[name] = Daemon(name, tuple(command), probe, tuple(secrets), audit_sink, audit_stdout)
     return table
 
 

@@ -10,7 +10,9 @@ outside the bundle.
 A well-formed standard query (QR=0, one question, no answer/authority records) gets the
 question echoed back with RCODE NXDOMAIN and no records; other opcodes get NOTIMP. Anything
 else is dropped without a reply, so the sink cannot be used to reflect garbage. If started
-as root, it drops to nobody once its sockets are bound. Standard library only.
+as root, it drops to nobody once its sockets are bound. Each name asked for goes into the audit
+stream (``QueryLog``: once per name per minute, so a flood of lookups is a few lines, not a torrent).
+Standard library only (and the package's audit writer).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 from typing import Any, Mapping, Sequence
 
+from bottle_tasks.sidecars.audit import AuditWriter
 from bottle_tasks.sidecars.daemon import (
     BoundedThreadingMixIn, install_stop_handlers, split_host_port, wait_for_stop_signal,
 )
@@ -62,6 +66,40 @@ def question_end(packet: bytes, offset: int = HEADER.size) -> int | None:
     return None
 
 
+def question_name(query: bytes) -> str:
+    """The first question's name, dotted and lower-case ("" when malformed); call after answer() accepted it."""
+    labels, offset = [], HEADER.size
+    while offset < len(query) and query[offset]:
+        size = query[offset]
+        labels.append(query[offset + 1:offset + 1 + size].decode("ascii", errors="replace"))
+        offset += 1 + size
+    return ".".join(labels).lower()
+
+
+class QueryLog:
+    """An audit line per name the guest looked up, at most once per name per ``window_s``; the names
+    remembered are bounded, so random names cannot grow it."""
+
+    def __init__(self, audit: AuditWriter, window_s: float = 60.0, remember: int = 4096) -> None:
+        self.audit = audit
+        self.window_s = window_s
+        self.remember = remember
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def note(self, query: bytes, now: float | None = None) -> None:
+        name = question_name(query)
+        moment = time.monotonic() if now is None else now
+        with self._lock:
+            if moment - self._last.get(name, -self.window_s) < self.window_s:
+                return
+            if len(self._last) >= self.remember:
+                self._last.clear()
+            self._last[name] = moment
+        self.audit.emit("query", "block", reason_code="dns_refused", host=name[:253],
+                        reason="the guest has no DNS for outside names: NXDOMAIN (the proxy resolves for it)")
+
+
 def answer(query: bytes) -> bytes | None:
     """The sink's reply to one DNS message, or None to drop it."""
     if len(query) < HEADER.size:
@@ -87,6 +125,7 @@ class UdpHandler(socketserver.BaseRequestHandler):
         reply = answer(data)
         if reply is not None:
             sock.sendto(reply, self.client_address)
+            self.server.queries.note(data)  # type: ignore[attr-defined]
 
 
 def receive_exactly(sock: socket.socket, size: int) -> bytes | None:
@@ -111,9 +150,10 @@ class TcpHandler(socketserver.BaseRequestHandler):
                     return
                 query = receive_exactly(self.request, int.from_bytes(prefix, "big"))
                 reply = answer(query) if query is not None else None
-                if reply is None:
+                if reply is None or query is None:
                     return
                 self.request.sendall(len(reply).to_bytes(2, "big") + reply)
+                self.server.queries.note(query)  # type: ignore[attr-defined]
         except OSError:
             return
 
@@ -143,8 +183,10 @@ class TcpServer(_BindsIpv4OrIpv6, BoundedThreadingMixIn, socketserver.TCPServer)
 class DnsSink:
     """UDP and TCP servers on one ip:port. Port 0 picks a free port for both."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, audit: AuditWriter | None = None) -> None:
         self.udp, self.tcp = self._bind_pair(host, port)
+        self.queries = QueryLog(audit if audit is not None else AuditWriter.from_env("dns"))
+        self.udp.queries = self.tcp.queries = self.queries  # type: ignore[attr-defined]
         self.port: int = self.udp.server_address[1]
         self._threads: list[threading.Thread] = []
 

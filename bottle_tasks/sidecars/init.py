@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
-from bottle_tasks.sidecars.audit import AUDIT_FD_ENV, SLUG_ENV, AuditWriter, make_pipe
+from bottle_tasks.sidecars.audit import AUDIT_FD_ENV, SLUG_ENV, AuditWriter, from_pipelock, make_pipe
 from bottle_tasks.sidecars.daemon import Backoff
 from bottle_tasks.sidecars.daemon_table import (
     DEFAULT_DAEMON_TABLE, Daemon, DaemonTableError, SecretsError, UnknownDaemon, daemon_environment,
@@ -61,13 +61,19 @@ class PrefixedOutput:
             self._stream.write(f"[{name}] {text.rstrip(chr(10))}\n")
             self._stream.flush()
 
-    def pump(self, name: str, pipe: IO[bytes]) -> threading.Thread:
-        """Copy a daemon's pipe line by line until it closes (the daemon and its children exit)."""
+    def pump(self, name: str, pipe: IO[bytes], audit: AuditWriter | None = None) -> threading.Thread:
+        """Copy a daemon's pipe line by line until it closes (the daemon and its children exit); with
+        audit, its decisions also go into the stream (pipelock's log, read by from_pipelock)."""
 
         def copy() -> None:
             with pipe:
                 for raw in iter(pipe.readline, b""):
-                    self.line(name, raw.decode("utf-8", errors="replace"))
+                    text = raw.decode("utf-8", errors="replace")
+                    self.line(name, text)
+                    found = from_pipelock(text) if audit is not None else None
+                    if found is not None:
+                        event, decision, fields = found
+                        audit.emit(event, decision, **fields)
 
         thread = threading.Thread(target=copy, name=f"pump-{name}", daemon=True)
         thread.start()
@@ -191,7 +197,10 @@ class Supervisor:
         state.next_probe_at = now
         self._by_pid[process.pid] = state
         assert process.stdout is not None
-        state.pump = self.output.pump(name, process.stdout)
+        audit = None
+        if state.daemon.audit_stdout and self.audit_pipe is not None:
+            audit = AuditWriter(state.daemon.audit_stdout, fd=self.audit_pipe[1], bottle=self.bottle)
+        state.pump = self.output.pump(name, process.stdout, audit)
         self.log(f"{name}: started pid {process.pid}: {' '.join(state.daemon.command)}")
         self.audit.emit("daemon_start", "info", reason=f"{name} started (pid {process.pid}, start {state.restarts + 1})",
                         detail={"daemon": name, "pid": process.pid, "restarts": state.restarts})

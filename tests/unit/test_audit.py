@@ -158,3 +158,14 @@ def test_git_gate_records_reach_the_stream_and_point_at_their_file(tmp_path):
         ("git-gate", "push", "block", "push_refused")
     assert line["detail"] == {"repo": "app", "refs": ["refs/heads/main"], "record": "git/audit.jsonl"}
     assert (tmp_path / "git-audit.jsonl").read_text().count("\n") == 1   # the full record stays where it was
+
+
+def test_pipelock_blocks_become_stream_records_and_its_other_lines_do_not():
+    blocked = json.dumps({"level": "warn", "event": "blocked", "method": "CONNECT", "url": "https://evil.test:443/",
+                          "scanner": "domain_blocklist", "reason": "domain blocked"})
+    event, decision, fields = audit.from_pipelock(blocked)
+    record = audit.audit_record("pipelock", event, decision, **fields)
+    jsonschema.validate({**record, "bottle": "x"}, SCHEMA)
+    assert (decision, record["host"], record["reason_code"]) == ("block", "evil.test", "domain_blocklist")
+    assert audit.from_pipelock(json.dumps({"event": "tunnel_open", "target": "a.test:443"})) is None
+    assert audit.from_pipelock("Mode: strict") is None

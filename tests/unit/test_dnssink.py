@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from bottle_tasks.sidecars import dnssink
 from bottle_tasks.sidecars.dnssink import DnsSink, answer, listen_address
 from tests.waiting import wait_for
 
@@ -165,3 +166,14 @@ def test_the_daemon_answers_on_its_listen_flag() -> None:
         stdout, _ = process.communicate(timeout=10)
     assert process.returncode == 0
     assert f"answering NXDOMAIN on 127.0.0.1:{port}" in stdout
+
+
+def test_each_name_looked_up_reaches_the_audit_stream_once_a_minute(tmp_path):
+    from bottle_tasks.sidecars import audit
+
+    log = dnssink.QueryLog(audit.AuditWriter("dns", directory=tmp_path))
+    query = dnssink.HEADER.pack(7, 0x0100, 1, 0, 0, 0) + b"\x07example\x03COM\x00\x00\x01\x00\x01"
+    for moment in (0.0, 1.0, 59.0, 61.0):
+        log.note(query, now=moment)
+    records = list(audit.read_records(tmp_path))
+    assert [(r["source"], r["host"], r["reason_code"]) for r in records] == [("dns", "example.com", "dns_refused")] * 2

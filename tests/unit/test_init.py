@@ -323,3 +323,41 @@ def test_an_unreadable_secrets_file_stops_init_with_its_name(start_init, tmp_pat
     init = start_init({"a": python_daemon(CHATTY)}, "a", {"BOTTLE_SECRETS_FILE": str(bad)})
     code = init.process.wait(timeout=15)
     assert code == 2 and f"{bad}: the secrets file is not valid JSON" in init.process.stderr.read()
+
+
+AUDITING = """
+from bottle_tasks.sidecars.audit import AuditWriter
+import time
+AuditWriter.from_env("egress").emit("request", "block", reason_code="route_not_allowed", host="evil.test")
+time.sleep(60)
+"""
+PIPELOCK_LIKE = """
+import json, time
+print(json.dumps({"event": "blocked", "url": "https://evil.test/x", "scanner": "domain_blocklist"}), flush=True)
+print(json.dumps({"event": "tunnel_open", "target": "ok.test:443"}), flush=True)
+time.sleep(60)
+"""
+
+
+def test_daemons_reach_the_audit_sink_through_inits_pipe_and_restarts_are_recorded(start_init, tmp_path) -> None:
+    from bottle_tasks.sidecars import audit
+
+    directory = tmp_path / "audit"
+    table = {"audit": {"command": [sys.executable, "-m", "bottle_tasks.sidecars.audit", "--dir", str(directory)],
+                       "probe": None, "audit_sink": True},
+             "egress": python_daemon(AUDITING),
+             "pipelock": {**python_daemon(PIPELOCK_LIKE), "audit_stdout": "pipelock"}}
+    init = start_init(table, "audit,egress,pipelock", {"BOTTLE_SLUG": "demo"})
+    sink_pid = wait_for(lambda: init.daemon("audit").get("pid"), what="the sink")
+    wait_for(lambda: {r["source"] for r in audit.read_records(directory)} >= {"egress", "pipelock", "init"},
+             what="lines from egress, pipelock and init")
+    os.kill(sink_pid, signal.SIGKILL)   # a restarted sink reads the same pipe: nothing written meanwhile is lost
+    os.kill(init.daemon("egress")["pid"], signal.SIGKILL)
+    wait_for(lambda: any(r["event"] == "daemon_exit" and r["detail"]["daemon"] == "egress"
+                         for r in audit.read_records(directory)), what="egress's exit in the stream")
+    wait_for(lambda: sum(r["source"] == "egress" for r in audit.read_records(directory)) == 2,
+             what="the restarted egress's line")
+    records = list(audit.read_records(directory))
+    assert {r["bottle"] for r in records} == {"demo"}
+    assert [r["host"] for r in records if r["source"] == "pipelock"] == ["evil.test"]   # not the tunnel_open
+    assert init.stop()[0] == 0

@@ -149,7 +149,9 @@ class AuditFile:
         if not data:
             return
         self.ensure()
-        lock = os.open(self.directory / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        # O_NOFOLLOW: the bundle can write this dir; a link it planted must not make the host's
+        # `doit approve` append to a file of the user's choosing (or the attacker's).
+        lock = os.open(self.directory / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -158,7 +160,7 @@ class AuditFile:
                 size = 0
             if size and size + len(data) > self.rotate_bytes:
                 self._rotate()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
             try:
                 os.write(fd, data)
             finally:

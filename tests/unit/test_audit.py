@@ -169,3 +169,15 @@ def test_pipelock_blocks_become_stream_records_and_its_other_lines_do_not():
     assert (decision, record["host"], record["reason_code"]) == ("block", "evil.test", "domain_blocklist")
     assert audit.from_pipelock(json.dumps({"event": "tunnel_open", "target": "a.test:443"})) is None
     assert audit.from_pipelock("Mode: strict") is None
+
+
+def test_a_link_planted_in_the_audit_dir_never_redirects_a_host_append(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    (directory / audit.AUDIT_FILE).symlink_to(victim)
+    writer = audit.AuditWriter("supervise", directory=directory, echo=None)
+    writer.emit("decision", "approve", reason="alice")   # fails closed: nothing written through the link
+    assert victim.read_text() == "precious\n"
+    assert writer.dropped == 1

@@ -76,6 +76,11 @@ def _schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+def route_schema() -> dict[str, Any]:
+    """The schema of one of the agent file's routes (what `doit policy` prints must satisfy it)."""
+    return _schema()["$defs"]["route"]
+
+
 def _validated_marker(cache_dir: Path | None, text: str) -> Path | None:
     """A file whose existence says this exact text passed this exact schema before."""
     if cache_dir is None:

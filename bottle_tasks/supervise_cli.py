@@ -5,8 +5,14 @@ bundle nor docker: a decision is a file the daemon picks up (docs/bundle-contrac
 
     python -m bottle_tasks.supervise_cli --state-dir DIR pending
     python -m bottle_tasks.supervise_cli --state-dir DIR approve ID [--reason TEXT] [--by NAME]
+                                          [--scope once|always --overlay POLICY_DIR/overlay.json]
     python -m bottle_tasks.supervise_cli --state-dir DIR deny ID [--reason TEXT] [--by NAME]
     python -m bottle_tasks.supervise_cli --state-dir DIR watch [--interval 2] [--no-notify]
+
+``--scope always`` (only for a request egress holds: a host the agent file does not name) puts the
+host and port in the bottle's policy overlay (sidecars/overlay.py) first, then writes the decision:
+egress acts on the decision and must find the route by then. When the decision cannot be written
+(already decided, expired), what went into the overlay is taken out again.
 
 Errors are one line (``unknown request id 'x'``, ``request ... was already approved by ...``)
 and exit 1.
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from bottle_tasks.sidecars.audit import AuditWriter
+from bottle_tasks.sidecars.overlay import OverlayChange, OverlayError, approve_route, withdraw_approval
 from bottle_tasks.sidecars.supervise_store import Request, Store, SuperviseError
 
 
@@ -59,21 +66,29 @@ def _duration(seconds: float) -> str:
 
 # Who filed a request, in words: the agent's text is its own claim; git-gate's is the bundle's account of a push.
 SOURCE_WORDS = {"guest": "the agent in the guest (its own words: tool, summary and input are unverified)",
-                "git-gate": "git-gate, holding a push it received (repo, refs, commits and diffstat are git-gate's)"}
+                "git-gate": "git-gate, holding a push it received (repo, refs, commits and diffstat are git-gate's)",
+                "egress": "egress, holding a request to a host the agent file does not name "
+                          "(host, port, method and path are egress's account)"}
+# What egress files for a held request (network.unknown_hosts: ask), in the order shown.
+HELD_REQUEST_FIELDS = ("host", "port", "method", "path", "scheme")
 
 
 def format_request(request: Request) -> str:
-    """One pending request: id, age, tool, summary, full input, time left; every field printable."""
-    body = json.dumps(request.input, indent=2, ensure_ascii=False, sort_keys=True)
-    return "\n".join([
+    """One pending request: id, age, tool, summary, full input (egress's held request: host, port,
+    method, path), time left; every field printable."""
+    lines = [
         f"request {printable(request.id)}  ({_duration(request.age_seconds())} ago, "
         f"{_duration(request.seconds_left())} left, expires {printable(request.expires_at)})",
         f"  from:    {SOURCE_WORDS.get(request.source, printable(request.source))}",
         f"  tool:    {printable(request.tool)}",
         f"  summary: {printable(request.summary)}",
-        "  input:",
-        *(f"    {printable(line)}" for line in body.split("\n")),
-    ])
+    ]
+    if request.source == "egress":
+        lines += [f"  {name + ':':<8} {printable(request.input.get(name, '?'))}" for name in HELD_REQUEST_FIELDS]
+        lines.append("  approve once, or with scope=always to route this host and port from now on")
+        return "\n".join(lines)
+    body = json.dumps(request.input, indent=2, ensure_ascii=False, sort_keys=True)
+    return "\n".join([*lines, "  input:", *(f"    {printable(line)}" for line in body.split("\n"))])
 
 
 def format_pending(state_dir: Path | str) -> str:
@@ -106,12 +121,13 @@ def default_author() -> str:
 
 
 def decide(state_dir: Path | str, request_id: str, decision: str, by: str | None = None,
-           reason: str = "") -> Request:
-    """Approve ("approve") or deny ("deny") a pending request. Raises SuperviseError with a one-line
-    message for an unknown id, an already decided or expired request, or a bad decision."""
+           reason: str = "", scope: str | None = None) -> Request:
+    """Approve ("approve") or deny ("deny") a pending request; scope: an approval's, recorded in its
+    decision file. Raises SuperviseError with a one-line message for an unknown id, an already decided
+    or expired request, or a bad decision."""
     try:
         return Store(Path(state_dir), audit=host_audit(Path(state_dir))).decide(
-            request_id, decision, by or default_author(), reason)
+            request_id, decision, by or default_author(), reason, scope)
     except OSError as error:
         raise SuperviseError(f"cannot write the decision in {state_dir}: {error.strerror or error} "
                              "(the state dir and its decisions/ must belong to the host user)") from None
@@ -120,6 +136,33 @@ def decide(state_dir: Path | str, request_id: str, decision: str, by: str | None
 def host_audit(state_dir: Path) -> AuditWriter:
     """Decisions made on the host go into the bottle's audit stream too: <state>/audit, beside the queue."""
     return AuditWriter("supervise", directory=state_dir.parent / "audit", bottle=state_dir.parent.name)
+
+
+def approve_always(state_dir: Path | str, overlay: Path | str, request_id: str, by: str | None = None,
+                   reason: str = "") -> tuple[Request, OverlayChange]:
+    """Approve a request egress holds and route its host and port from now on: the overlay first,
+    then the decision; the overlay's change is taken back when the decision fails."""
+    by = by or default_author()
+    request = Store(Path(state_dir)).require_pending(request_id)
+    if request.source != "egress":
+        raise SuperviseError(f"request {request_id} comes from {request.source}, not egress: scope=always adds a "
+                             "route, so it is only for a request egress holds; approve this one with scope=once")
+    host, port = request.input.get("host"), request.input.get("port")
+    if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
+        raise SuperviseError(f"request {request_id}: egress's input names no host and port, so there is no route "
+                             "to add; approve it with scope=once")
+    try:
+        change = approve_route(overlay, host, port, request_id=request.id, by=by, reason=reason)
+    except OverlayError as error:
+        raise SuperviseError(str(error)) from None
+    try:
+        return decide(state_dir, request_id, "approve", by, reason, scope="always"), change
+    except BaseException as failure:
+        try:
+            withdraw_approval(overlay, change)
+        except OverlayError as error:
+            raise SuperviseError(f"{failure}; and the route added for it is still in the overlay: {error}") from None
+        raise
 
 
 def notify_send(request: Request) -> None:
@@ -171,6 +214,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         sub.add_argument("id")
         sub.add_argument("--reason", default="")
         sub.add_argument("--by", default=None, help="who decides (default: $USER and git user.name)")
+    approve = commands.choices["approve"]
+    approve.add_argument("--scope", choices=("once", "always"), default="once",
+                         help="always: route the host from now on (egress's held requests only)")
+    approve.add_argument("--overlay", type=Path, default=None, help="the bottle's policy overlay (for --scope always)")
     sub = commands.add_parser("watch", help="print new pending requests as they appear")
     sub.add_argument("--interval", type=float, default=2.0)
     sub.add_argument("--no-notify", action="store_true")
@@ -178,8 +225,15 @@ def main(argv: Iterable[str] | None = None) -> int:
     try:
         if args.command == "pending":
             print(format_pending(args.state_dir))
+        elif args.command == "approve" and args.scope == "always":
+            if args.overlay is None:
+                parser.error("--scope always needs --overlay (the bottle's <state dir>/policy/overlay.json)")
+            request, change = approve_always(args.state_dir, args.overlay, args.id, args.by, args.reason)
+            print(printable(f"{request.id}: {request.status} by {request.by}, and {change.host} port "
+                            f"{change.port} is routed from now on ({args.overlay})"))
         elif args.command in ("approve", "deny"):
-            request = decide(args.state_dir, args.id, args.command, args.by, args.reason)
+            request = decide(args.state_dir, args.id, args.command, args.by, args.reason,
+                             args.scope if args.command == "approve" else None)
             print(printable(f"{request.id}: {request.status} by {request.by}")
                   + (f" ({printable(request.reason)})" if request.reason else ""))
         else:

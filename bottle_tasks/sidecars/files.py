@@ -65,6 +65,16 @@ def _temp_file(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temp file name next to {path}")
 
 
+def tighten_mode(path: str | Path, mode: int) -> None:
+    """chmod path to mode when it is ours and looser; someone else's (an older root-owned file) stays."""
+    try:
+        info = os.stat(path)
+        if info.st_uid == os.geteuid() and info.st_mode & 0o7777 != mode:
+            os.chmod(path, mode)
+    except OSError:
+        pass
+
+
 def atomic_write_json(path: str | Path, document: Any, **options: Any) -> Path:
     """atomic_write of document as indented, key-sorted JSON plus a newline (options as for atomic_write)."""
     return atomic_write(path, json.dumps(document, ensure_ascii=False, indent=2, sort_keys=True) + "\n", **options)

@@ -1,7 +1,8 @@
 """routes.yaml: the egress allowlist and token slots (shape in docs/bundle-contract.md).
 
-Loaded once at egress start. Every error names the file and the key, so a bad render is
-obvious from the bundle log. Stdlib + PyYAML only: this runs inside the bundle image.
+Loaded once at egress start; ``parse_route`` also checks each route of the policy overlay (overlay.py).
+Every error names the file and the key, so a bad render is obvious from the bundle log.
+Stdlib + PyYAML only: this runs inside the bundle image.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ MAX_BODY_BYTES_CEILING = 1 << 30  # egress buffers a body before it forwards it:
 _HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 _METHOD = re.compile(r"^[A-Z]+$")
+ROUTE_KEYS = frozenset({"host", "methods", "paths", "ports", "private_network", "max_body_bytes", "dlp", "responses",
+                        "token"})
 
 
 class RoutesError(ValueError):
@@ -82,7 +85,7 @@ def parse_routes(data: Any, *, source: str = "routes.yaml") -> RoutesConfig:
                                     fail)
     scan_url = check_http_url(string_value(data, "pipelock_scan_url", "pipelock_scan_url", fail), "pipelock_scan_url",
                               fail)
-    routes = tuple(_route(item, f"routes[{i}]", fail) for i, item in enumerate(list_of(data, "routes", fail)))
+    routes = tuple(parse_route(item, f"routes[{i}]", fail) for i, item in enumerate(list_of(data, "routes", fail)))
     refuse_duplicates([route.host for route in routes], "routes", "host", fail)
     unknown_hosts = _choice(data, "unknown_hosts", UNKNOWN_HOST_MODES, "unknown_hosts", fail) or "deny"
     hold = data.get("hold_seconds", 300)
@@ -99,9 +102,9 @@ def parse_routes(data: Any, *, source: str = "routes.yaml") -> RoutesConfig:
                                                            fail))
 
 
-def _route(item: Any, key: str, fail) -> Route:
-    nested_mapping(item, {"host", "methods", "paths", "ports", "private_network", "max_body_bytes", "dlp", "responses",
-                          "token"}, key, fail)
+def parse_route(item: Any, key: str, fail, known: frozenset[str] = ROUTE_KEYS) -> Route:
+    """One route mapping at key (``routes[0]``); known: the keys this file may give a route."""
+    nested_mapping(item, set(known), key, fail)
 
     host = normalize_host(string_value(item, "host", f"{key}.host", fail, required=True))
     labels = host[2:].split(".") if host.startswith("*.") else host.split(".")

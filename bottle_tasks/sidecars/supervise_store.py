@@ -7,7 +7,7 @@ decides without the bundle running. Layout (docs/bundle-contract.md, "supervise"
     <state_dir>/requests/<id>.json    {"id", "tool", "input", "summary", "timeout_seconds",
                                        "created_at", "expires_at"}         written by the daemon
     <state_dir>/decisions/<id>.json   {"decision": "approve"|"deny", "by", "reason",
-                                       "decided_at"}                       written by the host
+                                       "decided_at", ["scope": "once"|"always"]}   written by the host
     <state_dir>/expired/<id>.json     {"expired_at"}: marks that the expiry was recorded
     <state_dir>/history.jsonl         one line per request, decision and expiry
 
@@ -51,12 +51,15 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 from bottle_tasks.contract import SupervisePolicy
-from bottle_tasks.sidecars.files import atomic_write_json
+from bottle_tasks.sidecars.files import atomic_write_json, tighten_mode
 
 Decision = Literal["approve", "deny"]
 Status = Literal["pending", "approved", "denied", "expired"]
 
 DECISIONS: tuple[str, ...] = ("approve", "deny")
+# How far an approval reaches: this one request, or (egress's held requests) the host from now on, which
+# the host has put in the policy overlay (overlay.py) before it writes the decision.
+SCOPES: tuple[str, ...] = ("once", "always")
 STATUS_OF_DECISION: dict[str, Status] = {"approve": "approved", "deny": "denied"}
 MIN_TIMEOUT_S = 1
 MAX_TIMEOUT_S = 3600
@@ -168,7 +171,8 @@ class Request:
     by: str = ""
     reason: str = ""
     decided_at: str = ""
-    source: str = "guest"   # who filed it: "guest" (the agent, through the daemon) or "git-gate" (the bundle)
+    source: str = "guest"   # who filed it: "guest" (the agent, through the daemon), "git-gate" or "egress" (the bundle)
+    scope: str = ""         # an approval's reach, one of SCOPES; "" when the decision does not say
 
     @property
     def pending(self) -> bool:
@@ -251,10 +255,10 @@ class Store:
         belong to the host user; the daemon then runs as that user (``become``)."""
         for directory in (self.state_dir, self.requests_dir, self.decisions_dir, self.expired_dir):
             directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            _tighten(directory, DIR_MODE)
+            tighten_mode(directory, DIR_MODE)
         fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         os.close(fd)
-        _tighten(self.history_path, FILE_MODE)
+        tighten_mode(self.history_path, FILE_MODE)
         return self
 
     def append_history(self, record: Mapping[str, Any]) -> None:
@@ -460,7 +464,7 @@ class Store:
             if in_time:
                 return _with(request, status=STATUS_OF_DECISION[decision["decision"]],
                              by=str(decision.get("by", "")), reason=str(decision.get("reason", "")),
-                             decided_at=decided_at)
+                             decided_at=decided_at, scope=str(decision.get("scope", "")))
 
         marker = self.expired_dir / f"{request_id}.json"
         if marker.exists():
@@ -503,8 +507,19 @@ class Store:
                 pending.append(request)
         return sorted(pending, key=lambda request: request.created_at)
 
-    def decide(self, request_id: str, decision: str, by: str, reason: str = "") -> Request:
-        """Approve or deny a pending request; returns it with its new status."""
+    def require_pending(self, request_id: str) -> Request:
+        """The request, if it still waits for a decision; RequestExpired or AlreadyDecided otherwise."""
+        request = self.get(request_id)
+        if request.status == "expired":
+            raise RequestExpired(f"request {request_id} expired at {request.expires_at} with no decision")
+        if request.status != "pending":
+            raise AlreadyDecided(f"request {request_id} was already {request.status} by {request.by or 'someone'}"
+                                 f" at {request.decided_at}")
+        return request
+
+    def decide(self, request_id: str, decision: str, by: str, reason: str = "", scope: str | None = None) -> Request:
+        """Approve or deny a pending request; returns it with its new status. scope (approvals only):
+        one of SCOPES, recorded in the decision file; None records none."""
         if decision not in DECISIONS:
             raise InvalidArgument(f"decision must be approve or deny, not {decision!r}")
         if not isinstance(by, str) or not by.strip():
@@ -513,16 +528,14 @@ class Store:
             raise InvalidArgument(f"by must be at most {MAX_BY_CHARS} characters")
         if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
             raise InvalidArgument(f"reason must be a string of at most {MAX_REASON_CHARS} characters")
-        request = self.get(request_id)
-        if request.status == "expired":
-            raise RequestExpired(f"request {request_id} expired at {request.expires_at} with no decision")
-        if request.status != "pending":
-            raise AlreadyDecided(f"request {request_id} was already {request.status} by {request.by or 'someone'}"
-                                 f" at {request.decided_at}")
+        if scope is not None and (scope not in SCOPES or decision != "approve"):
+            raise InvalidArgument(f"scope must be one of {', '.join(SCOPES)}, and only for an approval")
+        request = self.require_pending(request_id)
         now = self.clock()
         if now > parse_iso(request.expires_at):
             raise RequestExpired(f"request {request_id} expired at {request.expires_at} with no decision")
-        record = {"decision": decision, "by": by.strip(), "reason": reason.strip(), "decided_at": iso(now)}
+        record = {"decision": decision, "by": by.strip(), "reason": reason.strip(), "decided_at": iso(now),
+                  **({"scope": scope} if scope else {})}
         self.ensure_layout()
         try:
             publish_json(self.decisions_dir / f"{request_id}.json", record)
@@ -532,19 +545,9 @@ class Store:
                                  f" at {current.decided_at}") from None
         self.append_history({"event": "decision", "id": request_id, "at": record["decided_at"],
                              "tool": request.tool, "decision": decision, "by": record["by"],
-                             "reason": record["reason"]})
+                             "reason": record["reason"], **({"scope": scope} if scope else {})})
         return _with(request, status=STATUS_OF_DECISION[decision], by=record["by"], reason=record["reason"],
-                     decided_at=record["decided_at"])
-
-
-def _tighten(path: Path, mode: int) -> None:
-    """chmod path to mode when it is ours and looser; someone else's (an older root-owned file) stays."""
-    try:
-        info = os.stat(path)
-        if info.st_uid == os.geteuid() and info.st_mode & 0o7777 != mode:
-            os.chmod(path, mode)
-    except OSError:
-        pass
+                     decided_at=record["decided_at"], scope=scope or "")
 
 
 class _dir_lock:

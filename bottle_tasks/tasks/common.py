@@ -108,6 +108,17 @@ def _plan_or_exit(run: Run, find: Callable[[], Path]) -> Plan:
         raise SystemExit(2) from None
 
 
+def agent_task(doc: str, fn: Callable[..., object], *args: object, **task: object) -> dict | None:
+    """A task for the one agent=<name> (supervise, approve, policy): fn(plan, *args) as its action;
+    without agent=, a task that fails saying so. task: more keys of the task dict (pos_arg)."""
+    if selected_agent() is None:
+        return {"doc": doc, "actions": [lambda: TaskFailed("say which agent: agent=<name>")], "uptodate": [False],
+                **task}
+    for plan in plans():
+        return {"doc": doc, "actions": [(action(fn), [plan, *args])], "uptodate": [False], "verbosity": 2, **task}
+    return None  # not reached: plans() yields the chosen agent's plan or exits
+
+
 def action(fn: Callable[..., object]) -> Callable[..., object]:
     """Wrap a python action: BottleError becomes TaskFailed with its message."""
     @functools.wraps(fn)

@@ -30,7 +30,7 @@ AGENT_YAML = """
 description: "bench: approving unknown hosts"
 routes: []
 network: {unknown_hosts: ask, unknown_private_network: true}   # the stand-in upstream is on a test network
-supervise: {tools: [], timeout: 120}
+
 """
 
 

@@ -41,8 +41,8 @@ def agent_line(plan: Plan) -> str:
     return f"agent {plan.agent}: {plan.spec_path} (host tokens: {tokens})"
 
 
-LEARN_WARNING = ("warning: network.unknown_hosts is learn: {agent} may reach any public host, each one allowed "
-                 "and recorded (doit policy suggest agent={agent} turns them into routes; set deny to lock down)")
+LEARN_WARNING = ("warning: learn mode (network.unknown_hosts: learn): {agent} may reach any public host, each one "
+                 "allowed and recorded (doit policy suggest agent={agent} turns them into routes; set deny to lock down)")
 
 
 def preflight(plan: Plan) -> None:

@@ -21,6 +21,7 @@ import time
 from common import ROOT, BenchEnv, machine
 
 from bottle_tasks.backends import backend_class
+from bottle_tasks.docker_cli import Docker
 from bottle_tasks.labels import LABEL
 from bottle_tasks.settings import Settings
 from bottle_tasks.sidecars.supervise_store import Store
@@ -58,7 +59,7 @@ def main() -> None:
         docker("run", "-d", "--name", upstream, "--label", f"{LABEL}.test=bench-upstream", "--network",
                plan.network.outbound.name, *sum((["--network-alias", h] for h in hosts), []),
                "-v", f"{certs}:/certs:ro", UPSTREAM_IMAGE, "/certs/server.pem", "/certs/server-key.pem")
-        guest = backend_class(plan.backend)(None).guest(plan) if plan.backend == "docker" else None
+        guest = backend_class(plan.backend)(Docker()).guest(plan) if plan.backend == "docker" else None
         assert guest is not None, "the bench runs the docker backend"
         store = Store(plan.approvals_dir)
         started_before = docker("inspect", "-f", "{{.State.StartedAt}}", plan.bundle.name).stdout.strip()

@@ -230,6 +230,19 @@ class Plan:
         return f"{SLUG_LABEL}={self.slug}"
 
 
+def audit_dir_of(state_dir: Path) -> Path:
+    return state_dir / "audit"
+
+
+def policy_dir_of(state_dir: Path) -> Path:
+    return state_dir / "policy"
+
+
+def workspace_volume_name(slug: str) -> str:
+    """The docker volume of a bottle whose agent file names no workspace directory."""
+    return f"bottle-{slug}-workspace"
+
+
 def _guest_env(spec: AgentSpec, proxy_url: str) -> tuple[tuple[str, str], ...]:
     env: dict[str, str] = dict(spec.env)
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
@@ -336,8 +349,8 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         ssh_keys=tuple(ConfigFile(Path(source), repo.identity.ssh_key, origin=f"git.repos[{i}].identity.ssh_key")
                        for i, (repo, source) in enumerate(zip(git.repos, git.ssh_key_sources)) if source) if git else (),
         supervise_config=supervise.config_file if supervise else None,
-        supervise_state=supervise.state_dir if supervise else None, audit_dir=state / "audit",
-        policy_dir=state / "policy", unknown_host_approvals=approvals if spec.unknown_hosts == "ask" else None)
+        supervise_state=supervise.state_dir if supervise else None, audit_dir=audit_dir_of(state),
+        policy_dir=policy_dir_of(state), unknown_host_approvals=approvals if spec.unknown_hosts == "ask" else None)
     daemons = bundle_daemons(inputs)
     memory_mib, pids = bundle_limits(daemons)
     if spec.resources.bundle_memory:
@@ -363,7 +376,7 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         egress_url=egress_url,
     )
     workspace_host = spec.workspace_host_path or kind.default_workspace(state)
-    workspace_volume = None if workspace_host else f"bottle-{slug}-workspace"
+    workspace_volume = None if workspace_host else workspace_volume_name(slug)
     guest_mounts = (
         Mount(str(workspace_host), GUEST_WORKSPACE, readonly=False) if workspace_host
         else Mount(workspace_volume, GUEST_WORKSPACE, readonly=False, volume=True),

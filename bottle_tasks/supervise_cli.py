@@ -55,13 +55,16 @@ def printable(text: object) -> str:
     return _UNPRINTABLE.sub(spell, str(text))
 
 
-def _duration(seconds: float) -> str:
+def short_duration(seconds: float) -> str:
+    """45s, 12m05s, 3h07m, 4d02h."""
     seconds = max(0, int(seconds))
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds < 48 * 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
 # Who filed a request, in words: the agent's text is its own claim; git-gate's is the bundle's account of a push.
@@ -77,8 +80,8 @@ def format_request(request: Request) -> str:
     """One pending request: id, age, tool, summary, full input (egress's held request: host, port,
     method, path), time left; every field printable."""
     lines = [
-        f"request {printable(request.id)}  ({_duration(request.age_seconds())} ago, "
-        f"{_duration(request.seconds_left())} left, expires {printable(request.expires_at)})",
+        f"request {printable(request.id)}  ({short_duration(request.age_seconds())} ago, "
+        f"{short_duration(request.seconds_left())} left, expires {printable(request.expires_at)})",
         f"  from:    {SOURCE_WORDS.get(request.source, printable(request.source))}",
         f"  tool:    {printable(request.tool)}",
         f"  summary: {printable(request.summary)}",

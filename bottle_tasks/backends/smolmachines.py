@@ -97,6 +97,19 @@ class Smolvm:
                 raise CommandError(result.argv, result.returncode, result.stderr)
         return self._status[name]
 
+    def machines(self) -> list[dict]:
+        """`machine ls --json`: every machine smolvm knows, in one call (doit status asks for all bottles at once)."""
+        result = self._run([self.binary, "machine", "ls", "--json"], check=False, timeout=60)
+        if not result.ok:
+            raise CommandError(result.argv, result.returncode, result.stderr)
+        try:
+            listed = json.loads(result.stdout)
+        except ValueError:
+            listed = None
+        if not isinstance(listed, list):
+            raise BottleError(f"{self.binary} machine ls --json printed no JSON list: {result.stdout[:200]!r}")
+        return [machine for machine in listed if isinstance(machine, dict)]
+
     def delete(self, name: str) -> None:
         result = self("machine", "delete", "--name", name, "-f", check=False)
         if not result.ok and not _not_found(result, name):
@@ -225,6 +238,11 @@ def memory_mib(memory: str | None) -> int | None:
         raise BottleError(f"resources.memory {memory!r} is not a size like 512m or 4g")
     scale = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[match.group(2)]
     return max(64, int(match.group(1)) * scale // 1024 ** 2)
+
+
+def machine_epoch(status: Mapping) -> str:
+    """A running machine's boot, from its `status --json` / `ls --json` object: its creation and its process."""
+    return f"{status.get('created_at')}:{status.get('pid')}"
 
 
 def delete_command(plan: Plan) -> str:
@@ -379,7 +397,7 @@ class SmolmachinesBackend(DockerBundle):
         status = self.smolvm(plan).status(plan.guest.name)
         if not status or status.get("state") != "running":
             return None
-        return f"{status.get('created_at')}:{status.get('pid')}"
+        return machine_epoch(status)
 
     def remove_guest(self, plan: Plan) -> None:
         # Without smolvm, clean stops here: the bundle and the bridge stay until the machine is gone, so its

@@ -16,6 +16,9 @@ next line it gets through says how many were lost (``dropped``), so a flood neve
 Outside the bundle (the host deciding an approval, tests) a writer appends to the file itself, under
 the same lock the sink takes.
 
+Who reads. The host: ``doit logs`` (``follow_lines``, across rotations) and ``doit status``
+(``records_since``, the last hour read from the end of the file).
+
 What a line never holds: a token value (each daemon's scrubber replaces them with their
 placeholders), anything a DLP rule matches (``dlp.redact`` over the whole line), a query string, a
 header value or a body. Standard library only (plus the package's own dlp and scrub modules).
@@ -33,7 +36,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TextIO
+from typing import Any, Iterable, Iterator, Mapping, TextIO
 
 from bottle_tasks.sidecars import dlp
 from bottle_tasks.sidecars.scrub import SecretScrubber
@@ -176,21 +179,151 @@ class AuditFile:
         os.replace(self.path, self.directory / f"{AUDIT_FILE}.1")
 
 
+def _lines_of(path: Path) -> Iterator[bytes]:
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return  # rotated away between listing and opening
+    with handle:
+        yield from handle
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_records(directory: Path | str) -> Iterable[dict[str, Any]]:
     """Every line of every generation, oldest first; a line that is not a JSON object is skipped."""
     for path in AuditFile(directory).generations():
-        try:
-            handle = open(path, "rb")
-        except FileNotFoundError:
-            continue  # rotated away between listing and opening
-        with handle:
-            for raw in handle:
-                try:
-                    record = json.loads(raw)
-                except ValueError:
+        for raw in _lines_of(path):
+            record = _record(raw)
+            if record is not None:
+                yield record
+
+
+def _lines_backwards(path: Path, chunk: int = 64 << 10) -> Iterator[bytes]:
+    """The file's lines, newest first, read from its end a chunk at a time."""
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        position = handle.seek(0, os.SEEK_END)
+        rest = b""
+        while position > 0:
+            step = min(chunk, position)
+            position -= step
+            handle.seek(position)
+            lines = (handle.read(step) + rest).split(b"\n")
+            rest = lines.pop(0)   # may continue in the chunk before
+            yield from (line for line in reversed(lines) if line)
+        if rest:
+            yield rest
+
+
+def records_since(directory: Path | str, since: datetime, *, generations: int = 2,
+                  slack_seconds: float = 60.0) -> Iterator[dict[str, Any]]:
+    """The records stamped at or after since, newest first: audit.jsonl (and audit.jsonl.1 when it
+    reaches back that far) read from the end, stopping at the first line older than since by more
+    than slack_seconds (lines from several writers arrive nearly, not strictly, in order)."""
+    file = AuditFile(directory)
+    paths = [file.path, *(file.directory / f"{AUDIT_FILE}.{n}" for n in range(1, generations))]
+    horizon = since.timestamp() - slack_seconds
+    for path in paths:
+        for raw in _lines_backwards(path):
+            record = _record(raw)
+            moment = record_time(record) if record else None
+            if moment is None:
+                continue
+            if moment.timestamp() < horizon:
+                return
+            if moment >= since:
+                yield record
+
+
+def record_time(record: Mapping[str, Any]) -> datetime | None:
+    """A record's ts as an aware datetime; None when it has none that parses."""
+    try:
+        moment = datetime.fromisoformat(str(record.get("ts", "")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class _Generation:
+    """One open audit.jsonl: what was appended since the last read, whole lines only."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "rb")
+        status = os.fstat(self.handle.fileno())
+        self.identity = (status.st_dev, status.st_ino)
+        self.partial = b""
+
+    def read(self) -> list[bytes]:
+        lines = (self.partial + self.handle.read()).split(b"\n")
+        self.partial = lines.pop()
+        return [line + b"\n" for line in lines if line]
+
+    def rewind(self) -> None:
+        self.handle.seek(0)
+        self.partial = b""
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _open_current(path: Path) -> _Generation | None:
+    try:
+        return _Generation(path)
+    except FileNotFoundError:
+        return None
+
+
+def follow_lines(directory: Path | str, stop: threading.Event, interval: float = 0.25) -> Iterator[bytes]:
+    """Every stored line, oldest first, then each line appended after, until stop is set (set
+    already: what is stored, and return). Across a rotation nothing is lost or repeated: the open
+    file is the one that was renamed to .1, so its last lines are read from it before the new
+    audit.jsonl is read from its start. A file cut short in place is read again from its start."""
+    file = AuditFile(directory)
+    current = _open_current(file.path)   # first, so a rotation from here on is seen as one
+    try:
+        for path in file.generations():
+            if path == file.path:
+                continue   # read through `current` below, however it came to exist
+            try:
+                status = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if current is None or (status.st_dev, status.st_ino) != current.identity:
+                yield from _lines_of(path)
+        while True:
+            if current is None:
+                current = _open_current(file.path)
+            if current is not None:
+                yield from current.read()
+            if stop.is_set():
+                return
+            try:
+                status = os.stat(file.path)
+            except FileNotFoundError:
+                status = None
+            if current is not None and status is not None:
+                if (status.st_dev, status.st_ino) != current.identity:
+                    yield from current.read()   # the rest of the file now named .1
+                    current.close()
+                    current = _open_current(file.path)
                     continue
-                if isinstance(record, dict):
-                    yield record
+                if status.st_size < current.handle.tell():
+                    current.rewind()
+                    continue
+            stop.wait(interval)
+    finally:
+        if current is not None:
+            current.close()
 
 
 # --------------------------------------------------------------------------- writers

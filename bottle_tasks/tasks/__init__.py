@@ -7,6 +7,7 @@ from bottle_tasks.backends import BACKENDS, backend_class
 from bottle_tasks.tasks.bottle import *  # noqa: F401,F403
 from bottle_tasks.tasks.config import DOIT_CONFIG  # noqa: F401
 from bottle_tasks.tasks.images import *  # noqa: F401,F403
+from bottle_tasks.tasks.observe import *  # noqa: F401,F403
 from bottle_tasks.tasks.policy import *  # noqa: F401,F403
 from bottle_tasks.tasks.start import *  # noqa: F401,F403
 from bottle_tasks.tasks.supervise import *  # noqa: F401,F403

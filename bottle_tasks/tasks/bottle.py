@@ -10,6 +10,7 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from bottle_tasks.errors import BottleError
+from bottle_tasks.fence_record import forget_fence, write_fence
 from bottle_tasks.plan import Plan
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
 from bottle_tasks.render import TEMPLATES_DIR, render_files
@@ -163,8 +164,10 @@ def task_bundle():
 
 def _start_guest(plan: Plan) -> dict:
     be = backend(plan)
-    be.start_guest(plan)
-    return {"fenced_start": be.fence_epoch(plan)}
+    be.start_guest(plan)        # proves the fence, or fails and leaves no guest
+    epoch = be.fence_epoch(plan)
+    write_fence(plan, epoch)    # for doit status: when, and on which boot
+    return {"fenced_start": epoch}
 
 
 def _guest_current(task, values, plan: Plan) -> bool:
@@ -184,7 +187,7 @@ def task_guest():
             "task_dep": [f"preflight:{plan.agent}", be.guest_image_task(plan.agent), f"bundle:{plan.agent}"],
             "actions": [(action(_start_guest), [plan])],
             "uptodate": [(probe(_guest_current), [plan])],
-            "clean": [(action(be.remove_guest), [plan])],
+            "clean": [(action(be.remove_guest), [plan]), (action(forget_fence), [plan])],
         }
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import tests.integration.test_clients as clients
 import tests.integration.test_git as git_tests
+import tests.integration.test_observe as observe_tests
 import tests.integration.test_supervise as supervise_tests
 import tests.integration.test_tokens as tokens
 from bottle_tasks.backends.smolmachines import bridge_name as smol_bridge_name
@@ -215,6 +216,12 @@ def test_git_gate_serves_the_repo_and_forwards_only_allowed_pushes(smol_a):
 def test_supervise_holds_a_push_until_a_human_approves(smol_a):
     supervise_tests.test_the_agent_cannot_edit_the_hook_away(smol_a)
     supervise_tests.test_approve_lets_the_call_through_and_records_who(smol_a)
+
+
+def test_status_logs_and_shell_see_the_machine(smol_a):
+    observe_tests.check_status(smol_a, "smolmachines")
+    observe_tests.check_logs(smol_a)
+    observe_tests.check_shell(smol_a)
 
 
 # ---- a missing fence aborts the start ----------------------------------------------------------------

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 PLACEHOLDER_PREFIX = "bottle-placeholder-"
 VALUE_MARKER = "{value}"
 DEFAULT_MAX_PUSH_BYTES = 100 * 1024 * 1024  # git-gate's receive.maxInputSize unless git.max_push_bytes says otherwise
+# The private LAN ranges network.unknown_private_network opens to hosts the agent chose (never loopback,
+# link-local or CGNAT); egress checks them, pipelock's ssrf.ip_allowlist gets them.
+LAN_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 DEFAULT_ROUTE_PORTS = (443, 80)  # a route's ports unless routes[].ports says otherwise: https, plain http
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body, as sent and decoded, unless routes[].max_body_bytes says otherwise
 

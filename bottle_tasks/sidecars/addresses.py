@@ -7,6 +7,8 @@ import asyncio
 import ipaddress
 import socket
 
+from bottle_tasks.contract import LAN_CIDRS
+
 # Ranges Python's ipaddress still calls global but that must never be reachable from a bottle.
 EXTRA_NON_GLOBAL = (
     ipaddress.ip_network("100.64.0.0/10"),  # carrier-grade NAT (is_global already False on 3.11)
@@ -31,6 +33,21 @@ def is_public_address(ip: str) -> bool:
     if any(addr in net for net in EXTRA_NON_GLOBAL if net.version == addr.version):
         return False
     return addr.is_global
+
+
+# What network.unknown_private_network opens to hosts the agent chose (ask, learn, the overlay): a LAN.
+LAN_NETWORKS = tuple(ipaddress.ip_network(n) for n in LAN_CIDRS)
+
+
+def is_lan_address(ip: str) -> bool:
+    """A private LAN unicast address: never loopback, link-local (metadata), CGNAT, multicast or unspecified."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in LAN_NETWORKS if net.version == addr.version)
 
 
 async def resolve_host(host: str, port: int) -> list[str]:

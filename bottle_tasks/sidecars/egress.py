@@ -88,7 +88,7 @@ from bottle_tasks.sidecars.audit import AuditWriter
 from bottle_tasks.sidecars.inspection import (
     RESPONSE_SCAN_LIMIT, Block, Inspector, OutgoingRequest, SseInjectionFilter,
 )
-from bottle_tasks.sidecars.addresses import is_public_address, resolve_host
+from bottle_tasks.sidecars.addresses import is_lan_address, is_public_address, resolve_host
 from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV, pipelock_scan_token
 from bottle_tasks.sidecars.routes import RoutesConfig, RoutesError, load_routes, route_for
 from bottle_tasks.sidecars.scrub import SecretScrubber
@@ -487,10 +487,13 @@ class Egress:
         addresses = await self.resolve(host, port)
         if not addresses:
             return "", Block("dns_unresolvable", f"{host} does not resolve", status=502)
-        if not route.private_network:
-            for ip in addresses:
-                if not is_public_address(ip):
-                    return "", Block("private_address", f"{host} resolves to non-global address {ip}")
+        # A host the agent chose (ask, learn, the overlay) reaches at most a LAN with
+        # unknown_private_network: never loopback (the bundle's own ports) or link-local (metadata).
+        chosen_by_agent = route not in self.config.routes
+        for ip in addresses:
+            if is_public_address(ip) or (route.private_network and (not chosen_by_agent or is_lan_address(ip))):
+                continue
+            return "", Block("private_address", f"{host} resolves to non-global address {ip}")
         return addresses[0], None
 
     async def _scan(self, flow: http.HTTPFlow, route: Route, host: str) -> Block | None:

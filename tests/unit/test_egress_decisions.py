@@ -24,6 +24,8 @@ from tests.unit.test_egress import (
 SCHEMA = json.loads((PACKAGE_DIR / "schema" / "audit-v1.schema.json").read_text())
 FAKE_DNS.setdefault("new.example.net", ["93.184.215.30"])
 FAKE_DNS.setdefault("lan.example.net", ["192.168.1.20"])
+FAKE_DNS.setdefault("loop.example.net", ["127.0.0.1"])
+FAKE_DNS.setdefault("meta.example.net", ["169.254.169.254"])
 
 
 def addon_with_audit(tmp_path, **config):
@@ -222,3 +224,15 @@ def test_an_unanswered_hold_expires_as_a_refusal(tmp_path):
 def test_ask_without_a_queue_is_a_config_error():
     with pytest.raises(ValueError, match="approvals_dir"):
         make_config(unknown_hosts="ask")
+
+
+@pytest.mark.parametrize("host, allowed", [("lan.example.net", True), ("loop.example.net", False),
+                                           ("meta.example.net", False)])
+def test_unknown_private_network_opens_a_lan_never_loopback_or_metadata(tmp_path, host, allowed):
+    addon = addon_with_audit(tmp_path, unknown_hosts="learn", unknown_private_network=True)
+    flow = tunnel_flow(addon, "GET", host, "/")
+    asyncio.run(addon.request(flow))
+    if allowed:
+        assert_allowed(flow)
+    else:
+        assert_blocked(flow, "private_address")

@@ -95,15 +95,30 @@ def test_pipelock_yaml_sets_the_limits_that_would_stall_a_bottle(tmp_path):
 
 
 @pytest.mark.skipif(PIPELOCK is None, reason="no pipelock binary on this machine (the Go module proxy refuses it here)")
-@pytest.mark.parametrize("routes", ["example", "none"])
+@pytest.mark.parametrize("routes", ["example", "none", "learn on a lan"])
 def test_real_pipelock_accepts_the_rendered_config(tmp_path, routes):
     plan = _plan(tmp_path, PIPELOCK)
     if routes == "none":
         plan = replace(plan, routes=())
+    if routes == "learn on a lan":   # balanced mode, and ssrf.ip_allowlist with the LAN ranges
+        plan = replace(plan, unknown_hosts="learn", unknown_private_network=True)
     config = tmp_path / "pipelock.yaml"
     write_atomic(config, render("pipelock.yaml.j2", plan, scan_token="t0k"), mode=0o600)
     proc = subprocess.run([PIPELOCK, "check", "--config", str(config)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ask_and_learn_turn_pipelocks_allowlist_off_and_a_lan_on_only_when_asked(tmp_path):
+    import yaml
+
+    plan = _plan(tmp_path)
+    strict = yaml.safe_load(render("pipelock.yaml.j2", plan, scan_token="t"))
+    assert strict["mode"] == "strict" and "ssrf" not in strict
+    learn = yaml.safe_load(render("pipelock.yaml.j2", replace(plan, unknown_hosts="learn"), scan_token="t"))
+    assert learn["mode"] == "balanced" and "ssrf" not in learn
+    lan = yaml.safe_load(render("pipelock.yaml.j2", replace(plan, unknown_hosts="ask", unknown_private_network=True),
+                               scan_token="t"))
+    assert lan["ssrf"]["ip_allowlist"] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
 
 
 def test_guest_fence_admits_only_the_bundle_front_door_and_dns(tmp_path):

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, TextIO
 
 from bottle_tasks.sidecars import dlp
+from bottle_tasks.sidecars.files import open_regular
 from bottle_tasks.sidecars.scrub import SecretScrubber
 
 SCHEMA_VERSION = 1
@@ -47,6 +48,7 @@ SOURCES = ("egress", "pipelock", "dns", "git-gate", "supervise", "init", "host")
 DECISIONS = ("allow", "block", "hold", "learn", "redact", "log", "warn", "approve", "deny", "expire", "info")
 # Below PIPE_BUF (4096 on Linux): one write() of a line is atomic on a pipe shared by many writers.
 MAX_LINE_BYTES = 3800
+READ_LINE_BYTES = 64 << 10   # a reader's bound: well past a line the sink stamped, far below a planted endless one
 MAX_FIELD_CHARS = {"reason": 600, "fix": 900, "path": 400, "host": 253, "event": 64, "reason_code": 64,
                    "request_id": 64, "method": 16}
 PIPE_BYTES = 1 << 20         # the pipe's buffer (F_SETPIPE_SZ), the default pipe-max-size
@@ -150,8 +152,9 @@ class AuditFile:
             return
         self.ensure()
         # O_NOFOLLOW: the bundle can write this dir; a link it planted must not make the host's
-        # `doit approve` append to a file of the user's choosing (or the attacker's).
-        lock = os.open(self.directory / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+        # `doit approve` append to a file of the user's choosing (or the attacker's). O_NONBLOCK and
+        # a regular file only: a FIFO planted here must not hang it either.
+        lock = open_regular(self.directory / ".lock", os.O_WRONLY | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -160,7 +163,7 @@ class AuditFile:
                 size = 0
             if size and size + len(data) > self.rotate_bytes:
                 self._rotate()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+            fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
             try:
                 os.write(fd, data)
             finally:
@@ -177,14 +180,23 @@ class AuditFile:
 
 
 def read_records(directory: Path | str) -> Iterable[dict[str, Any]]:
-    """Every line of every generation, oldest first; a line that is not a JSON object is skipped."""
+    """Every line of every generation, oldest first; a line that is not a JSON object is skipped, and
+    so is a generation that is a link or not a regular file (the bundle writes this dir), and a line
+    longer than any writer makes, read in bounded pieces."""
     for path in AuditFile(directory).generations():
         try:
-            handle = open(path, "rb")
-        except FileNotFoundError:
-            continue  # rotated away between listing and opening
-        with handle:
-            for raw in handle:
+            fd = open_regular(path, os.O_RDONLY)
+        except OSError:
+            continue  # rotated away between listing and opening, or planted
+        with os.fdopen(fd, "rb") as handle:
+            overlong = False
+            while raw := handle.readline(READ_LINE_BYTES + 1):
+                if not raw.endswith(b"\n") and len(raw) > READ_LINE_BYTES:
+                    overlong = True   # the rest of this line follows: skip it all
+                    continue
+                if overlong:
+                    overlong = False
+                    continue
                 try:
                     record = json.loads(raw)
                 except ValueError:

@@ -99,6 +99,9 @@ REQUEST_ID_HEADER = "X-Bottle-Request-Id"
 # How often the policy overlay's file is looked at (a stat); an approval re-reads it at once.
 OVERLAY_CHECK_S = 0.1
 HOLD_POLL_S = 0.1
+# ask: requests waiting for a human at once, and their bodies (kept in memory while they wait).
+MAX_HELD_REQUESTS = 64
+MAX_HELD_BYTES = 64 << 20
 # egress's log events, as the audit stream's decisions; "connect" (a tunnel opened) is not a decision.
 AUDIT_DECISIONS = {"block": "block", "allow": "allow", "learn": "learn", "hold": "hold", "dlp_logged": "log",
                    "dlp_redacted": "redact", "response_warning": "warn", "response_not_redacted": "warn",
@@ -220,6 +223,8 @@ class Egress:
         self.audit = audit if audit is not None else AuditWriter.from_env("egress", scrubber=self.scrubber)
         self.routes = LiveRoutes(config, lambda text: self.emit({"event": "error", "reason": text}))
         self._holds: dict[tuple[str, int], asyncio.Future] = {}  # (host, port) -> the decision being waited for
+        self._held_requests = 0   # waiting in _hold now, and the bytes of their bodies
+        self._held_bytes = 0
         self.pipelock = pipelock
         self.inspector = Inspector(pipelock)
         self.resolve = resolve
@@ -393,15 +398,25 @@ class Egress:
         Requests to the same host and port while one is held wait for that one decision. Approved
         with scope=always, the route is in the overlay by the time the decision is: it is re-read and
         used from then on; approved once, only this request (and those waiting with it) pass."""
+        size = len(flow.request.raw_content or b"")
+        if self._held_requests >= MAX_HELD_REQUESTS or self._held_bytes + size > MAX_HELD_BYTES:
+            # Each held request keeps its body in memory for up to hold_seconds: a flood must not fill egress.
+            return Block("approvals_full", f"{self._held_requests} requests ({self._held_bytes} bytes) already wait "
+                         f"for a human, at most {MAX_HELD_REQUESTS} ({MAX_HELD_BYTES} bytes); retry once they are "
+                         "decided", status=429), route
         key = (host, port)
         waiting = self._holds.get(key)
         if waiting is None:
             waiting = asyncio.get_running_loop().create_future()
             self._holds[key] = waiting
             asyncio.ensure_future(self._decide_hold(flow, host, port, waiting))
+        self._held_requests += 1
+        self._held_bytes += size
         try:
             decision = await asyncio.shield(waiting)
         finally:
+            self._held_requests -= 1
+            self._held_bytes -= size
             if waiting.done() and self._holds.get(key) is waiting:
                 del self._holds[key]
         status, by, reason, scope = decision

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, TextIO
 
 from bottle_tasks.sidecars import dlp
+from bottle_tasks.sidecars.files import open_regular
 from bottle_tasks.sidecars.scrub import SecretScrubber
 
 SCHEMA_VERSION = 1
@@ -50,6 +51,7 @@ SOURCES = ("egress", "pipelock", "dns", "git-gate", "supervise", "init", "host")
 DECISIONS = ("allow", "block", "hold", "learn", "redact", "log", "warn", "approve", "deny", "expire", "info")
 # Below PIPE_BUF (4096 on Linux): one write() of a line is atomic on a pipe shared by many writers.
 MAX_LINE_BYTES = 3800
+READ_LINE_BYTES = 64 << 10   # a reader's bound: well past a line the sink stamped, far below a planted endless one
 MAX_FIELD_CHARS = {"reason": 600, "fix": 900, "path": 400, "host": 253, "event": 64, "reason_code": 64,
                    "request_id": 64, "method": 16}
 PIPE_BYTES = 1 << 20         # the pipe's buffer (F_SETPIPE_SZ), the default pipe-max-size
@@ -153,8 +155,9 @@ class AuditFile:
             return
         self.ensure()
         # O_NOFOLLOW: the bundle can write this dir; a link it planted must not make the host's
-        # `doit approve` append to a file of the user's choosing (or the attacker's).
-        lock = os.open(self.directory / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+        # `doit approve` append to a file of the user's choosing (or the attacker's). O_NONBLOCK and
+        # a regular file only: a FIFO planted here must not hang it either.
+        lock = open_regular(self.directory / ".lock", os.O_WRONLY | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -163,7 +166,7 @@ class AuditFile:
                 size = 0
             if size and size + len(data) > self.rotate_bytes:
                 self._rotate()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+            fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
             try:
                 os.write(fd, data)
             finally:
@@ -179,13 +182,28 @@ class AuditFile:
         os.replace(self.path, self.directory / f"{AUDIT_FILE}.1")
 
 
+def _open(path: Path):
+    """The file for reading: only a regular file, through no link, never blocking (the bundle writes
+    this dir: a planted link, FIFO or device must neither steer nor hang the host)."""
+    return os.fdopen(open_regular(path, os.O_RDONLY), "rb")
+
+
 def _lines_of(path: Path) -> Iterator[bytes]:
+    """Its lines; one longer than any writer makes is read in bounded pieces and skipped whole."""
     try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        return  # rotated away between listing and opening
+        handle = _open(path)
+    except OSError:
+        return  # rotated away between listing and opening, or planted
     with handle:
-        yield from handle
+        overlong = False
+        while raw := handle.readline(READ_LINE_BYTES + 1):
+            if not raw.endswith(b"\n") and len(raw) > READ_LINE_BYTES:
+                overlong = True   # the rest of this line follows: skip it all
+                continue
+            if overlong:
+                overlong = False
+                continue
+            yield raw
 
 
 def _record(raw: bytes) -> dict[str, Any] | None:
@@ -197,7 +215,9 @@ def _record(raw: bytes) -> dict[str, Any] | None:
 
 
 def read_records(directory: Path | str) -> Iterable[dict[str, Any]]:
-    """Every line of every generation, oldest first; a line that is not a JSON object is skipped."""
+    """Every line of every generation, oldest first; a line that is not a JSON object is skipped, and
+    so is a generation that is a link or not a regular file (the bundle writes this dir), and a line
+    longer than any writer makes, read in bounded pieces."""
     for path in AuditFile(directory).generations():
         for raw in _lines_of(path):
             record = _record(raw)
@@ -208,8 +228,8 @@ def read_records(directory: Path | str) -> Iterable[dict[str, Any]]:
 def _lines_backwards(path: Path, chunk: int = 64 << 10) -> Iterator[bytes]:
     """The file's lines, newest first, read from its end a chunk at a time."""
     try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
+        handle = _open(path)
+    except OSError:
         return
     with handle:
         position = handle.seek(0, os.SEEK_END)
@@ -258,7 +278,7 @@ class _Generation:
     """One open audit.jsonl: what was appended since the last read, whole lines only."""
 
     def __init__(self, path: Path) -> None:
-        self.handle = open(path, "rb")
+        self.handle = _open(path)
         status = os.fstat(self.handle.fileno())
         self.identity = (status.st_dev, status.st_ino)
         self.partial = b""
@@ -279,7 +299,7 @@ class _Generation:
 def _open_current(path: Path) -> _Generation | None:
     try:
         return _Generation(path)
-    except FileNotFoundError:
+    except OSError:
         return None
 
 

@@ -77,27 +77,38 @@ def question_name(query: bytes) -> str:
 
 
 class QueryLog:
-    """An audit line per name the guest looked up, at most once per name per ``window_s``; the names
-    remembered are bounded, so random names cannot grow it."""
+    """An audit line per name the guest looked up, at most once per name per ``window_s``, and at most
+    ``remember`` lines in any window: random names (a flood) can neither grow the names remembered nor
+    rotate the rest of the stream away. The first line of a later window says how many went unrecorded."""
 
     def __init__(self, audit: AuditWriter, window_s: float = 60.0, remember: int = 4096) -> None:
         self.audit = audit
         self.window_s = window_s
         self.remember = remember
         self._last: dict[str, float] = {}
+        self._window_start = float("-inf")
+        self._lines = 0          # written in the current window
+        self._unrecorded = 0     # names left out since the last line
         self._lock = threading.Lock()
 
     def note(self, query: bytes, now: float | None = None) -> None:
         name = question_name(query)
         moment = time.monotonic() if now is None else now
         with self._lock:
-            if moment - self._last.get(name, -self.window_s) < self.window_s:
+            if moment - self._last.get(name, float("-inf")) < self.window_s:
                 return
-            if len(self._last) >= self.remember:
-                self._last.clear()
+            if moment - self._window_start >= self.window_s:
+                self._window_start, self._lines = moment, 0
+                self._last = {n: t for n, t in self._last.items() if moment - t < self.window_s}
+            if self._lines >= self.remember:
+                self._unrecorded += 1
+                return
             self._last[name] = moment
+            self._lines += 1
+            unrecorded, self._unrecorded = self._unrecorded, 0
         self.audit.emit("query", "block", reason_code="dns_refused", host=name[:253],
-                        reason="the guest has no DNS for outside names: NXDOMAIN (the proxy resolves for it)")
+                        reason="the guest has no DNS for outside names: NXDOMAIN (the proxy resolves for it)",
+                        detail={"names_not_recorded": unrecorded} if unrecorded else None)
 
 
 def answer(query: bytes) -> bytes | None:

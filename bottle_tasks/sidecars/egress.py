@@ -99,6 +99,9 @@ REQUEST_ID_HEADER = "X-Bottle-Request-Id"
 # How often the policy overlay's file is looked at (a stat); an approval re-reads it at once.
 OVERLAY_CHECK_S = 0.1
 HOLD_POLL_S = 0.1
+# ask: requests waiting for a human at once, and their bodies (kept in memory while they wait).
+MAX_HELD_REQUESTS = 64
+MAX_HELD_BYTES = 64 << 20
 # egress's log events, as the audit stream's decisions; "connect" (a tunnel opened) is not a decision.
 AUDIT_DECISIONS = {"block": "block", "allow": "allow", "learn": "learn", "hold": "hold", "dlp_logged": "log",
                    "dlp_redacted": "redact", "response_warning": "warn", "response_not_redacted": "warn",
@@ -220,6 +223,8 @@ class Egress:
         self.audit = audit if audit is not None else AuditWriter.from_env("egress", scrubber=self.scrubber)
         self.routes = LiveRoutes(config, lambda text: self.emit({"event": "error", "reason": text}))
         self._holds: dict[tuple[str, int], asyncio.Future] = {}  # (host, port) -> the decision being waited for
+        self._held_requests = 0   # waiting in _hold now, and the bytes of their bodies
+        self._held_bytes = 0
         self.pipelock = pipelock
         self.inspector = Inspector(pipelock)
         self.resolve = resolve
@@ -392,19 +397,33 @@ class Egress:
         """ask: file the request in the supervise queue and wait for a human (up to hold_seconds).
         Requests to the same host and port while one is held wait for that one decision. Approved
         with scope=always, the route is in the overlay by the time the decision is: it is re-read and
-        used from then on; approved once, only this request (and those waiting with it) pass."""
+        used from then on, and every waiting request passes. Approved once, only the request the human
+        saw passes; each other one waiting is held again, as itself. A denial refuses them all."""
+        size = len(flow.request.raw_content or b"")
+        if self._held_requests >= MAX_HELD_REQUESTS or self._held_bytes + size > MAX_HELD_BYTES:
+            # Each held request keeps its body in memory for up to hold_seconds: a flood must not fill egress.
+            return Block("approvals_full", f"{self._held_requests} requests ({self._held_bytes} bytes) already wait "
+                         f"for a human, at most {MAX_HELD_REQUESTS} ({MAX_HELD_BYTES} bytes); retry once they are "
+                         "decided", status=429), route
         key = (host, port)
-        waiting = self._holds.get(key)
-        if waiting is None:
-            waiting = asyncio.get_running_loop().create_future()
-            self._holds[key] = waiting
-            asyncio.ensure_future(self._decide_hold(flow, host, port, waiting))
-        try:
-            decision = await asyncio.shield(waiting)
-        finally:
-            if waiting.done() and self._holds.get(key) is waiting:
-                del self._holds[key]
-        status, by, reason, scope = decision
+        while True:
+            waiting = self._holds.get(key)
+            if waiting is None:
+                waiting = asyncio.get_running_loop().create_future()
+                self._holds[key] = waiting
+                asyncio.ensure_future(self._decide_hold(flow, host, port, waiting))
+            self._held_requests += 1
+            self._held_bytes += size
+            try:
+                status, by, reason, scope, shown = await asyncio.shield(waiting)
+            finally:
+                self._held_requests -= 1
+                self._held_bytes -= size
+                if waiting.done() and self._holds.get(key) is waiting:
+                    del self._holds[key]
+            if status == "approved" and scope != "always" and shown != self.request_id(flow):
+                continue   # the human approved another request once, not this one
+            break
         if status == "approved":
             if scope == "always":
                 self.routes.refresh(force=True)
@@ -431,10 +450,10 @@ class Egress:
                  "scheme": flow.request.scheme}, f"a request to {host}:{port}, which no route names: {method} {safe_path}",
                 self.config.hold_seconds, "egress", request_id)
         except TooManyRequests as error:
-            waiting.set_result(("refused", "", str(error), ""))
+            waiting.set_result(("refused", "", str(error), "", ""))
             return
         except (SuperviseError, OSError) as error:
-            waiting.set_result(("refused", "", f"the supervise queue is unavailable: {error}", ""))
+            waiting.set_result(("refused", "", f"the supervise queue is unavailable: {error}", "", ""))
             return
         self.log("hold", method=method, host=host, path=path, request_id=request_id, port=port,
                  fix=f"doit approve id={request_id} scope=once|always, or doit deny id={request_id} reason=...")
@@ -449,10 +468,10 @@ class Egress:
                 if current.status == "approved":
                     self.log("approved", method=method, host=host, path=path, request_id=request_id, port=port,
                              detail=f"approved by {current.by} (scope {scope})")
-                waiting.set_result((current.status, current.by, current.reason, scope))
+                waiting.set_result((current.status, current.by, current.reason, scope, request_id))
                 return
             await asyncio.sleep(HOLD_POLL_S)
-        waiting.set_result(("expired", "", "", ""))
+        waiting.set_result(("expired", "", "", "", request_id))
 
     def _check_target(self, req: http.Request, route: Route, host: str, port: int, *, in_tunnel: bool,
                       unknown: bool = False) -> Block | None:

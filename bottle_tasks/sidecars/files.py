@@ -6,9 +6,11 @@ when it renders the bundle's config. Standard library only.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +67,31 @@ def _temp_file(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temp file name next to {path}")
 
 
+def open_regular(path: str | Path, flags: int, mode: int = 0o600) -> int:
+    """os.open that follows no link, never blocks on a FIFO, and gives only a regular file (OSError
+    otherwise): for a dir the bundle can write, where a planted link or FIFO must not steer or hang the host."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
 def tighten_mode(path: str | Path, mode: int) -> None:
-    """chmod path to mode when it is ours and looser; someone else's (an older root-owned file) stays."""
+    """chmod path to mode when it is ours and looser; someone else's (an older root-owned file) stays,
+    and so does a link's target (the bundle can plant links in the dirs it shares with the host)."""
     try:
-        info = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        info = os.fstat(fd)
         if info.st_uid == os.geteuid() and info.st_mode & 0o7777 != mode:
-            os.chmod(path, mode)
+            os.fchmod(fd, mode)
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | Path, document: Any, **options: Any) -> Path:

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 from bottle_tasks.contract import SupervisePolicy
-from bottle_tasks.sidecars.files import atomic_write_json, tighten_mode
+from bottle_tasks.sidecars.files import atomic_write_json, open_regular, tighten_mode
 
 Decision = Literal["approve", "deny"]
 Status = Literal["pending", "approved", "denied", "expired"]
@@ -137,17 +137,30 @@ def publish_json(path: Path, document: Mapping[str, Any]) -> None:
     atomic_write_json(path, document, exclusive=True, fsync=True, mode=FILE_MODE)
 
 
+# The bundle can write this dir: a link, a FIFO or an endless file planted here must not make the host
+# read another file, hang or fill its memory. No writer makes a file this large (the daemon's body cap).
+MAX_FILE_BYTES = 1 << 20
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
-    """The document at path, or None when it does not exist. Corrupt files raise SuperviseError."""
+    """The document at path, or None when it does not exist. Corrupt files (a link, not a regular
+    file, too large, not JSON) raise SuperviseError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     except PermissionError:
         raise SuperviseError(f"{path}: not readable by uid {os.geteuid()} (files here are 0600, "
                              "and must be written by the state dir's owner)") from None
+    except OSError as error:
+        raise SuperviseError(f"{path}: not a file the supervise store wrote (a link, a FIFO...: {error.strerror}); "
+                             "remove it") from None
+    with os.fdopen(fd, "rb") as handle:
+        raw = handle.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise SuperviseError(f"{path}: larger than {MAX_FILE_BYTES} bytes, which no supervise file is; remove it")
     try:
-        document = json.loads(text)
+        document = json.loads(raw.decode("utf-8"))
     except ValueError:
         raise SuperviseError(f"{path}: not valid JSON") from None
     if not isinstance(document, dict):
@@ -255,8 +268,10 @@ class Store:
         belong to the host user; the daemon then runs as that user (``become``)."""
         for directory in (self.state_dir, self.requests_dir, self.decisions_dir, self.expired_dir):
             directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            if directory.is_symlink():  # the bundle writes here: a planted link must not steer the host's files
+                raise SuperviseError(f"{directory}: a symbolic link, not the store's directory; remove it")
             tighten_mode(directory, DIR_MODE)
-        fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        fd = open_regular(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         os.close(fd)
         tighten_mode(self.history_path, FILE_MODE)
         return self
@@ -266,7 +281,8 @@ class Store:
         whole lines."""
         line = (json.dumps(dict(record), ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8")
         with self._history_lock:
-            fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            # O_NOFOLLOW: a link the bundle put here must not make the host append (the agent's words) elsewhere.
+            fd = open_regular(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
             try:
                 os.write(fd, line)
             finally:
@@ -474,7 +490,7 @@ class Store:
         if state_dir_owner(self.state_dir) is not None:
             return self._expired(request)  # root (git-gate) leaves the record to the owner: files stay theirs
         try:
-            self.expired_dir.mkdir(parents=True, exist_ok=True)
+            self.ensure_layout()   # refuses an expired/ the bundle swapped for a link
             publish_json(marker, {"expired_at": request.expires_at})
         except FileExistsError:
             pass  # another process recorded it

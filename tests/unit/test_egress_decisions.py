@@ -137,7 +137,8 @@ def test_learn_refuses_a_name_that_carries_encoded_data(tmp_path):
 # -- ask ------------------------------------------------------------------------------------------
 
 
-def decide_when_held(tmp_path, decision: str, reason: str = "", count: int = 1) -> threading.Thread:
+def decide_when_held(tmp_path, decision: str, reason: str = "", count: int = 1, scope: str | None = None
+                     ) -> threading.Thread:
     """A human on the host: waits for the held request(s) to appear, then decides them."""
     store = Store(tmp_path / "supervise")
 
@@ -147,7 +148,7 @@ def decide_when_held(tmp_path, decision: str, reason: str = "", count: int = 1) 
             pending = store.list_pending()
             if len(pending) >= count:
                 for request in pending:
-                    store.decide(request.id, decision, "alice", reason)
+                    store.decide(request.id, decision, "alice", reason, scope)
                 return
             time.sleep(0.05)
 
@@ -183,10 +184,10 @@ def test_a_denial_reaches_the_agent_with_its_reason(tmp_path):
     assert "denied by alice: not for this task" in body
 
 
-def test_requests_to_a_held_host_wait_for_the_same_decision(tmp_path):
+def test_requests_to_a_held_host_wait_for_the_same_decision_for_good(tmp_path):
     addon = addon_with_audit(tmp_path, unknown_hosts="ask")
     Store(tmp_path / "supervise").ensure_layout()
-    human = decide_when_held(tmp_path, "approve")
+    human = decide_when_held(tmp_path, "approve", scope="always")
     flows = [tunnel_flow(addon, "GET", "new.example.net", f"/{n}") for n in range(5)]
 
     async def all_at_once():

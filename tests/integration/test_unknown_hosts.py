@@ -20,7 +20,7 @@ import yaml
 
 from bottle_tasks.sidecars import audit
 from bottle_tasks.sidecars.supervise_store import Store
-from tests.integration.conftest import _bottle, _teardown, docker
+from tests.integration.conftest import _bottle, _teardown, docker, start_upstream
 
 
 DENY = """
@@ -142,6 +142,20 @@ def test_a_denial_reason_reaches_the_agent(ask_bottle):
     ask_bottle.env.doit("deny", "agent=probe-ask", f"id={request_id}", "reason=not part of this task")
     out, err = agent.communicate(timeout=60)
     assert "denied_by_human" in out and "not part of this task" in out, out + err
+
+
+def test_an_approval_for_good_survives_clean_and_only_purge_removes_it(ask_bottle):
+    env, overlay = ask_bottle.env, ask_bottle.plan.policy_dir / "overlay.json"
+    assert "upstream.test" in overlay.read_text()   # approved for good above
+    env.doit("clean", "agent=probe-ask")
+    assert "upstream.test" in overlay.read_text()
+    env.doit("start", "agent=probe-ask", "command=true")
+    start_upstream(env, ask_bottle.plan, ask_bottle.upstream)   # clean took its network with the bottle's
+    again = curl(ask_bottle, "https://upstream.test/after-clean")
+    assert status_of(again) == "200", again.stdout + again.stderr
+    assert Store(ask_bottle.plan.approvals_dir).list_pending() == []
+    env.doit("clean", "agent=probe-ask", "purge=1")
+    assert not overlay.exists() and not ask_bottle.plan.state_dir.exists()
 
 
 @pytest.fixture(scope="module")

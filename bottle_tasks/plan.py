@@ -234,6 +234,11 @@ def audit_dir_of(state_dir: Path) -> Path:
     return state_dir / "audit"
 
 
+def queue_dir_of(state_dir: Path) -> Path:
+    """The supervise queue: tool calls, held pushes and held requests to unknown hosts."""
+    return state_dir / "supervise"
+
+
 def policy_dir_of(state_dir: Path) -> Path:
     return state_dir / "policy"
 
@@ -339,7 +344,7 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
     egress_url = f"http://{network.bundle_ip}:{EGRESS_PORT}"
     git = _git_plan(spec, state, config, network) if spec.git_repos else None
     supervise = _supervise_plan(spec.supervise, state, config, network) if spec.supervise else None
-    approvals = supervise.state_dir if supervise else (state / "supervise" if spec.unknown_hosts == "ask" else None)
+    approvals = supervise.state_dir if supervise else (queue_dir_of(state) if spec.unknown_hosts == "ask" else None)
     inputs = BundleInputs(
         bundle_ip=network.bundle_ip, config_dir=config, pipelock=pipelock, upstream_ca=settings.upstream_ca_certs,
         route_secrets=tuple(sorted({slot.env for slot in spec.token_slots})),
@@ -455,6 +460,6 @@ def _supervise_plan(policy: SupervisePolicy, state: Path, config: Path, network:
         guest_config=ConfigFile(config / "supervise.json", GUEST_SUPERVISE_CONFIG, "supervise.json.j2"),
         claude_settings=ConfigFile(config / "claude-managed-settings.json", GUEST_CLAUDE_MANAGED_SETTINGS,
                                    "claude-managed-settings.json.j2"),
-        state_dir=state / "supervise",
+        state_dir=queue_dir_of(state),
         url=f"http://{network.bundle_ip}:{SUPERVISE_PORT}",
     )

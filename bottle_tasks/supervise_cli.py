@@ -37,6 +37,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, TextIO
 
+from bottle_tasks.plan import audit_dir_of
 from bottle_tasks.sidecars.audit import AuditWriter
 from bottle_tasks.sidecars.overlay import OverlayChange, OverlayError, approve_route, withdraw_approval
 from bottle_tasks.sidecars.supervise_store import Request, Store, SuperviseError
@@ -138,7 +139,7 @@ def decide(state_dir: Path | str, request_id: str, decision: str, by: str | None
 
 def host_audit(state_dir: Path) -> AuditWriter:
     """Decisions made on the host go into the bottle's audit stream too: <state>/audit, beside the queue."""
-    return AuditWriter("supervise", directory=state_dir.parent / "audit", bottle=state_dir.parent.name)
+    return AuditWriter("supervise", directory=audit_dir_of(state_dir.parent), bottle=state_dir.parent.name)
 
 
 def approve_always(state_dir: Path | str, overlay: Path | str, request_id: str, by: str | None = None,

@@ -197,6 +197,12 @@ class BottleFacts:
     pending: int | None = None          # None: no supervise queue
     blocks_last_hour: int | None = None
     workspace: Workspace | None = None
+    agent: str = ""
+    instance: str = ""                  # name= ("" for the agent's default bottle)
+
+    @property
+    def selector(self) -> str:
+        return f"agent={self.agent or self.slug}" + (f" name={self.instance}" if self.instance else "")
 
     def role(self, role: str) -> Container | None:
         return next((c for c in self.containers if c.role == role), None)
@@ -231,7 +237,7 @@ class BottleFacts:
         if self.fence is None:
             return "no proof recorded", ""
         proved = f"proved {short_duration(now.timestamp() - self.fence.proved_at.timestamp())} ago"
-        again = f"doit start agent={printable(self.slug)} recreates the guest and proves its fence again"
+        again = f"doit start {printable(self.selector)} recreates the guest and proves its fence again"
         if self.backend == "smolmachines":
             if self.machine is not None and self.machine.epoch != self.fence.epoch:
                 return proved, f"the guest machine was restarted outside doit after the proof: {again}"
@@ -256,7 +262,8 @@ def format_bottle(facts: BottleFacts, now: datetime) -> str:
     if facts.blocks_last_hour is not None:
         counts.append(f"{facts.blocks_last_hour} block{'s' * (facts.blocks_last_hour != 1)} in the last hour")
     lines = [
-        f"{printable(facts.slug)}  {facts.backend}  {'up ' + printable(up) if up else 'down'}",
+        f"{printable(facts.slug)}{printable(f'  (agent {facts.agent}, instance {facts.instance})') if facts.instance else ''}"
+        f"  {facts.backend}  {'up ' + printable(up) if up else 'down'}",
         f"  guest {facts.guest}  bundle {health(bundle)}  fence {fence}",
         "  " + ", ".join(counts),
         f"  workspace {facts.workspace.words() if facts.workspace else '?'}",

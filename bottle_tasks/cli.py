@@ -13,6 +13,7 @@ from bottle_tasks import tasks
 from bottle_tasks.agents import init_dir, write_starter
 from bottle_tasks.errors import BottleError
 from bottle_tasks.tasks.common import new_run
+from bottle_tasks.tasks.config import dep_file
 
 
 class BottleMain(DoitMain):
@@ -40,8 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init"]:     # not a task: it writes the file the tasks read
         return init(argv[1:])
-    new_run()   # each command is its own run: fresh settings, docker client and plans
-    return BottleMain(ModuleTaskLoader(tasks)).run(argv)
+    run = new_run()   # each command is its own run: fresh settings, docker client and plans
+    # The module's DOIT_CONFIG was made when it was first imported, before this command's vars.
+    config = {**tasks.DOIT_CONFIG, "dep_file": dep_file(run.settings.cache_dir, command_line_vars(argv))}
+    return BottleMain(ModuleTaskLoader({**vars(tasks), "DOIT_CONFIG": config})).run(argv)
+
+
+def command_line_vars(argv: list[str]) -> dict[str, str]:
+    """doit's `key=value` command-line variables (any argument with = that is no option)."""
+    return dict(arg.split("=", 1) for arg in argv if "=" in arg and not arg.startswith("-"))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,17 @@ class Docker:
             out = self.query(kind, "ls", "--filter", f"label={label}", "--format", "{{.Name}}").stdout
         return [line for line in out.splitlines() if line]
 
+    def labels_of_all(self, label: str) -> list[dict[str, str]]:
+        """The labels of every container, network and volume carrying label (key=value)."""
+        found: list[dict[str, str]] = []
+        for argv in (("ps", "-a"), ("network", "ls"), ("volume", "ls")):
+            out = self.query(*argv, "--filter", f"label={label}", "--format", "{{json .Labels}}").stdout
+            for line in out.splitlines():
+                text = json.loads(line) if line.strip() else ""
+                # docker prints labels as "k=v,k=v" (values may hold commas only in theory; ours never do)
+                found.append(dict(pair.split("=", 1) for pair in text.split(",") if "=" in pair) if text else {})
+        return found
+
     def network_subnets(self, attempts: int = 3) -> dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
         """Every docker network's subnets, by network name."""
         ids = self.query("network", "ls", "-q").stdout.split()

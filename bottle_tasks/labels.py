@@ -6,6 +6,8 @@ from typing import Iterable
 
 LABEL = "dev.claude-bottle"
 SLUG_LABEL = f"{LABEL}.slug"
+AGENT_LABEL = f"{LABEL}.agent"
+INSTANCE_LABEL = f"{LABEL}.instance"   # "" for the agent's default bottle
 STATE_LABEL = f"{LABEL}.state"
 ROLE_LABEL = f"{LABEL}.role"
 FINGERPRINT_LABEL = f"{LABEL}.fingerprint"

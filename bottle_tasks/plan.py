@@ -18,7 +18,8 @@ from bottle_tasks.bundle_plan import (
 )
 from bottle_tasks.contract import DEFAULT_MAX_PUSH_BYTES, GitRepo, Route, SupervisePolicy, TokenSlot
 from bottle_tasks.errors import BottleError
-from bottle_tasks.labels import LABEL, STATE_LABEL, SLUG_LABEL, label_args
+from bottle_tasks.instances import Bottle, bottle_of
+from bottle_tasks.labels import AGENT_LABEL, INSTANCE_LABEL, STATE_LABEL, SLUG_LABEL, label_args
 from bottle_tasks.settings import Settings
 from bottle_tasks.spec import AgentSpec, GitUser
 
@@ -158,7 +159,8 @@ class GitPlan:
     repos: tuple[GitRepo, ...]          # as git-gate sees them: default branches filled, ssh keys at their bundle path
     ssh_key_sources: tuple[str, ...]    # per repo: the host key file ("" for none)
     config_file: Path                    # rendered git-gate.yaml
-    mirrors_dir: Path                    # host state dir: mirrors, audit log; kept by clean
+    gate_dir: Path                       # host: this bottle's git-gate state (audit log, spools); kept by clean
+    mirrors_dir: Path                    # host: the bare mirrors, shared by the agent's bottles; kept by clean
     url: str                             # http://<bundle-ip>:8081 as the guest sees it
     max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES   # receive.maxInputSize of every mirror
     approval_timeout: int | None = None  # seconds a push held for a human waits (supervise.timeout); None: none is held
@@ -178,7 +180,7 @@ class SupervisePlan:
 @dataclass(frozen=True)
 class Plan:
     agent: str
-    slug: str
+    slug: str                 # <agent>-<instance>, or <agent> for the default bottle (instances.py)
     spec_path: Path
     backend: str
     labels: tuple[tuple[str, str], ...]
@@ -208,6 +210,17 @@ class Plan:
     unknown_hosts: str = "deny"  # network.unknown_hosts: deny, ask (held for a human) or learn (allowed, logged)
     hold_timeout: int = 300      # seconds egress holds a request to an unknown host (ask): supervise.timeout
     unknown_private_network: bool = False  # hosts admitted by ask or learn may resolve to private addresses
+    instance: str = ""           # name= ("" for the agent's default bottle)
+    cache_root: Path = Path()    # the host's cache dir, shared by every bottle (locks, claims, images)
+
+    @property
+    def bottle(self) -> Bottle:
+        return Bottle(self.agent, self.instance)
+
+    @property
+    def selector(self) -> str:
+        """How commands name this bottle: agent=x [name=y]."""
+        return self.bottle.selector
 
     @property
     def rendered_files(self) -> tuple[ConfigFile, ...]:
@@ -308,11 +321,23 @@ def hook_matcher(patterns: tuple[str, ...]) -> str:
     return "|".join(tools)
 
 
-def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Plan:
-    """host_facts: what the backend gathered about the host before planning (backends/base.py)."""
+def mirrors_dir_of(state_root: Path, agent: str) -> Path:
+    """The bare mirrors every bottle of one agent shares: one fetch serves them all. Under a dot name,
+    which no bottle's slug can be."""
+    return state_root / ".mirrors" / agent
+
+
+def agent_images_cache(cache_root: Path, agent: str) -> Path:
+    """The agent image's build context and digest: one per agent file, shared by its instances."""
+    return cache_root / "images" / f"agent-{agent}"
+
+
+def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None, instance: str = "") -> Plan:
+    """host_facts: what the backend gathered about the host before planning (backends/base.py);
+    instance: name= ("" for the agent's default bottle)."""
     from bottle_tasks.backends import backend_class
 
-    slug = spec.name                # agent names are already DNS-safe (spec.AGENT_NAME)
+    slug = bottle_of(spec.name, instance).slug   # names are DNS-safe (spec.AGENT_NAME), the slug short enough
     backend = backend_name(spec, settings)
     kind = backend_class(backend)
     state = settings.state_dir / slug
@@ -320,15 +345,16 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
     config = state / "config"
     network = kind.plan_network(slug, spec, settings, host_facts)
     pipelock = settings.pipelock_bin is not None or bool(settings.pipelock_image)  # settings.pipelock_source
-    labels = ((SLUG_LABEL, slug), (f"{LABEL}.agent", spec.name), (STATE_LABEL, str(state)))
+    labels = ((SLUG_LABEL, slug), (AGENT_LABEL, spec.name), (INSTANCE_LABEL, instance), (STATE_LABEL, str(state)))
     images_cache = settings.cache_dir / "images"
     common_args = (("BASE_IMAGE", settings.base_image),)
+    agent_images = agent_images_cache(settings.cache_dir, spec.name)
     agent_image = ImagePlan(
         kind="agent",
-        tag=f"{settings.image_prefix}/agent:{slug}",
+        tag=f"{settings.image_prefix}/agent:{spec.name}",
         dockerfile_dir=settings.images_dir / "agent",
-        context_dir=cache / "agent-context",
-        iid_file=cache / "agent.iid",
+        context_dir=agent_images / "context",
+        iid_file=agent_images / "agent.iid",
         build_args=(*common_args, ("CLAUDE_CODE_VERSION", settings.claude_code_version), *kind.agent_build_args),
     )
     bundle_tag = f"{settings.image_prefix}/bundle:latest"
@@ -342,14 +368,14 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         build_args=common_args,
     )
     egress_url = f"http://{network.bundle_ip}:{EGRESS_PORT}"
-    git = _git_plan(spec, state, config, network) if spec.git_repos else None
+    git = _git_plan(spec, instance, settings.state_dir, state, config, network) if spec.git_repos else None
     supervise = _supervise_plan(spec.supervise, state, config, network) if spec.supervise else None
     approvals = supervise.state_dir if supervise else (queue_dir_of(state) if spec.unknown_hosts == "ask" else None)
     inputs = BundleInputs(
         bundle_ip=network.bundle_ip, config_dir=config, pipelock=pipelock, upstream_ca=settings.upstream_ca_certs,
         route_secrets=tuple(sorted({slot.env for slot in spec.token_slots})),
         git_secrets=tuple(sorted({r.identity.token_env for r in spec.git_repos if r.identity.kind == "token"})),
-        git_config=git.config_file if git else None, git_mirrors=git.mirrors_dir if git else None,
+        git_config=git.config_file if git else None, git_mirrors=git.gate_dir if git else None,
         git_approvals=supervise.state_dir if supervise and git and git.approval_timeout else None,
         ssh_keys=tuple(ConfigFile(Path(source), repo.identity.ssh_key, origin=f"git.repos[{i}].identity.ssh_key")
                        for i, (repo, source) in enumerate(zip(git.repos, git.ssh_key_sources)) if source) if git else (),
@@ -380,6 +406,12 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         secret_env_names=tuple(sorted({s.name for s in secret_envs})),
         egress_url=egress_url,
     )
+    if instance and spec.workspace_host_path:
+        raise BottleError(
+            f"{spec.path}: workspace.host_path {spec.workspace_host_path} is one directory, and instance {instance!r} "
+            "needs a workspace of its own (two agents editing one checkout would overwrite each other's work). "
+            "Remove workspace.host_path to give every instance its own (git-gate clones the repos into it), "
+            "or start this agent without name=")
     workspace_host = spec.workspace_host_path or kind.default_workspace(state)
     workspace_volume = None if workspace_host else workspace_volume_name(slug)
     guest_mounts = (
@@ -429,6 +461,8 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None) -> Pl
         unknown_hosts=spec.unknown_hosts,
         unknown_private_network=spec.unknown_private_network,
         hold_timeout=spec.supervise.timeout if spec.supervise else 300,
+        instance=instance,
+        cache_root=settings.cache_dir,
     )
 
 
@@ -437,8 +471,15 @@ def _mebibytes(size: str) -> int:
     return int(size[:-1]) * (1024 if size[-1].lower() == "g" else 1)
 
 
-def _git_plan(spec: AgentSpec, state: Path, config: Path, network: NetworkPlan) -> GitPlan:
-    default_branches = (f"bottle/{spec.name}/*",)
+def instance_namespace(agent: str, instance: str) -> str:
+    """The branches a bottle pushes to by default: bottle/<agent>/<instance>/*, or bottle/<agent>/* for
+    the default bottle (which git-gate keeps out of every instance's bottle/<agent>/<name>/)."""
+    return f"bottle/{agent}/{instance}/*" if instance else f"bottle/{agent}/*"
+
+
+def _git_plan(spec: AgentSpec, instance: str, state_root: Path, state: Path, config: Path,
+              network: NetworkPlan) -> GitPlan:
+    default_branches = (instance_namespace(spec.name, instance),)
     repos = tuple(
         replace(r, push=replace(r.push, branches=r.push.branches or default_branches),
                 identity=replace(r.identity, ssh_key=BUNDLE_SSH_KEY.format(repo=r.name) if r.identity.ssh_key else ""))
@@ -447,7 +488,8 @@ def _git_plan(spec: AgentSpec, state: Path, config: Path, network: NetworkPlan) 
         repos = tuple(replace(r, push=replace(r.push, approve=True)) for r in repos)
     held = spec.supervise is not None and any(r.push.approve for r in repos)  # spec: approve needs supervise
     return GitPlan(user=spec.git_user, repos=repos, ssh_key_sources=tuple(r.identity.ssh_key for r in spec.git_repos),
-                   config_file=config / "git-gate.yaml", mirrors_dir=state / "git",
+                   config_file=config / "git-gate.yaml", gate_dir=state / "git",
+                   mirrors_dir=mirrors_dir_of(state_root, spec.name),
                    url=f"http://{network.bundle_ip}:{GIT_GATE_PORT}", max_push_bytes=spec.git_max_push_bytes,
                    approval_timeout=spec.supervise.timeout if held else None)
 

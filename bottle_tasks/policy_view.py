@@ -118,28 +118,28 @@ def _describe(route: Route) -> str:
 # --------------------------------------------------------------------------- show, promote
 
 
-def show(agent: str, spec_path: Path, unknown_hosts: str, routes: tuple[Route, ...], overlay_file: Path,
+def show(selector: str, spec_path: Path, unknown_hosts: str, routes: tuple[Route, ...], overlay_file: Path,
          overlay: Overlay) -> str:
     lines = [f"agent file {spec_path} (network.unknown_hosts: {unknown_hosts}):"]
     lines += [f"  routes[{i}]  {_describe(route)}" for i, route in enumerate(routes)] or ["  no routes"]
     lines.append(f"policy overlay {overlay_file} (approved with scope=always; egress applies it live):")
     if not overlay.routes:
-        lines.append(f"  no routes (doit approve agent={agent} id=<id> scope=always adds the host of a request "
+        lines.append(f"  no routes (doit approve {selector} id=<id> scope=always adds the host of a request "
                      "egress holds)")
     for i, route in enumerate(overlay.routes):
         lines.append(f"  routes[{i}]  {_describe(route)}")
         lines += [f"    port {a.port} approved by {a.by} at {a.at} (request {a.request_id})"
                   + (f": {a.reason}" if a.reason else "") for a in overlay.approvals_of(route.host)]
     if overlay.routes:
-        lines.append(f"doit policy promote agent={agent} prints the overlay's routes for the agent file")
+        lines.append(f"doit policy promote {selector} prints the overlay's routes for the agent file")
     return "\n".join(printable(line) for line in lines)
 
 
-def promote(agent: str, spec_path: Path, overlay_file: Path, overlay: Overlay) -> str:
+def promote(selector: str, spec_path: Path, overlay_file: Path, overlay: Overlay) -> str:
     if not overlay.routes:
         return printable(f"the policy overlay {overlay_file} has no routes, so there is nothing to promote "
-                         f"(doit approve agent={agent} id=<id> scope=always adds one)")
-    comments = [f"The policy overlay of agent {agent} ({overlay_file}): routes approved with scope=always.",
+                         f"(doit approve {selector} id=<id> scope=always adds one)")
+    comments = [f"The policy overlay of {selector} ({overlay_file}): routes approved with scope=always.",
                 f"Paste them under routes: in {spec_path}; once the agent file has them, the overlay's copy "
                 "can go (delete the file)."]
     routes = []
@@ -174,13 +174,13 @@ def learned_requests(records: Iterable[Mapping[str, Any]]) -> list[LearnedReques
     return learned
 
 
-def suggest(agent: str, spec_path: Path, audit_dir: Path, records: Iterable[Mapping[str, Any]],
+def suggest(selector: str, spec_path: Path, audit_dir: Path, records: Iterable[Mapping[str, Any]],
             routed: tuple[Route, ...]) -> str:
     """Routes for what learn mode let through; routed: the agent file's and the overlay's routes."""
     learned = learned_requests(records)
     if not learned:
         return printable(f"no learned requests in the audit stream {audit_dir}: learn mode records them "
-                         f"({LEARN_MODE} in {spec_path}, then doit start agent={agent})")
+                         f"({LEARN_MODE} in {spec_path}, then doit start {selector})")
     hosts: dict[str, _HostSeen] = {}
     for request in learned:
         seen = hosts.setdefault(request.host, _HostSeen())
@@ -195,7 +195,7 @@ def suggest(agent: str, spec_path: Path, audit_dir: Path, records: Iterable[Mapp
             seen.paths[request.path] = seen.paths.get(request.path, False) or request.path_cut
         else:
             seen.dropped_paths += 1
-    comments = [f"Suggested for agent {agent} from {len(learned)} learned requests since {learned[0].ts} "
+    comments = [f"Suggested for {selector} from {len(learned)} learned requests since {learned[0].ts} "
                 f"(audit stream {audit_dir}).",
                 f"Learn mode let every one of them through: check each route before you paste it under "
                 f"routes: in {spec_path}."]

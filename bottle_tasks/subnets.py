@@ -25,20 +25,25 @@ def explicit_subnet(value: str) -> ipaddress.IPv4Network:
         raise BottleError(f"network.subnet {value!r} has host bits set; write {fixed}") from None
 
 
-def bottle_subnet(slug: str, pool: str, explicit: str | None = None) -> ipaddress.IPv4Network:
-    """A /23 for the bottle: derived from the slug hash, or the agent file's network.subnet."""
-    if explicit:
-        return explicit_subnet(explicit)
+def pool_blocks(slug: str, pool: str) -> list[ipaddress.IPv4Network]:
+    """The pool's /23s, starting at the slug's hash, skipping the reserved ones."""
     pool_net = ipaddress.ip_network(pool)
     if pool_net.prefixlen > 23:
         raise BottleError(f"BOTTLE_SUBNET_POOL {pool} is smaller than a /23; use a /16 such as 10.243.0.0/16")
     blocks = list(pool_net.subnets(new_prefix=23))
     start = _slug_hash(slug) % len(blocks)
-    for offset in range(len(blocks)):
-        candidate = blocks[(start + offset) % len(blocks)]
-        if not any(candidate.overlaps(r) for r in RESERVED_SUBNETS):
-            return candidate
-    raise BottleError(f"BOTTLE_SUBNET_POOL {pool} has no usable /23")
+    ordered = (blocks[(start + offset) % len(blocks)] for offset in range(len(blocks)))
+    return [b for b in ordered if not any(b.overlaps(r) for r in RESERVED_SUBNETS)]
+
+
+def bottle_subnet(slug: str, pool: str, taken: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+                  current: str | None = None) -> tuple[ipaddress.IPv4Network, str]:
+    """A /23 for the bottle (docker: its internal and egress /24s) from the pool: the slug's first
+    choice, stepping around subnets in use, deterministically."""
+    candidates = pool_blocks(slug, pool)
+    if not candidates:
+        raise BottleError(f"BOTTLE_SUBNET_POOL {pool} has no usable /23")
+    return pick_subnet(slug, candidates, taken, current, f"BOTTLE_SUBNET_POOL {pool}")
 
 
 def bridge_candidates(slug: str) -> list[ipaddress.IPv4Network]:
@@ -51,18 +56,23 @@ def bridge_candidates(slug: str) -> list[ipaddress.IPv4Network]:
 
 def bridge_subnet(slug: str, taken: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
                   current: str | None = None) -> tuple[ipaddress.IPv4Network, str]:
-    """A /24 bridge from the slug, stepping around subnets in use, deterministically; the note says
-    why it is not the first choice (empty when it is). A bridge the bottle already has keeps its
-    subnet while nothing else overlaps it."""
+    """A /24 bridge from the slug, stepping around subnets in use (smolmachines)."""
+    return pick_subnet(slug, bridge_candidates(slug), taken, current, "192.168.0.0/16")
+
+
+def pick_subnet(slug: str, candidates: list[ipaddress.IPv4Network],
+                taken: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network], current: str | None,
+                space: str) -> tuple[ipaddress.IPv4Network, str]:
+    """The first candidate nothing taken overlaps; the note says why it is not the first choice (empty
+    when it is). A subnet the bottle already has keeps it while nothing else overlaps it."""
     taken = [t for t in taken if t.version == 4]
-    candidates = bridge_candidates(slug)
     if current and not any(ipaddress.ip_network(current).overlaps(t) for t in taken):
         chosen = ipaddress.ip_network(current)
         return chosen, "" if chosen == candidates[0] else (
-            f"bottle {slug!r} keeps its bridge subnet {chosen} (first choice {candidates[0]} was in use when it was made)")
+            f"bottle {slug!r} keeps its subnet {chosen} (first choice {candidates[0]} was in use when it was made)")
     for candidate in candidates:
         if not any(candidate.overlaps(t) for t in taken):
             note = "" if candidate == candidates[0] else (
                 f"subnet {candidates[0]} is in use; bottle {slug!r} uses {candidate} instead")
             return candidate, note
-    raise BottleError(f"no free /24 in 192.168.0.0/16 for bottle {slug!r}; remove unused docker networks")
+    raise BottleError(f"no free subnet in {space} for bottle {slug!r}; remove unused docker networks or bottles")

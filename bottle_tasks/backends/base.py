@@ -81,9 +81,9 @@ class Backend(ABC):
         return None
 
     @classmethod
-    def guest_image_task(cls, agent: str) -> str:
+    def guest_image_task(cls, plan: "Plan") -> str:
         """The task whose output the guest is made from."""
-        return f"image_build:{agent}"
+        return f"image_build:{plan.agent}"
 
     # ---- the bottle -------------------------------------------------------------------------------
 

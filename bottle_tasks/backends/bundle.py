@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Mapping
 
 from bottle_tasks.backends.base import Backend
+from bottle_tasks.backends.host_subnets import drop_claim
 from bottle_tasks.bundle_plan import SECRETS_FILE
 from bottle_tasks.errors import BottleError
 from bottle_tasks.labels import FINGERPRINT_LABEL, SLUG_LABEL
@@ -101,14 +102,17 @@ class DockerBundle(Backend):
             self.docker.ensure_owned(kind, name, plan.slug, plan.state_dir)
 
     def check_network_preconditions(self, plan: Plan, containers: tuple[str, ...]) -> None:
+        if plan.network.problem:
+            raise BottleError(f"{plan.spec_path}: {plan.network.problem}")
         self.check_names_free(plan, containers)
         if not self.networks_ready(plan):
             self.check_subnet_clash(plan)
 
     def create_networks(self, plan: Plan) -> None:
         self.check_subnet_clash(plan)
-        if plan.network.note:
-            print(f"claude-bottle: {plan.network.note}", file=sys.stderr)
+        subnets = ", ".join(f"{b.name} {b.subnet}" for b in plan.network.bridges)
+        print(f"claude-bottle: bottle {plan.slug}: networks {subnets}" + (f" ({plan.network.note})" if plan.network.note else ""),
+              file=sys.stderr)
         created = []
         try:
             for bridge in plan.network.bridges:
@@ -130,6 +134,7 @@ class DockerBundle(Backend):
     def remove_networks(self, plan: Plan) -> None:
         for name in self.docker.by_label("network", plan.slug_label):
             self.docker("network", "rm", name, check=False)
+        drop_claim(plan.cache_root, plan.slug)
 
     # ---- the bundle -------------------------------------------------------------------------
 

@@ -12,11 +12,14 @@ guest stays down until `doit start`.
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from bottle_tasks.backends.base import Guest
+from bottle_tasks.backends.host_subnets import HostSubnets, subnets_in_use
 from bottle_tasks.backends.bundle import DockerBundle, content_digest, digest_of, mount_args
 from bottle_tasks.docker_cli import Docker
 from bottle_tasks.errors import BottleError
@@ -26,7 +29,7 @@ from bottle_tasks.render import TEMPLATES_DIR, render
 from bottle_tasks.runner import Result
 from bottle_tasks.settings import Settings
 from bottle_tasks.spec import AgentSpec
-from bottle_tasks.subnets import bottle_subnet
+from bottle_tasks.subnets import bottle_subnet, explicit_subnet, pool_blocks
 
 
 FENCE_TIMEOUT = 30.0
@@ -44,15 +47,37 @@ HOLDER_HEALTH = ("--health-cmd", f"test -e {FENCE_MARK}", "--health-interval", "
 class DockerBackend(DockerBundle):
     name = "docker"
 
+    @staticmethod
+    def network_names(slug: str) -> tuple[str, str]:
+        return f"bottle-{slug}-internal", f"bottle-{slug}-egress"
+
+    @classmethod
+    def host_facts(cls, slug: str, docker: Docker) -> HostSubnets:
+        facts = subnets_in_use(cls.network_names(slug), docker)
+        # The bottle's block is the /23 its internal /24 opens.
+        block = ipaddress.ip_network(facts.own[0]).supernet(new_prefix=23) if facts.own else None
+        return replace(facts, current=str(block) if block else None)
+
     @classmethod
     def plan_network(cls, slug: str, spec: AgentSpec, settings: Settings, host_facts: Any) -> NetworkPlan:
-        internal, egress = bottle_subnet(slug, settings.subnet_pool, spec.subnet).subnets(new_prefix=24)
+        note = problem = ""
+        if spec.subnet:
+            block = explicit_subnet(spec.subnet)
+        else:
+            facts = host_facts or HostSubnets()
+            try:
+                block, note = bottle_subnet(slug, settings.subnet_pool, facts.taken, facts.current)
+            except BottleError as exc:   # the plan still loads (clean, list); preflight refuses to start
+                block, problem = pool_blocks(slug, settings.subnet_pool)[0], str(exc)
+        internal, egress = block.subnets(new_prefix=24)
         gateways = (str(internal.network_address + 1), str(egress.network_address + 1))
+        names = cls.network_names(slug)
         return NetworkPlan(
-            bridges=(Bridge(f"bottle-{slug}-internal", str(internal), gateways[0], internal=True),
-                     Bridge(f"bottle-{slug}-egress", str(egress), gateways[1], internal=False)),
+            bridges=(Bridge(names[0], str(internal), gateways[0], internal=True),
+                     Bridge(names[1], str(egress), gateways[1], internal=False)),
             bundle_ip=str(internal.network_address + 2),
             guest_ip=str(internal.network_address + 3),
+            note=note, problem=problem,
         )
 
     @staticmethod

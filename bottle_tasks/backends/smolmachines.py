@@ -17,14 +17,15 @@ import re
 import socket
 import sqlite3
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from bottle_tasks.backends.base import Guest
 from bottle_tasks.backends.bundle import DockerBundle, content_digest, digest_of
+from bottle_tasks.backends.host_subnets import HostSubnets, subnets_in_use
 from bottle_tasks.bundle_plan import EGRESS_PORT
-from bottle_tasks.docker_cli import Docker, DockerUnreachable, refuse_unless_owned
+from bottle_tasks.docker_cli import Docker, refuse_unless_owned
 from bottle_tasks.errors import BottleError
 from bottle_tasks.labels import FINGERPRINT_LABEL, ROLE_LABEL
 from bottle_tasks.plan import GUEST_AGENT_UID, GUEST_USER, GUEST_WORKSPACE, Bridge, ImagePlan, NetworkPlan, Plan
@@ -150,7 +151,7 @@ def pack_path(plan: Plan, digest: str) -> Path:
 def current_pack(plan: Plan) -> Path:
     stub = pack_path(plan, image_digest(plan))
     if not stub.with_name(stub.name + ".smolmachine").exists():
-        raise BottleError(f"no pack for {plan.agent_image.tag} yet ({stub}.smolmachine); run doit smol_pack:{plan.agent}")
+        raise BottleError(f"no pack for {plan.agent_image.tag} yet ({stub}.smolmachine); run doit smol_pack:{plan.slug}")
     return stub
 
 
@@ -158,44 +159,6 @@ def current_pack(plan: Plan) -> Path:
 
 def bridge_name(slug: str) -> str:
     return f"bottle-{slug}-bridge"
-
-
-def host_routes(table: Path = Path("/proc/net/route")) -> list[tuple[str, ipaddress.IPv4Network]]:
-    """(interface, subnet) of the IPv4 routes on this host (Linux, main table), so a bridge never shadows the
-    LAN or a VPN; the default route is no subnet."""
-    routes: list[tuple[str, ipaddress.IPv4Network]] = []
-    try:
-        lines = table.read_text().splitlines()[1:]
-    except OSError:
-        return routes
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 8:
-            continue
-        # the kernel prints each address as a host-order integer in hex
-        dest, mask = (ipaddress.IPv4Address(int(f, 16).to_bytes(4, sys.byteorder)) for f in (fields[1], fields[7]))
-        if int(mask):
-            routes.append((fields[0], ipaddress.ip_network(f"{dest}/{mask}", strict=False)))
-    return routes
-
-
-@dataclass(frozen=True)
-class HostSubnets:
-    """What the bridge must step around, gathered before planning."""
-    taken: tuple[ipaddress.IPv4Network, ...] = ()
-    current: str | None = None           # the subnet of the bridge this bottle already has
-
-
-def subnets_in_use(bridge: str, docker: Docker) -> HostSubnets:
-    try:
-        docker_nets = docker.network_subnets()
-    except (DockerUnreachable, ToolMissing):
-        docker_nets = {}      # no engine: preflight says so; the plan still loads for `doit list` and `clean`
-    current = next((str(s) for s in docker_nets.get(bridge, []) if s.version == 4), None)
-    taken = [s for name, subnets in docker_nets.items() if name != bridge for s in subnets if s.version == 4]
-    # docker's bridges (br-*, docker0) are in docker's own list; every other route is the host's
-    taken += [net for iface, net in host_routes() if not iface.startswith(("br-", "docker"))]
-    return HostSubnets(tuple(taken), current)
 
 
 def bridge_network(slug: str, subnet: ipaddress.IPv4Network, note: str = "", problem: str = "") -> NetworkPlan:
@@ -292,7 +255,8 @@ class SmolmachinesBackend(DockerBundle):
 
     @classmethod
     def host_facts(cls, slug: str, docker: Docker) -> HostSubnets:
-        return subnets_in_use(bridge_name(slug), docker)
+        facts = subnets_in_use((bridge_name(slug),), docker)
+        return replace(facts, current=facts.own[0] if facts.own else None)
 
     @classmethod
     def plan_network(cls, slug: str, spec: AgentSpec, settings: Settings, host_facts: Any) -> NetworkPlan:
@@ -332,14 +296,12 @@ class SmolmachinesBackend(DockerBundle):
             smolvm=settings.smolvm_bin, crane=settings.crane_bin)
 
     @classmethod
-    def guest_image_task(cls, agent: str) -> str:
-        return f"smol_pack:{agent}"
+    def guest_image_task(cls, plan: Plan) -> str:
+        return f"smol_pack:{plan.slug}"
 
     # ---- the bottle --------------------------------------------------------------------------
 
     def preflight(self, plan: Plan) -> None:
-        if plan.network.problem:
-            raise BottleError(f"{plan.spec_path}: {plan.network.problem}")
         self.check_network_preconditions(plan, (plan.bundle.name,))
         require_smolvm(plan.image_pipeline.smolvm)
         if docker_desktop(self.docker):

@@ -9,7 +9,10 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
+from bottle_tasks import locks
 from bottle_tasks.errors import BottleError
+from bottle_tasks.backends.host_subnets import drop_claim
+from bottle_tasks.instances import instances_on_disk, write_record
 from bottle_tasks.fence_record import forget_fence, write_fence
 from bottle_tasks.plan import Plan
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
@@ -17,6 +20,7 @@ from bottle_tasks.render import TEMPLATES_DIR, render_files
 from bottle_tasks.sidecars.audit import AUDIT_FILE, AuditFile
 from bottle_tasks.sidecars.supervise_store import Store
 from bottle_tasks.tasks.common import action, backend, current_run, files_under, plans, probe, purge_requested, settings
+from bottle_tasks.tasks.config import doit_db_of
 from bottle_tasks.tasks.images import pipelock_ok
 
 __all__ = ["task_preflight", "task_render", "task_ca", "task_networks", "task_bundle", "task_guest", "task_provision"]
@@ -39,29 +43,40 @@ def agent_line(plan: Plan) -> str:
     """Which agent file start reads and where it sends host tokens: ./agents comes before the
     user's config dir, so a repository's own agents/ could otherwise steer a token unseen."""
     tokens = ", ".join(f"{s.name} -> {s.destination}" for s in plan.secret_envs) or "none"
-    return f"agent {plan.agent}: {plan.spec_path} (host tokens: {tokens})"
+    instance = f", instance {plan.instance} (bottle {plan.slug})" if plan.instance else ""
+    return f"agent {plan.agent}{instance}: {plan.spec_path} (host tokens: {tokens})"
 
 
-LEARN_WARNING = ("warning: learn mode (network.unknown_hosts: learn): {agent} may reach any public host, each one "
-                 "allowed and recorded (doit policy suggest agent={agent} turns them into routes; set deny to lock down)")
+LEARN_WARNING = ("warning: learn mode (network.unknown_hosts: learn): {slug} may reach any public host, each one "
+                 "allowed and recorded (doit policy suggest {selector} turns them into routes; set deny to lock down)")
 
 
 def preflight(plan: Plan) -> None:
+    # One run at a time brings a bottle up; a second start of it waits here, before anything is built,
+    # and then finds its stages up to date. Held until the stages are done (start lets go before the
+    # agent takes the terminal) or the run ends.
+    locks.acquire(bottle_lock(plan), f"bottle {plan.slug} (another doit start or clean of it)")
     print(agent_line(plan))
     if plan.unknown_hosts == "learn":
-        print(LEARN_WARNING.format(agent=plan.agent))
+        print(LEARN_WARNING.format(slug=plan.slug, selector=plan.selector))
     secret_values(plan)
     pipelock_ok(plan, settings())
     for key, value in plan.guest.env:
         if "\n" in value:
             raise BottleError(f"{plan.spec_path}: env.{key}: the value spans several lines; use one line")
     backend(plan).preflight(plan)
+    ensure_state_dir(plan)
+    write_record(plan.state_dir, plan.bottle)     # claims the slug for this agent and instance
+
+
+def bottle_lock(plan: Plan) -> Path:
+    return locks.lock_path(plan.cache_root, f"bottle-{plan.slug}")
 
 
 def task_preflight():
     """Check what start needs before anything is built: tokens, pipelock, docker, free names and subnet."""
     for plan in plans():
-        yield {"name": plan.agent, "actions": [(action(preflight), [plan])], "uptodate": [False], "verbosity": 2}
+        yield {"name": plan.slug, "actions": [(action(preflight), [plan])], "uptodate": [False], "verbosity": 2}
 
 
 def ensure_state_dir(plan: Plan) -> None:
@@ -78,7 +93,8 @@ def render_configs(plan: Plan) -> None:
     render_files(plan.rendered_files, plan)
     ensure_audit_dir(plan)
     if plan.git:
-        plan.git.mirrors_dir.mkdir(parents=True, exist_ok=True)
+        plan.git.gate_dir.mkdir(parents=True, exist_ok=True)
+        plan.git.mirrors_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if plan.approvals_dir:
         # Created by the host user, so decisions written from the host never meet root-owned dirs.
         Store(plan.approvals_dir).ensure_layout()
@@ -105,7 +121,7 @@ def task_render():
     for plan in plans():
         targets = [f.host_path for f in plan.rendered_files]
         yield {
-            "name": plan.agent,
+            "name": plan.slug,
             "file_dep": [str(plan.spec_path), *files_under(TEMPLATES_DIR)],
             "targets": [str(t) for t in targets],
             "actions": [(action(render_configs), [plan])],
@@ -125,7 +141,7 @@ def task_ca():
     """Mint the bottle's CA (ECDSA P-256, SEC1 key 0600); kept across restarts."""
     for plan in plans():
         yield {
-            "name": plan.agent,
+            "name": plan.slug,
             "targets": [str(plan.ca_cert), str(plan.ca_key)],
             "actions": [(action(_mint_ca), [plan])],
             "uptodate": [lambda plan=plan: plan.ca_cert.exists() and plan.ca_key.exists()],
@@ -137,8 +153,8 @@ def task_networks():
     for plan in plans():
         be = backend(plan)
         yield {
-            "name": plan.agent,
-            "task_dep": [f"preflight:{plan.agent}"],
+            "name": plan.slug,
+            "task_dep": [f"preflight:{plan.slug}"],
             "actions": [(action(be.create_networks), [plan])],
             "uptodate": [(probe(be.networks_ready), [plan])],
             "clean": [(action(be.remove_networks), [plan])],
@@ -154,8 +170,8 @@ def task_bundle():
     for plan in plans():
         be = backend(plan)
         yield {
-            "name": plan.agent,
-            "task_dep": [f"preflight:{plan.agent}", "bundle_build", f"render:{plan.agent}", f"ca:{plan.agent}", f"networks:{plan.agent}"],
+            "name": plan.slug,
+            "task_dep": [f"preflight:{plan.slug}", "bundle_build", f"render:{plan.slug}", f"ca:{plan.slug}", f"networks:{plan.slug}"],
             "actions": [(action(start_bundle), [plan])],
             "uptodate": [(probe(be.bundle_ready), [plan])],
             "clean": [(action(be.remove_bundle), [plan])],
@@ -182,9 +198,9 @@ def task_guest():
     for plan in plans():
         be = backend(plan)
         yield {
-            "name": plan.agent,
+            "name": plan.slug,
             # Preflight first: doit runs a task's deps in order, so a check that fails costs no image build.
-            "task_dep": [f"preflight:{plan.agent}", be.guest_image_task(plan.agent), f"bundle:{plan.agent}"],
+            "task_dep": [f"preflight:{plan.slug}", be.guest_image_task(plan), f"bundle:{plan.slug}"],
             "actions": [(action(_start_guest), [plan])],
             "uptodate": [(probe(_guest_current), [plan])],
             "clean": [(action(be.remove_guest), [plan]), (action(forget_fence), [plan])],
@@ -218,8 +234,8 @@ def task_provision():
     """Put the CA, the prompt, the skills, the git clones and the supervise hook into the guest."""
     for plan in plans():
         yield {
-            "name": plan.agent,
-            "task_dep": [f"guest:{plan.agent}"],
+            "name": plan.slug,
+            "task_dep": [f"guest:{plan.slug}"],
             "actions": [(action(_provision), [plan])],
             "uptodate": [(probe(_provisioned), [plan])],
         }
@@ -233,3 +249,7 @@ def purge_state(plan: Plan) -> None:
         current_run().docker("volume", "rm", "-f", plan.guest.workspace_volume, check=False)
     shutil.rmtree(plan.state_dir, ignore_errors=True)
     shutil.rmtree(plan.cache_dir, ignore_errors=True)
+    drop_claim(plan.cache_root, plan.slug)
+    doit_db_of(plan.cache_root, plan.slug).unlink(missing_ok=True)
+    if plan.git and not instances_on_disk(plan.agent, plan.state_dir.parent):
+        shutil.rmtree(plan.git.mirrors_dir, ignore_errors=True)    # the last bottle of the agent took its mirrors

@@ -5,6 +5,7 @@ never a traceback)."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -12,11 +13,13 @@ from typing import Callable, Iterator
 from doit import get_var
 from doit.exceptions import TaskFailed
 
-from bottle_tasks import agents
+from bottle_tasks import agents, instances, locks
+from bottle_tasks.backends.host_subnets import HostSubnets, with_claims, write_claim
 from bottle_tasks.backends import backend_class
 from bottle_tasks.backends.base import Backend
 from bottle_tasks.docker_cli import Docker
 from bottle_tasks.errors import BottleError
+from bottle_tasks.labels import AGENT_LABEL, INSTANCE_LABEL, STATE_LABEL
 from bottle_tasks.plan import Plan, backend_name, make_plan
 from bottle_tasks.settings import Settings
 from bottle_tasks.spec import load_spec
@@ -24,18 +27,18 @@ from bottle_tasks.spec import load_spec
 
 class Run:
     """One doit run: its settings, one docker client (inspect results cached until a command changes
-    state), and each agent's plan and backend, computed once."""
+    state), and each bottle's plan and backend, computed once."""
 
     def __init__(self, settings: Settings | None = None, docker: Docker | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.docker = docker or Docker()
-        self._plans: dict[Path, Plan] = {}
+        self._plans: dict[tuple[Path, str], Plan] = {}
         self._backends: dict[str, Backend] = {}
 
-    def plan(self, path: Path) -> Plan:
-        if path not in self._plans:
-            self._plans[path] = load_plan(path, self.settings, self.docker)
-        return self._plans[path]
+    def plan(self, path: Path, instance: str = "") -> Plan:
+        if (path, instance) not in self._plans:
+            self._plans[path, instance] = load_plan(path, self.settings, self.docker, instance)
+        return self._plans[path, instance]
 
     def backend(self, plan: Plan) -> Backend:
         if plan.backend not in self._backends:
@@ -73,39 +76,82 @@ def selected_agent() -> str | None:
     return get_var("agent", None) or None
 
 
+def selected_instance() -> str:
+    """name=: the instance of the agent ("" for its default bottle)."""
+    return get_var("name", None) or ""
+
+
 def agent_files(s: Settings) -> list[Path]:
     return agents.agent_files(s.agents_dirs)
 
 
 def plans() -> Iterator[Plan]:
-    """The plan of agent=<name>, or of every valid agent file when none is chosen (doit list)."""
+    """The plan of agent=<name> [name=<instance>] (with all=1: of every instance of the agent), or,
+    when no agent is chosen (doit list), of every valid agent file's bottles on this host."""
     run = current_run()
     agent = selected_agent()
     if agent:
-        plan = _plan_or_exit(run, lambda: agents.find_agent_file(agent, run.settings.agents_dirs))
-        run.docker.watch(*run.backend(plan).watch_names(plan))
-        yield plan
+        if flag("all") and selected_instance():
+            _exit(f"say name=<instance> or all=1, not both (all=1 means every instance of agent {agent})")
+        names = instances_of(agent, run) if flag("all") else [selected_instance()]
+        for name in names:
+            plan = _plan_or_exit(run, lambda: agents.find_agent_file(agent, run.settings.agents_dirs), name)
+            run.docker.watch(*run.backend(plan).watch_names(plan))
+            yield plan
         return
+    if selected_instance():
+        _exit("name= picks an instance of an agent: say which agent too (agent=<name> name=<instance>)")
     for path in agent_files(run.settings):
-        try:
-            yield run.plan(path)
-        except BottleError:
-            continue  # `doit list` shows the valid agents; `agent=<bad>` reports the error
+        # the default bottle (what `doit start agent=<name>` makes), then the instances this host has
+        for name in dict.fromkeys(["", *instances.instances_on_disk(path.stem, run.settings.state_dir)]):
+            try:
+                yield run.plan(path, name)
+            except BottleError:
+                continue  # `doit list` shows the valid bottles; `agent=<bad>` reports the error
 
 
-def load_plan(path: Path, s: Settings, docker: Docker | None = None) -> Plan:
-    """The agent file's plan, with what its backend must know about the host gathered first."""
+def instances_of(agent: str, run: Run) -> list[str]:
+    """Every instance of agent this host has: a state dir, or anything docker holds with its labels.
+    The default bottle comes first, and always: all=1 also cleans what an old run left unlabelled."""
+    found = set(instances.instances_on_disk(agent, run.settings.state_dir))
+    for labels in run.docker.labels_of_all(f"{AGENT_LABEL}={agent}"):
+        # Only this host's bottles: another checkout's state dir is not ours to plan or clean.
+        if Path(labels.get(STATE_LABEL, "")).parent == run.settings.state_dir:
+            found.add(labels.get(INSTANCE_LABEL, ""))
+    return ["", *sorted(found - {""})]
+
+
+def load_plan(path: Path, s: Settings, docker: Docker | None = None, instance: str = "") -> Plan:
+    """The bottle's plan, with what its backend must know about the host gathered first. Under the
+    host-wide subnet lock: gather, plan, and claim the subnet chosen, so a start planning at the same
+    moment steps around it (backends/host_subnets.py)."""
     spec = load_spec(path, cache_dir=s.cache_dir)
+    bottle = instances.bottle_of(spec.name, instance, path)
+    instances.check_slug_free(bottle, s.state_dir, (p.stem for p in agent_files(s)))
     kind = backend_class(backend_name(spec, s))
-    return make_plan(spec, s, kind.host_facts(spec.name, docker or Docker()))
+    with locks.holding(locks.lock_path(s.cache_dir, "subnets"), "subnet allocation"):
+        facts = kind.host_facts(bottle.slug, docker or Docker())
+        if isinstance(facts, HostSubnets):
+            facts = with_claims(facts, s.cache_dir, bottle.slug)
+        plan = make_plan(spec, s, facts, instance)
+        if isinstance(facts, HostSubnets) and not plan.network.problem:
+            # the block the allocator chose (docker: one /23 of two /24 bridges), as the next plan's current
+            block = ipaddress.collapse_addresses(ipaddress.ip_network(b.subnet) for b in plan.network.bridges)
+            write_claim(s.cache_dir, plan.slug, tuple(str(net) for net in block))
+    return plan
 
 
-def _plan_or_exit(run: Run, find: Callable[[], Path]) -> Plan:
+def _exit(message: str) -> None:
+    print(f"claude-bottle: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _plan_or_exit(run: Run, find: Callable[[], Path], instance: str = "") -> Plan:
     try:
-        return run.plan(find())
+        return run.plan(find(), instance)
     except BottleError as exc:
-        print(f"claude-bottle: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit(str(exc))
+        raise   # not reached
 
 
 def agent_task(doc: str, fn: Callable[..., object], *args: object, **task: object) -> dict | None:
@@ -116,7 +162,15 @@ def agent_task(doc: str, fn: Callable[..., object], *args: object, **task: objec
                 **task}
     for plan in plans():
         return {"doc": doc, "actions": [(action(fn), [plan, *args])], "uptodate": [False], "verbosity": 2, **task}
-    return None  # not reached: plans() yields the chosen agent's plan or exits
+    return None  # not reached: plans() yields the chosen bottle's plan or exits
+
+
+def per_agent(all_plans) -> list[Plan]:
+    """One plan per agent file: for the stages its bottles share (the agent image)."""
+    first: dict[str, Plan] = {}
+    for plan in all_plans:
+        first.setdefault(plan.agent, plan)
+    return list(first.values())
 
 
 def action(fn: Callable[..., object]) -> Callable[..., object]:

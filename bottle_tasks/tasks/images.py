@@ -6,6 +6,7 @@ shows its steps as they start (bottle_tasks/build_progress.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -19,7 +20,11 @@ from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import ImagePlan, Plan
 from bottle_tasks.runner import CommandError, Result
 from bottle_tasks.settings import PACKAGE_DIR, PIPELOCK_IN_IMAGE, Settings, pipelock_binary_choice, pipelock_problem
-from bottle_tasks.tasks.common import action, current_run, files_under, plans, probe, purge_requested, settings
+from bottle_tasks import locks
+from bottle_tasks.instances import instances_on_disk
+from bottle_tasks.tasks.common import (
+    action, current_run, files_under, per_agent, plans, probe, purge_requested, settings,
+)
 
 __all__ = ["task_build_trust", "task_image_build", "task_bundle_build", "task_pipelock_binary"]
 
@@ -86,7 +91,53 @@ def stage_context(image: ImagePlan, s: Settings) -> None:
     (ctx / "bin" / ".keep").touch()
 
 
+def image_inputs(image: ImagePlan, s: Settings) -> list[str]:
+    """The files an image is built from (the build task's file_dep)."""
+    extras = [p for p in _extra_files(image, s).values() if p is not None]
+    # build_trust's target need not exist yet (files_under skips it): doit runs that task first.
+    return sorted({*files_under(image.dockerfile_dir, *extras), str(staged_trust(s))})
+
+
+def image_config(image: ImagePlan, s: Settings) -> dict:
+    return {"tag": image.tag, "args": image.build_args, "extras": sorted(_extra_files(image, s))}
+
+
+def inputs_key(image: ImagePlan, s: Settings) -> str:
+    """What the image was built from, as one digest: doit's own record of it is per bottle (each has
+    its own DB), and an image is shared by several bottles."""
+    h = hashlib.sha256(repr(image_config(image, s)).encode())
+    for path in image_inputs(image, s):
+        h.update(path.encode() + b"\0")
+        try:
+            with open(path, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+        except FileNotFoundError:
+            h.update(b"-")
+    return h.hexdigest()
+
+
+def inputs_stamp(image: ImagePlan) -> Path:
+    return image.iid_file.with_name(image.iid_file.name + ".inputs")
+
+
+def image_lock(image: ImagePlan, s: Settings) -> Path:
+    return locks.lock_path(s.cache_dir, "image-" + image.tag.replace("/", "_").replace(":", "_"))
+
+
 def build_image(image: ImagePlan, s: Settings) -> None:
+    # One build of an image at a time, across runs; a run that waited finds the image built from
+    # these very inputs by the other, and builds nothing.
+    with locks.holding(image_lock(image, s), f"the image build of {image.tag}"):
+        key = inputs_key(image, s)
+        stamp = inputs_stamp(image)
+        if image_current(image) and stamp.is_file() and stamp.read_text() == key:
+            print(f"{image.tag} is current (built from these inputs already)")
+            return
+        _build(image, s)
+        stamp.write_text(key)
+
+
+def _build(image: ImagePlan, s: Settings) -> None:
     stage_context(image, s)
     image.iid_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = image.iid_file.with_name(image.iid_file.name + ".tmp")
@@ -118,27 +169,25 @@ def image_current(image: ImagePlan) -> bool:
     return current_run().docker.image_id(image.tag) == image.iid_file.read_text().strip()
 
 
-def image_task(image: ImagePlan, s: Settings) -> dict:
-    extras = [p for p in _extra_files(image, s).values() if p is not None]
+def image_task(image: ImagePlan, s: Settings, agent: str = "") -> dict:
     return {
-        # build_trust's target need not exist yet (files_under skips it): doit runs that task first.
-        "file_dep": sorted({*files_under(image.dockerfile_dir, *extras), str(staged_trust(s))}),
+        "file_dep": image_inputs(image, s),
         "targets": [str(image.iid_file)],
         "actions": [(action(build_image), [image, s])],
-        "uptodate": [config_changed({"tag": image.tag, "args": image.build_args,
-                                     "extras": sorted(_extra_files(image, s))}),
-                     (probe(image_current), [image])],
-        "clean": [(action(_purge_image), [image])],
+        "uptodate": [config_changed(image_config(image, s)), (probe(image_current), [image])],
+        "clean": [(action(_purge_image), [image, agent])],
         "verbosity": 2,
     }
 
 
-def _purge_image(image: ImagePlan) -> None:
+def _purge_image(image: ImagePlan, agent: str) -> None:
     # Images are cache, not work: `clean` keeps them so the next start is fast; `purge=1` removes the
-    # agent's own image. The bundle image is shared by every bottle, so no agent's purge removes it.
-    if purge_requested() and image.kind == "agent":
+    # agent's own image once no bottle of the agent is left (clean runs this after the bottles' own
+    # clean actions). The bundle image is shared by every bottle, so no agent's purge removes it.
+    if purge_requested() and image.kind == "agent" and not instances_on_disk(agent, settings().state_dir):
         current_run().docker("rmi", "-f", image.tag, check=False)
         image.iid_file.unlink(missing_ok=True)
+        inputs_stamp(image).unlink(missing_ok=True)
 
 
 def task_build_trust():
@@ -156,9 +205,9 @@ def task_build_trust():
 def task_image_build():
     """Build the agent (guest) image; its digest lands in the agent.iid file."""
     s = settings()
-    for plan in plans():
+    for plan in per_agent(plans()):     # one image per agent file, shared by its instances
         yield {"name": plan.agent, "doc": f"Build the guest image {plan.agent_image.tag}.",
-               **image_task(plan.agent_image, s)}
+               **image_task(plan.agent_image, s, plan.agent)}
 
 
 def task_bundle_build():

@@ -23,9 +23,12 @@ from typing import TYPE_CHECKING, Iterable, TextIO
 from doit import get_var
 
 from bottle_tasks.errors import BottleError
+from bottle_tasks.instances import Bottle, owner_of
 from bottle_tasks.labels import SLUG_LABEL
 from bottle_tasks.plan import GUEST_USER, Plan, audit_dir_of, policy_dir_of, workspace_volume_name
-from bottle_tasks.tasks.common import action, agent_task, backend, current_run, flag, selected_agent, settings
+from bottle_tasks.tasks.common import (
+    action, agent_task, backend, current_run, flag, selected_agent, selected_instance, settings,
+)
 
 if TYPE_CHECKING:
     from bottle_tasks.bottle_status import BottleFacts, Container, Machine, Workspace
@@ -232,7 +235,7 @@ def blocks_since(state_dir: Path, since: datetime) -> int | None:
 
 
 def gather_status(s: "Settings", docker: "Docker", only: str | None, now: datetime,
-                  smolvm=None) -> list["BottleFacts"]:
+                  smolvm=None, instance: str | None = None) -> list["BottleFacts"]:
     """Every bottle's facts: its containers (one docker ps for all), its machine (one smolvm call, only
     when a bottle may be on smolmachines), its workspace volume (one docker volume inspect), its files."""
     from bottle_tasks.backends.smolmachines import Smolvm
@@ -248,8 +251,11 @@ def gather_status(s: "Settings", docker: "Docker", only: str | None, now: dateti
                   for slug, found in by_slug.items()}
     for state_dir in bottle_state_dirs(s.state_dir):
         state_dirs.setdefault(state_dir.name, state_dir)
+    owners = {slug: bottle_owner(slug, d) for slug, d in state_dirs.items()}
     if only:
-        state_dirs = {slug: d for slug, d in state_dirs.items() if slug == only}
+        # agent=x: every instance of x; with name=y, that one.
+        state_dirs = {slug: d for slug, d in state_dirs.items() if owners[slug].agent == only
+                      and (instance is None or owners[slug].instance == instance)}
     fences = {slug: read_fence(d) for slug, d in state_dirs.items()}
     machines, problem = {}, ""
     if any(might_be_smol(by_slug.get(slug, ()), fences[slug]) for slug in state_dirs):
@@ -261,28 +267,37 @@ def gather_status(s: "Settings", docker: "Docker", only: str | None, now: dateti
     for slug, state_dir in state_dirs.items():
         routes, approved = route_counts(state_dir)
         facts.append(BottleFacts(
-            slug=slug, state_dir=state_dir, containers=tuple(by_slug.get(slug, ())), machine=machines.get(slug),
+            slug=slug, agent=owners[slug].agent, instance=owners[slug].instance, state_dir=state_dir, containers=tuple(by_slug.get(slug, ())), machine=machines.get(slug),
             machines_problem=problem, fence=fences[slug], routes=routes, approved_routes=approved,
             pending=pending_approvals(state_dir), blocks_last_hour=blocks_since(state_dir, hour_ago),
             workspace=sized(workspaces[slug], mountpoints)))
     return facts
 
 
-def show_status(only: str | None) -> None:
+def bottle_owner(slug: str, state_dir: Path) -> Bottle:
+    try:
+        return owner_of(state_dir) or Bottle(slug)
+    except BottleError:
+        return Bottle(slug)
+
+
+def show_status(only: str | None, instance: str | None = None) -> None:
     from bottle_tasks.bottle_status import format_status
 
     s = settings()
     now = datetime.now(timezone.utc)
-    facts = gather_status(s, current_run().docker, only, now)
+    facts = gather_status(s, current_run().docker, only, now, instance=instance)
     if only and not facts:
-        raise BottleError(f"no bottle {only!r} on this machine: no container labelled {SLUG_LABEL}={only} and no "
-                          f"state dir {s.state_dir / only}; doit start agent={only} starts one")
+        wanted = Bottle(only, instance or "")
+        raise BottleError(f"no bottle {wanted.slug!r} on this machine{'' if instance else f' (nor any instance of agent {only!r})'}: "
+                          f"no container labelled {SLUG_LABEL}={wanted.slug} and no state dir "
+                          f"{s.state_dir / wanted.slug}; doit start {wanted.selector} starts one")
     print(format_status(facts, now))
 
 
 def task_status():
-    """Every bottle on this machine, or one (agent=<name>): guest, bundle, fence, routes, approvals, blocks, workspace."""
-    return {"doc": task_status.__doc__, "actions": [(action(show_status), [selected_agent()])],
+    """Every bottle on this machine, or an agent's (agent=<name> [name=<instance>]): guest, bundle, fence, routes, approvals, blocks, workspace."""
+    return {"doc": task_status.__doc__, "actions": [(action(show_status), [selected_agent(), selected_instance() or None])],
             "uptodate": [False], "verbosity": 2}
 
 
@@ -297,8 +312,8 @@ def shell_argv(plan: Plan, user: str, tty: bool) -> list[str]:
         raise BottleError(f"user={user}: the shell runs as {GUEST_USER} (leave user= out) or as root (user=root)")
     guest = backend(plan).guest(plan)
     if guest.identity() is None:
-        raise BottleError(f"bottle {plan.slug} is not running: doit start agent={plan.agent} first, "
-                          f"then doit shell agent={plan.agent}")
+        raise BottleError(f"bottle {plan.slug} is not running: doit start {plan.selector} first, "
+                          f"then doit shell {plan.selector}")
     return guest.exec_argv(["sh", "-c", SHELL_SCRIPT], user=user, tty=tty)
 
 

@@ -29,18 +29,18 @@ def policy(plan: Plan, args: list[str]) -> None:
 
     if len(args) != 1 or args[0] not in COMMANDS:
         raise BottleError(printable(
-            f"say which: doit policy show|promote|suggest agent={plan.agent} (got {' '.join(args) or 'none'}); "
+            f"say which: doit policy show|promote|suggest {plan.selector} (got {' '.join(args) or 'none'}); "
             "show lists the routes, promote prints the overlay's for the agent file, suggest prints routes "
             "for what learn mode let through"))
     overlay_file = overlay_path(plan.policy_dir)
     try:
         overlay = read_overlay(overlay_file)
         if args[0] == "show":
-            text = policy_view.show(plan.agent, plan.spec_path, plan.unknown_hosts, plan.routes, overlay_file, overlay)
+            text = policy_view.show(plan.selector, plan.spec_path, plan.unknown_hosts, plan.routes, overlay_file, overlay)
         elif args[0] == "promote":
-            text = policy_view.promote(plan.agent, plan.spec_path, overlay_file, overlay)
+            text = policy_view.promote(plan.selector, plan.spec_path, overlay_file, overlay)
         else:
-            text = policy_view.suggest(plan.agent, plan.spec_path, plan.audit_dir, read_records(plan.audit_dir),
+            text = policy_view.suggest(plan.selector, plan.spec_path, plan.audit_dir, read_records(plan.audit_dir),
                                        (*plan.routes, *overlay.routes))
     except OverlayError as error:
         raise BottleError(printable(error)) from None

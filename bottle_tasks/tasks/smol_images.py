@@ -1,7 +1,11 @@
 """The smolmachines image pipeline, one task per stage (agents with backend smolmachines only):
 
-    image_build:<a> ─► smol_save:<a> ─► crane_push:<a> ─► smol_pack:<a>
-                                         (registry_up:<a> is their setup; its teardown removes the registry)
+    image_build:<agent> ─► smol_save:<b> ─► crane_push:<b> ─► smol_pack:<b>
+                                          (registry_up:<b> is their setup; its teardown removes the registry)
+
+The image is the agent's; the stages after it are the bottle's (<b>, its slug), each with its own
+tarball and registry, so concurrent starts of two instances never share one. The pack they make is
+cached by image digest for every bottle, and made under a lock: the second finds it made.
 
 smolvm packs only from an OCI registry, so the locally built image goes through a throwaway
 registry. crane pushes from the host (plain HTTP to 127.0.0.1, no docker daemon HTTPS policy in the
@@ -19,6 +23,7 @@ from pathlib import Path
 from bottle_tasks.backends.smolmachines import (
     SmolPackPipeline, current_pack, digest_key, image_digest, pack_path, require_smolvm,
 )
+from bottle_tasks import locks
 from bottle_tasks.errors import BottleError
 from bottle_tasks.plan import Plan
 from bottle_tasks.runner import run
@@ -94,7 +99,7 @@ def push(plan: Plan) -> None:
     digest = image_digest(plan)
     tarball = tarball_path(plan, digest)
     if not tarball.exists():
-        raise BottleError(f"{tarball} is missing; run doit smol_save:{plan.agent} first")
+        raise BottleError(f"{tarball} is missing; run doit smol_save:{plan.slug} first")
     run([plan.image_pipeline.crane, "push", "--insecure", str(tarball), image_ref(plan, digest)], timeout=1800)
     tarball.unlink()   # the registry holds the same bytes now
 
@@ -103,8 +108,13 @@ def pack(plan: Plan) -> None:
     require_smolvm(plan.image_pipeline.smolvm)
     digest = image_digest(plan)
     stub = pack_path(plan, digest)
-    stub.parent.mkdir(parents=True, exist_ok=True)
-    run([plan.image_pipeline.smolvm, "pack", "create", "--image", image_ref(plan, digest), "-o", str(stub)], timeout=3600)
+    with locks.holding(locks.lock_path(plan.cache_root, f"smol-pack-{digest_key(digest)}"), f"the pack of {plan.agent_image.tag}"):
+        if pack_current(plan):
+            print(f"the pack {stub}.smolmachine is made already (by another run)")
+            return
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        run([plan.image_pipeline.smolvm, "pack", "create", "--image", image_ref(plan, digest), "-o", str(stub)],
+            timeout=3600)
 
 
 def prune_packs(plan: Plan) -> None:
@@ -131,7 +141,7 @@ def task_registry_up():
     """Start a throwaway registry on 127.0.0.1 for this run; its teardown removes it."""
     for plan in _smol_plans():
         yield {
-            "name": plan.agent,
+            "name": plan.slug,
             "task_dep": ["registry_build"],
             "actions": [(action(registry_up), [plan])],
             "teardown": [(action(registry_down), [plan])],
@@ -140,7 +150,7 @@ def task_registry_up():
 
 
 def _stage(plan: Plan, fn, **extra) -> dict:
-    return {"name": plan.agent, "actions": [(action(fn), [plan])], "uptodate": [(pack_current, [plan])],
+    return {"name": plan.slug, "actions": [(action(fn), [plan])], "uptodate": [(pack_current, [plan])],
             "verbosity": 2, **extra}
 
 
@@ -153,11 +163,11 @@ def task_smol_save():
 def task_crane_push():
     """crane push the tarball to the throwaway registry, then delete the tarball."""
     for plan in _smol_plans():
-        yield _stage(plan, push, task_dep=[f"smol_save:{plan.agent}"], setup=[f"registry_up:{plan.agent}"])
+        yield _stage(plan, push, task_dep=[f"smol_save:{plan.slug}"], setup=[f"registry_up:{plan.slug}"])
 
 
 def task_smol_pack():
     """smolvm pack create from the registry; the pack is cached by image digest."""
     for plan in _smol_plans():
-        yield _stage(plan, pack, task_dep=[f"crane_push:{plan.agent}"], setup=[f"registry_up:{plan.agent}"],
+        yield _stage(plan, pack, task_dep=[f"crane_push:{plan.slug}"], setup=[f"registry_up:{plan.slug}"],
                      clean=[(action(prune_packs), [plan])])

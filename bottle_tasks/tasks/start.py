@@ -6,18 +6,42 @@ import shlex
 import subprocess
 import sys
 
+import doit
 from doit import get_var
 from doit.exceptions import TaskFailed
 
 from bottle_tasks.plan import agent_command
 from bottle_tasks.reporter import HANDS_OVER
-from bottle_tasks.tasks.bottle import purge_state
+from bottle_tasks import locks
+from bottle_tasks.tasks.bottle import bottle_lock, purge_state
 from bottle_tasks.tasks.common import action, backend, plans, selected_agent
 
 __all__ = ["task_start"]
 
 
+def lock_bottle(plan) -> None:
+    """clean waits for a start of the same bottle to finish bringing it up."""
+    locks.acquire(bottle_lock(plan), f"bottle {plan.slug} (another doit start or clean of it)")
+
+
+def flush_doit_state() -> None:
+    """Write the state of the tasks done so far to doit's DB (sqlite3 backend), keeping it open for
+    the rest of the run."""
+    manager = getattr(doit.Globals, "dep_manager", None)
+    db = getattr(manager, "backend", None)
+    if db is None or not hasattr(db, "_dirty") or not hasattr(db, "_conn"):
+        return
+    for task_id in list(db._dirty):
+        db._conn.execute("insert or replace into doit values (?,?)", (task_id, db.codec.encode(db._cache[task_id])))
+    db._conn.commit()
+    db._dirty = set()
+
+
 def run_agent(plan) -> TaskFailed | None:
+    # The stages are done: save their state now (doit writes its DB only when the run ends, hours
+    # away while the agent works) and let another run of this bottle (doit status, a second start) in.
+    flush_doit_state()
+    locks.release(bottle_lock(plan))
     override = get_var("command", None)
     argv = list(agent_command(tuple(shlex.split(override)), plan.prompt) if override else plan.guest.command)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
@@ -38,12 +62,12 @@ def task_start():
     for plan in plans():
         be = backend(plan)
         return {
-            "task_dep": [f"provision:{plan.agent}"],
+            "task_dep": [f"provision:{plan.slug}"],
             "actions": [(run_agent, [plan])],
             "uptodate": [False],
             "verbosity": 2,
             "meta": {HANDS_OVER: True},     # the stages' timings print before the agent takes the terminal
             # Runs first among the clean actions (dependents first): sweep everything labelled with
             # the slug, so a resource left by an interrupted run is found too.
-            "clean": [(action(be.remove_all), [plan]), (action(purge_state), [plan])],
+            "clean": [(action(lock_bottle), [plan]), (action(be.remove_all), [plan]), (action(purge_state), [plan])],
         }

@@ -54,8 +54,8 @@ def decide(plan: Plan, decision: str) -> None:
 
     request_id = get_var("id", None)
     if not request_id:
-        raise BottleError(f"say which request: doit {decision} agent={plan.agent} id=<id> "
-                          f"(doit supervise agent={plan.agent} lists them)")
+        raise BottleError(f"say which request: doit {decision} {plan.selector} id=<id> "
+                          f"(doit supervise {plan.selector} lists them)")
     scope = _scope(plan, decision)
     state = approvals_dir(plan)
     author = supervise_cli.default_author()
@@ -67,7 +67,7 @@ def decide(plan: Plan, decision: str) -> None:
             print(supervise_cli.printable(
                 f"approved {request_id} as {author}, for good: {change.host} port {change.port} is in the policy "
                 f"overlay {overlay}, and egress routes it from now on "
-                f"(doit policy promote agent={plan.agent} prints it for the agent file)"))
+                f"(doit policy promote {plan.selector} prints it for the agent file)"))
             return
         supervise_cli.decide(state, request_id, decision, author, reason, scope)
     except SuperviseError as error:
@@ -80,7 +80,7 @@ def _scope(plan: Plan, decision: str) -> str | None:
     scope = get_var("scope", None) or None
     if decision != "approve":
         if scope is not None:
-            raise BottleError(f"scope= is for approvals: doit approve agent={plan.agent} id=<id> scope=always")
+            raise BottleError(f"scope= is for approvals: doit approve {plan.selector} id=<id> scope=always")
         return None
     scope = scope or "once"
     if scope not in SCOPES:

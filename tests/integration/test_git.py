@@ -25,7 +25,7 @@ def _guest_git(bottle: Bottle, script: str):
 
 
 def _audit(bottle: Bottle) -> list[dict]:
-    path = bottle.plan.git.mirrors_dir / "audit.jsonl"
+    path = bottle.plan.git.gate_dir / "audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -146,7 +146,7 @@ def test_identity_never_enters_the_guest(bottle_git):
     assert GIT_TOKEN not in docker("inspect", guest).stdout
     grep = bottle_git.exec("grep", "-rlF", "-f", "-", "/workspace", "/home/agent", input=GIT_TOKEN + "\n")
     assert grep.returncode == 1, grep.stdout
-    assert GIT_TOKEN not in (bottle_git.plan.git.mirrors_dir / "audit.jsonl").read_text()
+    assert GIT_TOKEN not in (bottle_git.plan.git.gate_dir / "audit.jsonl").read_text()
     assert GIT_TOKEN not in bottle_git.bundle_log()
     # It did reach the upstream: the accepted push above authenticated with it.
     assert any(json.loads(l).get("authorized") for l in docker("logs", bottle_git.upstream).stdout.splitlines()

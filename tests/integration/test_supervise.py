@@ -254,6 +254,6 @@ def test_claude_asks_a_human_before_it_pushes(bottle_git):
     bottle_git.env.doit("deny", f"agent={AGENT}", f"id={request_id}", "reason=no pushes during the test")
     out, err = proc.communicate(timeout=120)
     assert "tool result:" in out and "no pushes during the test" in out, out + err
-    audit = bottle_git.plan.git.mirrors_dir / "audit.jsonl"
+    audit = bottle_git.plan.git.gate_dir / "audit.jsonl"
     pushes = [line for line in (audit.read_text() if audit.exists() else "").splitlines() if branch in line]
     assert pushes == [], pushes

@@ -11,7 +11,7 @@ from bottle_tasks.backends.smolmachines import HostSubnets
 from bottle_tasks.bundle_plan import EGRESS_PORT
 from bottle_tasks.labels import LABEL
 from bottle_tasks.plan import GUEST_PROMPT_PATH, hook_matcher, make_plan
-from bottle_tasks.subnets import bottle_subnet
+from bottle_tasks.subnets import bottle_subnet, explicit_subnet
 from bottle_tasks.settings import ROOT, Settings
 from bottle_tasks.spec import load_spec
 
@@ -58,18 +58,36 @@ def test_addresses_live_in_one_slug_derived_slash_23(plan):
 
 
 def test_subnets_differ_between_agents_and_skip_the_reserved_range():
-    a, b = bottle_subnet("alpha", "10.243.0.0/16"), bottle_subnet("beta", "10.243.0.0/16")
+    (a, _), (b, _) = bottle_subnet("alpha", "10.243.0.0/16"), bottle_subnet("beta", "10.243.0.0/16")
     assert a != b
     # A pool that is only the reserved /23 has nothing to offer.
     with pytest.raises(BottleError):
         bottle_subnet("x", "192.168.16.0/23")
-    assert bottle_subnet("x", "192.168.16.0/22") == ipaddress.ip_network("192.168.18.0/23")
+    assert bottle_subnet("x", "192.168.16.0/22") == (ipaddress.ip_network("192.168.18.0/23"), "")
+
+
+def test_the_pool_allocator_steps_around_every_subnet_in_use_and_says_which_it_chose():
+    first, note = bottle_subnet("alpha", "10.243.0.0/16")
+    assert note == ""
+    # Every /23 but one taken (by docker networks, host routes or other bottles' claims): alpha gets that one.
+    blocks = list(ipaddress.ip_network("10.243.0.0/16").subnets(new_prefix=23))
+    free = blocks[77]
+    chosen, note = bottle_subnet("alpha", "10.243.0.0/16", [b for b in blocks if b != free])
+    assert chosen == free and f"subnet {first} is in use; bottle 'alpha' uses {free} instead" == note
+    # A /24 inside a block takes the whole block out.
+    taken = [ipaddress.ip_network(f"{first.network_address + 256}/24")]
+    assert bottle_subnet("alpha", "10.243.0.0/16", taken)[0] != first
+    # The bottle keeps the subnet it has while nothing else overlaps it.
+    assert bottle_subnet("alpha", "10.243.0.0/16", [first], str(free)) == (
+        free, f"bottle 'alpha' keeps its subnet {free} (first choice {first} was in use when it was made)")
+    with pytest.raises(BottleError, match="no free subnet in BOTTLE_SUBNET_POOL 10.243.0.0/16"):
+        bottle_subnet("alpha", "10.243.0.0/16", [ipaddress.ip_network("10.243.0.0/16")])
 
 
 def test_explicit_subnet_wins_and_host_bits_are_refused():
-    assert str(bottle_subnet("x", "10.243.0.0/16", "10.9.8.0/23")) == "10.9.8.0/23"
+    assert explicit_subnet("10.9.8.0/23") == ipaddress.ip_network("10.9.8.0/23")
     with pytest.raises(BottleError, match="write 10.9.8.0/23"):
-        bottle_subnet("x", "10.243.0.0/16", "10.9.9.0/23")
+        explicit_subnet("10.9.9.0/23")
 
 
 def test_guest_env_points_every_client_at_egress_and_the_ca(plan):

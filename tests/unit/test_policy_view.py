@@ -38,7 +38,7 @@ def load_routes_snippet(tmp_path: Path, snippet: str):
 
 
 def suggestion(records, routed=()) -> str:
-    return policy_view.suggest("demo", Path("/agents/demo.yaml"), Path("/state/demo/audit"), records, routed)
+    return policy_view.suggest("agent=demo", Path("/agents/demo.yaml"), Path("/state/demo/audit"), records, routed)
 
 
 # --------------------------------------------------------------------------- the path rule
@@ -87,7 +87,7 @@ def test_suggest_names_methods_ports_and_says_what_it_read(tmp_path: Path) -> No
                audit_record("egress", "request", "allow", host="allowed.example.org", path="/"),  # not learned
                audit_record("dns", "request", "learn", host="dns.example.org")]
     text = suggestion(records)
-    assert "# Suggested for agent demo from 4 learned requests since 2026-01-01T00:00:00.000Z" in text
+    assert "# Suggested for agent=demo from 4 learned requests since 2026-01-01T00:00:00.000Z" in text
     routes = load_routes_snippet(tmp_path, text)
     assert [(r.host, r.methods, r.ports, r.paths) for r in routes] == [
         ("api.example.org", ("GET", "POST"), (443, 8443), ("/v1/a", "/v1/b")),
@@ -145,7 +145,7 @@ def test_promote_prints_the_overlay_as_routes_the_agent_file_accepts(tmp_path: P
                   reason="the docs\nroutes: []")
     approve_route(overlay, "docs.example.com", 8443, request_id="egress-request-2", by="bob")
     approve_route(overlay, "pypi.example.org", 443, request_id="egress-request-3", by="bob")
-    text = policy_view.promote("demo", Path("/agents/demo.yaml"), overlay, read_overlay(overlay))
+    text = policy_view.promote("agent=demo", Path("/agents/demo.yaml"), overlay, read_overlay(overlay))
     assert "\x1b" not in text
     assert [(r.host, r.ports, r.methods, r.paths, r.token) for r in load_routes_snippet(tmp_path, text)] == [
         ("docs.example.com", (443, 8443), (), (), None), ("pypi.example.org", (443,), (), (), None)]
@@ -153,7 +153,7 @@ def test_promote_prints_the_overlay_as_routes_the_agent_file_accepts(tmp_path: P
 
 
 def test_promote_with_an_empty_overlay_says_so() -> None:
-    text = policy_view.promote("demo", Path("/a/demo.yaml"), Path("/s/overlay.json"), Overlay())
+    text = policy_view.promote("agent=demo", Path("/a/demo.yaml"), Path("/s/overlay.json"), Overlay())
     assert "has no routes, so there is nothing to promote" in text and "scope=always" in text
 
 

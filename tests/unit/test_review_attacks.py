@@ -216,7 +216,7 @@ def test_suggest_grants_no_wildcard_host_and_paths_that_match_only_what_was_seen
     records = [json.loads(line) for line in (
         learn_line("*.evil.example"), learn_line("ok.example", "/a*b"), learn_line("ok.example", "/q?[x]"),
         learn_line("ok.example", '/"]\n- host: "evil.example'))]
-    text = policy_view.suggest("demo", Path("/a/demo.yaml"), tmp_path, records, ())
+    text = policy_view.suggest("agent=demo", Path("/a/demo.yaml"), tmp_path, records, ())
     [route] = yaml.safe_load(text)
     assert route["host"] == "ok.example"
     from bottle_tasks.contract import Route

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bottle_tasks.backends import smolmachines as smol
+from bottle_tasks.backends import host_subnets
 from bottle_tasks.docker_cli import Docker
 from bottle_tasks.errors import BottleError
 from bottle_tasks.subnets import bridge_subnet as smol_bridge_subnet
@@ -36,7 +37,7 @@ def test_host_routes_are_read_from_proc_and_skip_the_default_route(tmp_path):
         "eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"       # default via 192.168.0.1
         "eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"       # 192.168.0.0/24 (the LAN)
         "br-1a2b\t0037A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")    # a docker bridge
-    assert smol.host_routes(table) == [("eth0", ipaddress.ip_network("192.168.0.0/24")),
+    assert host_subnets.host_routes(table) == [("eth0", ipaddress.ip_network("192.168.0.0/24")),
                                        ("br-1a2b", ipaddress.ip_network("192.168.55.0/24"))]
 
 
@@ -170,8 +171,8 @@ def test_a_host_with_no_free_subnet_still_loads_the_plan_and_preflight_refuses(t
     everything = smol.HostSubnets((ipaddress.ip_network("192.168.0.0/16"),))      # a VPN that pushed the whole range
     plan = make_plan(load_spec(ROOT / "agents" / "example.yaml"), settings(tmp_path, BOTTLE_BACKEND="smolmachines"),
                      everything)
-    assert "no free /24" in plan.network.problem
-    with pytest.raises(BottleError, match="no free /24"):
+    assert "no free subnet in 192.168.0.0/16" in plan.network.problem
+    with pytest.raises(BottleError, match="no free subnet in 192.168.0.0/16"):
         smol.SmolmachinesBackend(Docker()).preflight(plan)
 
 

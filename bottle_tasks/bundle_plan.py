@@ -25,7 +25,8 @@ DAEMON_TABLE = f"{CONFIG_DIR}/daemons.json"
 # The secret values, written into the container (0600, root) before it starts; init hands each daemon
 # only the variables its record names, so they are in no container's Config.Env.
 SECRETS_FILE = "/var/lib/bottle/secrets.json"
-GIT_DIR = "/var/lib/bottle/git"
+GIT_DIR = "/var/lib/bottle/git"              # this bottle's git-gate: audit.jsonl, spools, known_hosts
+GIT_MIRRORS_DIR = "/var/lib/bottle/mirrors"  # the bare mirrors, shared by every bottle of the agent
 SUPERVISE_DIR = "/var/lib/bottle/supervise"
 AUDIT_DIR = "/var/lib/bottle/audit"
 POLICY_DIR = "/var/lib/bottle/policy"

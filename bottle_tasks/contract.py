@@ -118,6 +118,12 @@ class GitIdentity:
     ssh_key: str = ""                  # kind ssh: the key file, as the reading side sees it (host file, or its bundle mount)
 
 
+def namespace_root(agent: str) -> str:
+    """Where the branches of an agent's bottles live: ``<root><name>`` is the default instance's,
+    ``<root><instance>/...`` instance <instance>'s (PushPolicy.namespace_owner)."""
+    return f"bottle/{agent}/"
+
+
 @dataclass(frozen=True)
 class PushPolicy:
     """What git-gate's pre-receive hook lets through for one repo."""
@@ -127,9 +133,36 @@ class PushPolicy:
     delete: bool = False
     tags: bool = False
     approve: bool = False           # a push waits in the supervise queue until a human approves it
+    namespace_root: str = ""        # namespace_root(agent); "" = no instance namespaces
+    instance: str = ""              # the instance this bottle is ("" = the default instance)
 
     def branch_allowed(self, branch: str) -> bool:
         return any(fnmatch.fnmatchcase(branch, glob) for glob in self.branches)
+
+    def namespace_owner(self, branch: str) -> str | None:
+        """The instance whose namespace branch is in: under namespace_root, ``<seg>/...`` is instance
+        <seg>'s and a name with no further ``/`` the default instance's (""); None outside the root.
+        The root is matched without case: on a case-insensitive disk (a host mount on macOS)
+        bottle/A/y/fix is the same ref file as bottle/a/y/fix."""
+        root = self.namespace_root
+        if not root or branch[:len(root)].casefold() != root.casefold():
+            return None
+        seg, slash, _ = branch[len(root):].partition("/")
+        return seg if slash else ""
+
+    def branch_refusal(self, branch: str) -> str:
+        """Why this bottle may not push to branch, "" when it may. Another instance's namespace is
+        refused whatever the globs say (``*`` matches it too)."""
+        owner = self.namespace_owner(branch)
+        if owner is not None and owner != self.instance:
+            whose = f"instance {owner}'s" if owner else "the default instance's"
+            this = f"instance {self.instance}" if self.instance else "the default instance"
+            own = (f"{self.namespace_root}{self.instance}/*" if self.instance
+                   else f"{self.namespace_root}<name> (no further /)")
+            return f"branch {branch} is {whose} namespace; this bottle ({this}) pushes to {own}"
+        if not self.branch_allowed(branch):
+            return f"branch not allowed (allowed: {', '.join(self.branches) or 'none'})"
+        return ""
 
 
 @dataclass(frozen=True)

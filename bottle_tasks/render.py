@@ -13,7 +13,7 @@ from typing import Iterable
 
 from bottle_tasks import bundle_plan, plan as plan_module
 from bottle_tasks.bundle_plan import ConfigFile
-from bottle_tasks.contract import LAN_CIDRS
+from bottle_tasks.contract import LAN_CIDRS, namespace_root
 from bottle_tasks.plan import Plan
 from bottle_tasks.settings import package_dir
 from bottle_tasks.sidecars.files import atomic_write
@@ -35,6 +35,7 @@ def _environment():
     for module in (bundle_plan, plan_module):
         env.globals.update({k: v for k, v in vars(module).items() if k.isupper() and isinstance(v, (str, int))})
     env.globals["LAN_CIDRS"] = LAN_CIDRS
+    env.filters["namespace_root"] = namespace_root  # {{ plan.agent | namespace_root }}: bottle/<agent>/
     return env
 
 

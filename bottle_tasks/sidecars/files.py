@@ -67,10 +67,11 @@ def _temp_file(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temp file name next to {path}")
 
 
-def open_regular(path: str | Path, flags: int, mode: int = 0o600) -> int:
+def open_regular(path: str | Path, flags: int, mode: int = 0o600, *, dir_fd: int | None = None) -> int:
     """os.open that follows no link, never blocks on a FIFO, and gives only a regular file (OSError
-    otherwise): for a dir the bundle can write, where a planted link or FIFO must not steer or hang the host."""
-    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    otherwise): for a dir the bundle can write, where a planted link or FIFO must not steer or hang the host.
+    dir_fd: path is relative to that open directory (itself opened with no link followed)."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(path))

@@ -1,6 +1,7 @@
 """The host side of git-gate's server-side approval and push size limit: the agent file's keys
 (git.repos[].push.approve, git.max_push_bytes), how the plan turns a supervise rule about git push
-into approval, what the bundle mounts for it, and the rendered git-gate.yaml read back by git-gate."""
+into approval, what the bundle mounts for it, and the rendered git-gate.yaml read back by git-gate
+(with its shared mirrors apart from the bottle's own state, and the bottle's branch namespace)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bottle_tasks.bundle_plan import GIT_DIR, SUPERVISE_DIR
-from bottle_tasks.contract import DEFAULT_MAX_PUSH_BYTES
+from bottle_tasks.bundle_plan import GIT_DIR, GIT_MIRRORS_DIR, SUPERVISE_DIR
+from bottle_tasks.contract import DEFAULT_MAX_PUSH_BYTES, namespace_root
 from bottle_tasks.plan import covers_git_push, make_plan
 from bottle_tasks.render import render
 from bottle_tasks.settings import Settings
@@ -102,3 +103,28 @@ def test_malformed_push_limits_name_the_key(tmp_path, text, key, words):
     with pytest.raises(SpecError) as caught:
         _plan(tmp_path, text)
     assert key in str(caught.value) and words in str(caught.value), str(caught.value)
+
+
+class _WithInstance:
+    """A plan with an instance name (Plan.instance, until the plan has it)."""
+
+    def __init__(self, plan, instance: str):
+        self._plan, self.instance = plan, instance
+
+    def __getattr__(self, name):
+        return getattr(self._plan, name)
+
+
+def test_the_rendered_config_splits_mirrors_from_state_and_names_the_namespace(tmp_path):
+    plan = _plan(tmp_path, GIT + '      push: {branches: ["*"]}\n')
+    config = parse_config(yaml.safe_load(render("git-gate.yaml.j2", plan)))
+    assert (str(config.mirrors_dir), str(config.state_dir)) == (GIT_MIRRORS_DIR, GIT_DIR)
+    assert str(config.audit_log) == f"{GIT_DIR}/audit.jsonl"  # the audit records link git/audit.jsonl
+    push = config.repos[0].push
+    assert (push.namespace_root, push.instance) == (namespace_root("held"), "") == ("bottle/held/", "")
+    assert push.branch_refusal("bottle/held/x/fix").startswith("branch bottle/held/x/fix is instance x's")
+
+    named = parse_config(yaml.safe_load(render("git-gate.yaml.j2", _WithInstance(plan, "x")))).repos[0].push
+    assert named.instance == "x"
+    assert named.branch_refusal("bottle/held/x/fix") == ""
+    assert named.branch_refusal("bottle/held/fix").startswith("branch bottle/held/fix is the default instance's")

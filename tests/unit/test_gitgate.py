@@ -39,6 +39,7 @@ from bottle_tasks.sidecars.gitgate.smart_http import GitCgiServer, HttpLimits
 from bottle_tasks.sidecars.scrub import SecretScrubber
 from bottle_tasks.sidecars.supervise_store import Store
 from tests.unit.fakes import FakePipelock
+from tests.unit.gitrepos import commit_file, git, one_commit_repo, rev
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "fake-git-token-" + "".join(random.choices(string.ascii_letters + string.digits, k=24))
@@ -53,25 +54,6 @@ def fake_aws_key() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def git(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"git {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def rev(repo: Path, ref: str) -> str | None:
-    result = git("rev-parse", "--verify", "--quiet", ref, cwd=repo, check=False)
-    return result.stdout.strip() or None
-
-
-def commit_file(work: Path, name: str, content: str, message: str) -> str:
-    (work / name).write_text(content)
-    git("add", name, cwd=work)
-    git("commit", "--quiet", "-m", message, cwd=work)
-    return rev(work, "HEAD")
 
 
 def free_port() -> int:
@@ -156,13 +138,14 @@ def world(tmp_path_factory):
     upstream.start()
 
     gate_port = free_port()
-    mirrors = tmp / "mirrors"
+    mirrors, state = tmp / "mirrors", tmp / "state"
     config = {
         "version": 1,
         "listen": f"127.0.0.1:{gate_port}",
         "refresh_seconds": 60,
         "mirrors_dir": str(mirrors),
-        "audit_log": str(mirrors / "audit.jsonl"),
+        "state_dir": str(state),
+        "audit_log": str(state / "audit.jsonl"),
         "pipelock_scan_url": "",
         "max_push_bytes": MAX_PUSH_BYTES,
         "supervise": {"state_dir": str(tmp / "supervise"), "timeout_seconds": HOLD_TIMEOUT_S},
@@ -206,7 +189,7 @@ def world(tmp_path_factory):
         git("config", "user.email", "agent@example.invalid", cwd=guest)
         guests[name] = guest
     world = {
-        "tmp": tmp, "upstream": upstream, "mirrors": mirrors, "gate_url": gate_url, "guests": guests,
+        "tmp": tmp, "upstream": upstream, "mirrors": mirrors, "state": state, "gate_url": gate_url, "guests": guests,
         "daemon": daemon, "stdout": stdout_path, "stderr": stderr_path, "seed": seed, "config": config_path,
         "store": Store(tmp / "supervise"),
     }
@@ -237,7 +220,7 @@ def json_lines(text: str) -> list[dict]:
 
 
 def audit_records(world) -> list[dict]:
-    path = world["mirrors"] / "audit.jsonl"
+    path = world["state"] / "audit.jsonl"
     return json_lines(path.read_text()) if path.exists() else []
 
 
@@ -245,10 +228,15 @@ def new_branch(guest: Path, branch: str, start: str = "origin/main") -> None:
     git("checkout", "--quiet", "-B", branch, start, cwd=guest)
 
 
+def queue(world, name="app") -> Path:
+    """The gate's forward queue for the repo: in its own state dir, not in the (shared) mirror."""
+    return world["state"] / "spool" / name / "queue"
+
+
 def queued_refs(world, name="app") -> list[str]:
     """The refs waiting to be forwarded; an earlier test's forward may still be draining."""
     refs = []
-    for entry in (mirror(world, name) / "git-gate" / "queue").glob("*.json"):
+    for entry in queue(world, name).glob("*.json"):
         try:
             refs.append(json.loads(entry.read_text())["ref"])
         except FileNotFoundError:
@@ -342,7 +330,7 @@ def test_commit_with_a_secret_is_rejected_without_showing_it(world):
     records = wait_for(lambda: [r for r in audit_records(world) if r["event"] == "push" and not r["accepted"]
                                   and r["refs"][0]["ref"] == "refs/heads/bottle/test/secret"], timeout=15)
     assert "aws_access_key_id" in records[0]["reason"]
-    assert key not in (world["mirrors"] / "audit.jsonl").read_text()
+    assert key not in (world["state"] / "audit.jsonl").read_text()
     assert key not in world["stdout"].read_text()
 
 
@@ -366,7 +354,7 @@ def test_keys_in_an_author_and_a_rename_target_are_rejected_through_the_gate_wit
                     f"secret in the file names of commit {rename_commit[:12]}: aws_access_key_id")
     wait_for(lambda: [r for r in audit_records(world) if r["event"] == "push" and not r["accepted"]
                       and r["refs"][0]["ref"] == "refs/heads/bottle/test/rename"], timeout=15)
-    for text in (result.stderr, (world["mirrors"] / "audit.jsonl").read_text(), world["stdout"].read_text()):
+    for text in (result.stderr, (world["state"] / "audit.jsonl").read_text(), world["stdout"].read_text()):
         assert in_author not in text and in_name not in text
     new_branch(guest, "bottle/test/clean-rename")
     git("mv", "README", "README.md", cwd=guest)
@@ -399,7 +387,7 @@ def test_push_while_upstream_is_down_is_forwarded_once_it_is_back(world):
     finally:
         upstream.start()
     assert wait_for(lambda: rev(upstream_repo(world), "refs/heads/bottle/test/later") == sha, timeout=20)
-    assert wait_for(lambda: not list((mirror(world) / "git-gate" / "queue").glob("*.json")), timeout=15)
+    assert wait_for(lambda: not list(queue(world).glob("*.json")), timeout=15)
 
 
 def test_fetch_sees_a_new_upstream_commit(world):
@@ -485,7 +473,7 @@ def test_unknown_repo_and_dumb_protocol_are_refused(world):
 
 def test_token_never_appears_in_audit_or_output(world):
     # runs last: by now pushes, rejections, failed and successful forwards have all been logged
-    outputs = [(world["mirrors"] / "audit.jsonl").read_text(), world["stdout"].read_text(),
+    outputs = [(world["state"] / "audit.jsonl").read_text(), world["stdout"].read_text(),
                world["stderr"].read_text()]
     encoded = base64.b64encode(f"{USERNAME}:{TOKEN}".encode()).decode()
     for text in outputs:
@@ -504,17 +492,7 @@ def test_token_never_appears_in_audit_or_output(world):
 
 @pytest.fixture()
 def plain_repo(tmp_path, monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("GIT_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    work = tmp_path / "work"
-    git("init", "--quiet", "-b", "main", str(work))
-    git("config", "user.name", "T", cwd=work)
-    git("config", "user.email", "t@example.invalid", cwd=work)
-    commit_file(work, "base.txt", "base\n", "base")
-    return work
+    return one_commit_repo(tmp_path, monkeypatch)
 
 
 ZERO = "0" * 40
@@ -565,7 +543,7 @@ def test_policy_reasons_are_all_reported(plain_repo):
 
 def test_pre_receive_hook_prints_one_line_per_reason_and_spools_an_event(plain_repo, tmp_path):
     config = parse_config({
-        "version": 1, "listen": "127.0.0.1:0", "mirrors_dir": str(tmp_path / "m"),
+        "version": 1, "listen": "127.0.0.1:0", "mirrors_dir": str(tmp_path / "m"), "state_dir": str(tmp_path / "s"),
         "repos": [{"name": "r", "url": "https://git.example.invalid/r.git", "push": {"branches": ["bottle/*"]}}]})
     repo = config.repos[0]
     mirror_dir = tmp_path / "m" / "r.git"
@@ -578,7 +556,7 @@ def test_pre_receive_hook_prints_one_line_per_reason_and_spools_an_event(plain_r
         "git-gate: rejected refs/heads/main: branch not allowed (allowed: bottle/*)",
         "git-gate: rejected refs/heads/main: deletion not allowed",
     ]
-    [(_, event)] = read_spool(mirror_dir / "git-gate" / "events")
+    [(_, event)] = read_spool(tmp_path / "s" / "spool" / "r" / "events")
     assert event["event"] == "push" and event["accepted"] is False and event["repo"] == "r"
 
 
@@ -625,7 +603,7 @@ def test_hook_fails_closed_on_a_broken_config(tmp_path, capsys, monkeypatch):
 # configuration
 
 
-BASE = {"version": 1, "listen": "10.0.0.2:8081", "mirrors_dir": "/var/lib/bottle/git",
+BASE = {"version": 1, "listen": "10.0.0.2:8081", "mirrors_dir": "/var/lib/bottle/mirrors", "state_dir": "/var/lib/bottle/git",
         "repos": [{"name": "app", "url": "https://git.example.com/org/app.git",
                    "identity": {"kind": "token", "token_env": "GIT_TOKEN", "username": "", "ssh_key": ""},
                    "push": {"branches": ["bottle/x/*"], "force": False, "delete": False, "tags": False}}]}
@@ -654,6 +632,17 @@ def test_config_parses_the_contract_shape():
     ({"supervise": {"state_dir": "relative", "timeout_seconds": 5}}, "supervise.state_dir: must be an absolute path"),
     ({"supervise": {"state_dir": "/s", "timeout_seconds": 0}}, "supervise.timeout_seconds: must be an integer"),
     ({"max_push_bytes": 0}, "max_push_bytes: must be a positive number"),
+    ({"state_dir": None}, "state_dir: is required"),
+    ({"state_dir": "var/lib/bottle/git"}, "state_dir: must be an absolute path"),
+    ({"state_dir": "/var/lib/bottle/mirrors/"}, "state_dir: must be apart from mirrors_dir"),
+    ({"state_dir": "/var/lib/bottle/mirrors/x"}, "state_dir: must be apart from mirrors_dir"),
+    ({"state_dir": "/var/lib/bottle"}, "state_dir: must be apart from mirrors_dir"),
+    ({"repos": [{**BASE["repos"][0], "push": {"namespace_root": "bottle/x"}}]},
+     'repos[0].push.namespace_root: must be a branch prefix of whole names ending in "/"'),
+    ({"repos": [{**BASE["repos"][0], "push": {"namespace_root": "bottle/*/"}}]}, "repos[0].push.namespace_root:"),
+    ({"repos": [{**BASE["repos"][0], "push": {"namespace_root": "bottle/x/", "instance": "y/z"}}]},
+     "repos[0].push.instance: must be letters, digits"),
+    ({"repos": [{**BASE["repos"][0], "push": {"instance": "y"}}]}, "repos[0].push.instance: needs repos[0].push.namespace_root"),
 ])
 def test_config_errors_name_file_and_key(patch, message):
     with pytest.raises(GitGateConfigError) as caught:
@@ -663,7 +652,7 @@ def test_config_errors_name_file_and_key(patch, message):
 
 
 def test_missing_token_variable_is_a_clear_startup_error(tmp_path):
-    config = parse_config({**BASE, "mirrors_dir": str(tmp_path)})
+    config = parse_config({**BASE, "mirrors_dir": str(tmp_path / "m"), "state_dir": str(tmp_path / "s")})
     with pytest.raises(MissingTokenError, match=r"repos\[0\].identity.token_env: GIT_TOKEN"):
         Gate(config, tmp_path / "git-gate.yaml", environ={})
 
@@ -678,7 +667,7 @@ def test_scrubber_redacts_token_basic_auth_and_userinfo():
 def test_upstream_ca_joins_the_system_store_for_upstream_git_only(tmp_path):
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     (tmp_path / "upstream-ca.pem").write_text(pem)
-    config = parse_config({**BASE, "mirrors_dir": str(tmp_path / "m")})
+    config = parse_config({**BASE, "mirrors_dir": str(tmp_path / "m"), "state_dir": str(tmp_path / "s")})
     gate = Gate(config, tmp_path / "git-gate.yaml", environ={"GIT_TOKEN": "t0ken", "PATH": os.environ["PATH"]},
                         upstream_ca=tmp_path / "upstream-ca.pem")
     gate.setup()
@@ -747,7 +736,7 @@ def test_push_denied_by_a_human_is_rejected_with_the_reason_and_never_arrives(wo
     assert (f"git-gate: rejected refs/heads/bottle/test/denied: denied by tester: not this one "
             f"(request {request.id})") in proc.stderr, proc.stderr
     assert rev(mirror(world, "held"), "refs/heads/bottle/test/denied") is None
-    assert not list((mirror(world, "held") / "git-gate" / "queue").glob("*.json"))
+    assert not list(queue(world, "held").glob("*.json"))
     assert rev(upstream_repo(world, "held"), "refs/heads/bottle/test/denied") is None
 
 
@@ -777,7 +766,7 @@ def held_mirror(plain_repo, tmp_path):
     """A mirror of plain_repo whose repo r holds pushes for a human, a commit on bottle/x that the
     mirror has (fetched, so in the object store) but no ref reaches yet, and a fake clock."""
     config = parse_config({
-        "version": 1, "listen": "127.0.0.1:0", "mirrors_dir": str(tmp_path / "m"),
+        "version": 1, "listen": "127.0.0.1:0", "mirrors_dir": str(tmp_path / "m"), "state_dir": str(tmp_path / "s"),
         "supervise": {"state_dir": str(tmp_path / "supervise"), "timeout_seconds": 30},
         "repos": [{"name": "r", "url": "https://git.example.invalid/r.git",
                    "push": {"branches": ["bottle/*"], "approve": True}}]})
@@ -800,7 +789,8 @@ def held_mirror(plain_repo, tmp_path):
                                 hold=hold)
         return code, stderr.getvalue()
 
-    return types.SimpleNamespace(config=config, mirror=mirror_dir, sha=sha, fake=fake, store=store, run=run)
+    return types.SimpleNamespace(config=config, mirror=mirror_dir, events=tmp_path / "s" / "spool" / "r" / "events",
+                                 sha=sha, fake=fake, store=store, run=run)
 
 
 def _decide_on_third_sleep(held, decision: str, reason: str) -> None:
@@ -816,7 +806,7 @@ def test_held_push_goes_in_only_after_approval(held_mirror):
     code, stderr = held_mirror.run()
     assert code == 0, stderr
     assert "git-gate: approved by alice: ship it" in stderr
-    [(_, event)] = read_spool(held_mirror.mirror / "git-gate" / "events")
+    [(_, event)] = read_spool(held_mirror.events)
     assert event["accepted"] and event["approval"]["status"] == "approved" and event["approval"]["by"] == "alice"
 
 
@@ -826,7 +816,7 @@ def test_held_push_denied_gets_the_human_reason_on_every_ref(held_mirror):
     assert code == 1
     [line] = [l for l in stderr.splitlines() if l.startswith("git-gate: rejected")]
     assert line.startswith("git-gate: rejected refs/heads/bottle/x: denied by alice: wrong branch (request ")
-    [(_, event)] = read_spool(held_mirror.mirror / "git-gate" / "events")
+    [(_, event)] = read_spool(held_mirror.events)
     assert not event["accepted"] and "wrong branch" in event["reason"]
 
 

@@ -1,10 +1,13 @@
 """git-gate.yaml (shape in docs/bundle-contract.md, "git-gate") parsed into contract.GitRepo.
 
-Every error names the file and the key, so a bad render is obvious from the bundle log.
+``mirrors_dir`` holds the bare mirrors, shared by every gate (bundle) of an agent's bottles;
+``state_dir`` is this gate's own: audit log, hook spools, git files, known_hosts. The two must not
+overlap. Every error names the file and the key, so a bad render is obvious from the bundle log.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ DEFAULT_PIPELOCK_CONFIG = "/etc/bottle/pipelock.yaml"
 DEFAULT_UPSTREAM_CA = "/etc/bottle/upstream-ca.pem"  # extra CAs for upstream TLS, as for egress
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_NAMESPACE_ROOT = re.compile(r"^(?:[A-Za-z0-9._-]+/)+$")  # "bottle/<agent>/": whole components, each ending in /
 _SCP_URL = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+:.+$")  # git@host:org/repo.git
 _URL_SCHEMES = ("https://", "http://", "ssh://", "file://")
 
@@ -45,7 +49,8 @@ class GateConfig:
     listen_host: str
     listen_port: int
     refresh_seconds: float
-    mirrors_dir: Path
+    mirrors_dir: Path       # the bare mirrors <name>.git, shared by every gate of the agent
+    state_dir: Path         # this gate's own: spools, git files, known_hosts, (by default) the audit log
     audit_log: Path
     pipelock_scan_url: str
     repos: tuple[GitRepo, ...]
@@ -65,16 +70,18 @@ def load_config(path: str | Path) -> GateConfig:
 
 def parse_config(data: Any, *, source: str = "git-gate.yaml") -> GateConfig:
     fail = config_failer(GitGateConfigError, source)
-    versioned_document(data, {"listen", "refresh_seconds", "mirrors_dir", "audit_log", "pipelock_scan_url", "repos",
-                              "max_push_bytes", "supervise"}, SUPPORTED_VERSION, fail)
+    versioned_document(data, {"listen", "refresh_seconds", "mirrors_dir", "state_dir", "audit_log",
+                              "pipelock_scan_url", "repos", "max_push_bytes", "supervise"}, SUPPORTED_VERSION, fail)
     host, port = listen_address(string_value(data, "listen", "listen", fail, required=True), "listen", fail)
     refresh = data.get("refresh_seconds", 60)
     if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh <= 0:
         raise fail("refresh_seconds", f"must be a positive number, got {refresh!r}")
-    mirrors_dir = string_value(data, "mirrors_dir", "mirrors_dir", fail, required=True)
-    if not mirrors_dir.startswith("/"):
-        raise fail("mirrors_dir", f"must be an absolute path, got {mirrors_dir!r}")
-    audit_log = string_value(data, "audit_log", "audit_log", fail) or str(Path(mirrors_dir) / "audit.jsonl")
+    mirrors_dir = _absolute_dir(data, "mirrors_dir", fail)
+    state_dir = _absolute_dir(data, "state_dir", fail)
+    if state_dir == mirrors_dir or mirrors_dir in state_dir.parents or state_dir in mirrors_dir.parents:
+        raise fail("state_dir", f"must be apart from mirrors_dir ({mirrors_dir}), got {str(state_dir)!r}: the "
+                                "mirrors are shared by every gate of the agent, the state is this gate's alone")
+    audit_log = string_value(data, "audit_log", "audit_log", fail) or str(state_dir / "audit.jsonl")
     scan_url = check_http_url(string_value(data, "pipelock_scan_url", "pipelock_scan_url", fail), "pipelock_scan_url",
                               fail)
     max_push = data.get("max_push_bytes", DEFAULT_MAX_PUSH_BYTES)
@@ -86,8 +93,16 @@ def parse_config(data: Any, *, source: str = "git-gate.yaml") -> GateConfig:
     for i, repo in enumerate(repos):
         if repo.push.approve and supervise is None:
             raise fail(f"repos[{i}].push.approve", "needs supervise (state_dir, timeout_seconds): where the push waits")
-    return GateConfig(host, port, float(refresh), Path(mirrors_dir), Path(audit_log), scan_url, repos,
+    return GateConfig(host, port, float(refresh), mirrors_dir=mirrors_dir, state_dir=state_dir,
+                      audit_log=Path(audit_log), pipelock_scan_url=scan_url, repos=repos,
                       max_push_bytes=max_push, supervise=supervise)
+
+
+def _absolute_dir(data: dict, name: str, fail: Fail) -> Path:
+    value = string_value(data, name, name, fail, required=True)
+    if not value.startswith("/"):
+        raise fail(name, f"must be an absolute path, got {value!r}")
+    return Path(os.path.normpath(value))
 
 
 def _supervise(raw: Any, fail: Fail) -> SuperviseLink:
@@ -137,12 +152,24 @@ def _identity(raw: Any, key: str, fail: Fail) -> GitIdentity:
 
 
 def _push(raw: Any, key: str, fail: Fail) -> PushPolicy:
-    nested_mapping(raw, {"branches", "force", "delete", "tags", "approve"}, key, fail)
+    nested_mapping(raw, {"branches", "force", "delete", "tags", "approve", "namespace_root", "instance"}, key, fail)
     branches = string_list(raw.get("branches") or [], f"{key}.branches", fail, what="fnmatch globs")
+    root = string_value(raw, "namespace_root", f"{key}.namespace_root", fail)
+    if root and not _NAMESPACE_ROOT.match(root):
+        raise fail(f"{key}.namespace_root", f'must be a branch prefix of whole names ending in "/", like '
+                                            f'"bottle/<agent>/", got {root!r}')
+    instance = string_value(raw, "instance", f"{key}.instance", fail)
+    if instance and not _NAME.match(instance):
+        raise fail(f"{key}.instance", f"must be letters, digits, '.', '_' or '-' (no '/'), got {instance!r}")
+    if instance and not root:
+        raise fail(f"{key}.instance", f"needs {key}.namespace_root: instance {instance}'s branches are "
+                                      f"<namespace_root>{instance}/*")
     return PushPolicy(
         branches=tuple(branches),
         force=bool_value(raw, "force", f"{key}.force", fail),
         delete=bool_value(raw, "delete", f"{key}.delete", fail),
         tags=bool_value(raw, "tags", f"{key}.tags", fail),
         approve=bool_value(raw, "approve", f"{key}.approve", fail),
+        namespace_root=root,
+        instance=instance,
     )

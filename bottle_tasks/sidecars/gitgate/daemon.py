@@ -1,12 +1,17 @@
 """The git-gate daemon: bare mirrors, their refresh from the upstream, and the wiring of the smart
 HTTP server (``smart_http``), the hooks (``hooks``), the forwarder (``forwarder``) and the audit log.
 
-- Each repo in git-gate.yaml has a bare mirror ``<mirrors_dir>/<name>.git`` (created and fetched when
-  absent). The mirror's ``core.hooksPath`` is ``<name>.git/git-gate/hooks``, rewritten at every start.
+- Each repo in git-gate.yaml has a bare mirror ``<mirrors_dir>/<name>.git`` (created when absent).
+  The mirrors dir may be shared by several gates (one per bottle of the agent, each in its own
+  bundle); what the gates write there is the same from each of them (``shared``): the mirror's
+  config and hook scripts, (re)written at start when they differ, under the mirror's lock.
 - A guest ``info/refs`` first refreshes the mirror from the upstream (at most every 2 s per repo); a
-  background thread also refreshes every ``refresh_seconds``. A refresh never prunes.
-- A push's pack is at most ``max_push_bytes`` (each mirror's ``receive.maxInputSize``); its request
-  body at most that plus BODY_SLACK_BYTES.
+  background thread also refreshes every ``refresh_seconds``. A refresh takes the mirror's lock, and
+  fetches only when no gate has fetched it within the interval. It never prunes, and leaves alone
+  the refs any gate has accepted and not forwarded yet.
+- Everything else is this gate's own, in ``state_dir``: spools, audit log, git files, known_hosts.
+- A push's pack is at most ``max_push_bytes`` (``receive.maxInputSize``, set in the environment of
+  this gate's receive-pack, not in the shared mirror); its request body at most that plus BODY_SLACK_BYTES.
 
 Credentials: a token identity reaches git only through the environment of the git child (a tiny
 GIT_ASKPASS script prints ``$GIT_GATE_USERNAME`` / ``$GIT_GATE_PASSWORD``); it is never on an argv,
@@ -38,14 +43,19 @@ from bottle_tasks.sidecars.gitgate.config import (
 )
 from bottle_tasks.sidecars.gitgate.forwarder import FORWARD_BACKOFF, Forwarder
 from bottle_tasks.sidecars.gitgate.git import BACKGROUND_GIT_TIMEOUT_S, git_error_line, run_git
-from bottle_tasks.sidecars.gitgate.hooks import HOOKS, MirrorPaths, hook_script, pending_refs
+from bottle_tasks.sidecars.gitgate.hooks import HOOKS, MirrorPaths, gate_environment, hook_script, queued_refs
+from bottle_tasks.sidecars.gitgate.shared import MirrorLockError, ensure_gate_id, hold_mirror, marked_refs
 from bottle_tasks.sidecars.gitgate.smart_http import BODY_SLACK_BYTES, GitCgiServer, HttpLimits
 from bottle_tasks.sidecars.scrub import SecretScrubber
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 GUEST_REFRESH_INTERVAL_S = 2.0  # a guest info/refs refreshes the mirror at most this often
-GUEST_REFRESH_TIMEOUT_S = 30.0  # ... and waits at most this long for the upstream
-SHARED_DIR = ".git-gate"  # inside mirrors_dir: askpass, gitconfig, ca-bundle.pem
+GUEST_REFRESH_TIMEOUT_S = 30.0  # ... and waits at most this long for the upstream (and another gate's fetch)
+SETUP_LOCK_TIMEOUT_S = BACKGROUND_GIT_TIMEOUT_S + 60  # a start waits at most this long for another gate's fetch
+GATE_FILES_DIR = ".git-gate"  # inside state_dir: askpass, gitconfig, ca-bundle.pem
+# The mirror's config, the same from every gate (per-gate settings go in the receive-pack environment).
+MIRROR_CONFIG = (("http.receivepack", "true"), ("receive.fsckObjects", "true"),
+                 ("receive.denyNonFastForwards", "false"), ("uploadpack.allowFilter", "true"))
 PACKAGE_ROOT = Path(bottle_tasks.__file__).resolve().parent.parent  # on the hooks' PYTHONPATH
 
 
@@ -127,16 +137,16 @@ class Gate:
     # -- environments -------------------------------------------------------------------------
 
     @property
-    def shared_dir(self) -> Path:
-        return self.config.mirrors_dir / SHARED_DIR
+    def files_dir(self) -> Path:
+        return self.config.state_dir / GATE_FILES_DIR
 
     @property
     def gitconfig(self) -> Path:
-        return self.shared_dir / "gitconfig"
+        return self.files_dir / "gitconfig"
 
     @property
     def askpass(self) -> Path:
-        return self.shared_dir / "askpass"
+        return self.files_dir / "askpass"
 
     def base_env(self) -> dict[str, str]:
         """The daemon's environment without any token variable, with git-gate's global git config."""
@@ -147,11 +157,15 @@ class Gate:
         return env
 
     def cgi_env(self) -> dict[str, str]:
-        """What http-backend, receive-pack and the hooks run with: a whitelist, no token variables."""
+        """What http-backend, receive-pack and the hooks run with: a whitelist, no token variables, and
+        what is this gate's (its hooks' config, its push size limit) rather than the shared mirror's."""
         keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONDONTWRITEBYTECODE", "GIT_CONFIG_NOSYSTEM",
                 PIPELOCK_TOKEN_ENV)
         env = {k: self.environ[k] for k in keep if k in self.environ}
         env["GIT_CONFIG_GLOBAL"] = str(self.gitconfig)
+        env.update({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "receive.maxInputSize",
+                    "GIT_CONFIG_VALUE_0": str(self.config.max_push_bytes)})
+        env.update(gate_environment(self.python, PACKAGE_ROOT, self.config_path, self.pipelock_config))
         return env
 
     def upstream_env(self, repo: GitRepo) -> dict[str, str]:
@@ -166,7 +180,7 @@ class Gate:
             env.update({"GIT_ASKPASS": str(self.askpass), "GIT_GATE_USERNAME": identity.username,
                         "GIT_GATE_PASSWORD": self.tokens[identity.token_env]})
         elif identity.kind == "ssh":
-            known_hosts = self.config.mirrors_dir / "known_hosts"
+            known_hosts = self.config.state_dir / "known_hosts"
             env["GIT_SSH_COMMAND"] = " ".join(shlex.quote(part) for part in (
                 "ssh", "-i", identity.ssh_key, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known_hosts}",
                 "-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"))
@@ -175,54 +189,99 @@ class Gate:
     # -- setup --------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Shared files, then each mirror: created when absent, config and hooks (re)written."""
+        """This gate's files, then each mirror: created when absent, its config and hooks written
+        where they differ (under the mirror's lock: another gate may be doing the same)."""
         atomic_write(self.gitconfig, GITCONFIG)
         atomic_write(self.askpass, ASKPASS_SCRIPT, mode=0o755)
-        self.ca_bundle = write_ca_bundle(self.upstream_ca, self.shared_dir / "ca-bundle.pem")
+        self.ca_bundle = write_ca_bundle(self.upstream_ca, self.files_dir / "ca-bundle.pem")
         self.config.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        self.forwarder.gate = ensure_gate_id(self.config.state_dir)
         env = self.base_env()
         for repo in self.config.repos:
             paths = MirrorPaths.of(self.config, repo)
-            if not (paths.root / "HEAD").is_file():
-                result = run_git(["init", "--bare", "--quiet", str(paths.root)], env=env, timeout=60)
-                if result.returncode != 0:
-                    raise OSError(f"git init --bare {paths.root} failed: {git_error_line(result.stderr)}")
             paths.queue.mkdir(parents=True, exist_ok=True)
             paths.events.mkdir(parents=True, exist_ok=True)
-            for hook in HOOKS:
-                atomic_write(paths.hooks / hook, hook_script(self.python, PACKAGE_ROOT, self.config_path, repo.name,
-                                                             hook, self.pipelock_config), mode=0o755)
-            for key, value in (("http.receivepack", "true"), ("core.hooksPath", str(paths.hooks)),
-                               ("receive.fsckObjects", "true"), ("receive.denyNonFastForwards", "false"),
-                               ("receive.maxInputSize", str(self.config.max_push_bytes)),
-                               ("uploadpack.allowFilter", "true")):
-                result = run_git(["config", key, value], cwd=paths.root, env=env, timeout=60)
-                if result.returncode != 0:
-                    raise OSError(f"git config {key} in {paths.root} failed: {git_error_line(result.stderr)}")
+            if self.mirror_changes(repo, paths, env):
+                with hold_mirror(self.config.mirrors_dir, repo.name, SETUP_LOCK_TIMEOUT_S):
+                    self.write_mirror(repo, paths, env)
+
+    def mirror_changes(self, repo: GitRepo, paths: MirrorPaths, env: Mapping[str, str]) -> bool:
+        """Whether the mirror is absent, or its config or hooks are not what every gate writes."""
+        if not (paths.root / "HEAD").is_file():
+            return True
+        for hook in HOOKS:
+            try:
+                if (paths.hooks / hook).read_text() != hook_script(repo.name, hook):
+                    return True
+            except (OSError, UnicodeDecodeError):
+                return True
+        return any(run_git(["config", "--get", key], cwd=paths.root, env=env).stdout.decode().strip() != value
+                   for key, value in self.mirror_config(paths))
+
+    def write_mirror(self, repo: GitRepo, paths: MirrorPaths, env: Mapping[str, str]) -> None:
+        if not (paths.root / "HEAD").is_file():
+            result = run_git(["init", "--bare", "--quiet", str(paths.root)], env=env, timeout=60)
+            if result.returncode != 0:
+                raise OSError(f"git init --bare {paths.root} failed: {git_error_line(result.stderr)}")
+        for hook in HOOKS:
+            atomic_write(paths.hooks / hook, hook_script(repo.name, hook), mode=0o755)
+        for key, value in self.mirror_config(paths):
+            result = run_git(["config", key, value], cwd=paths.root, env=env, timeout=60)
+            if result.returncode != 0:
+                raise OSError(f"git config {key} in {paths.root} failed: {git_error_line(result.stderr)}")
+
+    @staticmethod
+    def mirror_config(paths: MirrorPaths) -> tuple[tuple[str, str], ...]:
+        # The hooks' path in the bundle: every bundle mounts the mirrors at the same place.
+        return (*MIRROR_CONFIG, ("core.hooksPath", str(paths.hooks)))
 
     # -- refresh ------------------------------------------------------------------------------
 
     def refresh(self, repo: GitRepo, *, min_interval: float = 0.0, timeout: float = BACKGROUND_GIT_TIMEOUT_S) -> bool:
-        """Fetch the upstream's branches and tags into the mirror (no prune; refs awaiting forward are kept)."""
+        """Bring the upstream's branches and tags into the mirror, unless this or another gate has
+        within min_interval; waits at most about timeout for the other gates and the upstream."""
         state = self.repo_state[repo.name]
         with state.lock:
             if time.monotonic() - state.last_refresh < min_interval:
                 return bool(state.last_ok)
             state.last_refresh = time.monotonic()
-            paths = MirrorPaths.of(self.config, repo)
-            keep = sorted(ref for ref in pending_refs(paths) if ref.startswith(("refs/heads/", "refs/tags/")))
-            env = self.upstream_env(repo)
-            result = run_git(["fetch", "--quiet", "--no-write-fetch-head", "--no-auto-gc", "--", repo.url,
-                              "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*", *(f"^{ref}" for ref in keep)],
-                             cwd=paths.root, env=env, timeout=timeout)
-            ok = result.returncode == 0
-            if ok:
-                self.fix_head(repo, paths, env, timeout)
+            deadline = state.last_refresh + timeout
+            try:
+                with hold_mirror(self.config.mirrors_dir, repo.name, timeout) as held:
+                    if held.fetched_within(min_interval):
+                        ok, reason = True, ""  # another gate's fetch serves this one too
+                    else:
+                        ok, reason = self.fetch(repo, max(1.0, deadline - time.monotonic()))
+                        if ok:
+                            held.stamp()
+            except MirrorLockError as exc:
+                ok, reason = False, str(exc)
             if not ok or state.last_ok is not True:
-                self.audit.emit({"event": "refresh", "repo": repo.name, "accepted": ok,
-                                 "reason": "" if ok else git_error_line(result.stderr)}, audit=False)
+                self.audit.emit({"event": "refresh", "repo": repo.name, "accepted": ok, "reason": reason}, audit=False)
             state.last_ok = ok
             return ok
+
+    def fetch(self, repo: GitRepo, timeout: float) -> tuple[bool, str]:
+        """The fetch itself (no prune), leaving alone every ref a gate has accepted and not forwarded."""
+        paths = MirrorPaths.of(self.config, repo)
+        env = self.upstream_env(repo)
+        keep = sorted(ref for ref in self.held_refs(paths, env) if ref.startswith(("refs/heads/", "refs/tags/")))
+        result = run_git(["fetch", "--quiet", "--no-write-fetch-head", "--no-auto-gc", "--", repo.url,
+                          "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*", *(f"^{ref}" for ref in keep)],
+                         cwd=paths.root, env=env, timeout=timeout)
+        if result.returncode != 0:
+            return False, git_error_line(result.stderr)
+        self.fix_head(repo, paths, env, timeout)
+        return True, ""
+
+    @staticmethod
+    def held_refs(paths: MirrorPaths, env: Mapping[str, str]) -> set[str]:
+        """This gate's queued refs, and those another gate has marked at the value the mirror has."""
+        held = set(queued_refs(paths))
+        listing = run_git(["for-each-ref", "--format=%(refname) %(objectname)", "refs/heads", "refs/tags"],
+                          cwd=paths.root, env=env).stdout.decode("utf-8", "replace")
+        current = dict(line.rsplit(" ", 1) for line in listing.splitlines() if " " in line)
+        return held | marked_refs(paths.pending, current)
 
     def fix_head(self, repo: GitRepo, paths: MirrorPaths, env: Mapping[str, str], timeout: float) -> None:
         """Point the mirror's HEAD at the upstream's default branch when its current target does not exist."""
@@ -242,7 +301,8 @@ class Gate:
             for repo in self.config.repos:
                 if self._stop.is_set():
                     return
-                self.refresh(repo, min_interval=GUEST_REFRESH_INTERVAL_S)
+                # Half a period: a fetch by any gate of the agent that recent serves this pass too.
+                self.refresh(repo, min_interval=self.config.refresh_seconds / 2)
             self._stop.wait(self.config.refresh_seconds)
 
     # -- HTTP hooks ---------------------------------------------------------------------------

@@ -1,12 +1,19 @@
 """The mirror's receive hooks and the spool directories they hand work to the daemon through.
 
-git runs ``<name>.git/git-gate/hooks/{pre,post}-receive`` (written by the daemon at every start), which
-run ``python -m bottle_tasks.sidecars.gitgate pre-receive|post-receive --config ... --repo <name>``:
+git runs ``<name>.git/git-gate/hooks/{pre,post}-receive`` (written by a gate at start where they differ), which
+run ``python -m bottle_tasks.sidecars.gitgate pre-receive|post-receive --repo <name>``:
 
 - pre-receive applies the push policy (``policy``); a push it accepts for a repo with ``push.approve``
   then waits for a human (``approval``); it prints one ``git-gate: rejected <ref>: <reason>`` line per
   reason and spools the push record in ``events/``;
-- post-receive spools every accepted ref update in ``queue/`` for the forwarder.
+- post-receive spools every accepted ref update in ``queue/`` for the forwarder, and marks the ref
+  pending in the shared mirror (``shared``), so no gate's fetch undoes it before it is forwarded.
+
+The mirror is shared by every gate of the agent, so the hook scripts in it name no gate: they are
+the same text whoever writes them. The gate whose receive-pack runs a hook names its own python,
+config and pipelock config in that receive-pack's environment (``gate_environment``: set by the
+gate's CGI environment, which the guest cannot add to). Without them a hook refuses the push.
+From the config the hook takes this gate's policy and its spools, ``<state_dir>/spool/<name>/``.
 
 The hooks cannot reach the daemon's stdout (git relays hook output to the client), hence the spools:
 one JSON file per record, named so that names sort in write order.
@@ -29,36 +36,47 @@ from bottle_tasks.contract import GitRepo
 from bottle_tasks.sidecars import dlp
 from bottle_tasks.sidecars.files import atomic_write
 from bottle_tasks.sidecars.gitgate.config import (
-    DEFAULT_CONFIG, DEFAULT_PIPELOCK_CONFIG, GateConfig, GitGateConfigError, load_config,
+    DEFAULT_PIPELOCK_CONFIG, GateConfig, GitGateConfigError, load_config,
 )
 from bottle_tasks.sidecars.gitgate.approval import Verdict, hold_push
 from bottle_tasks.sidecars.gitgate.git import is_ancestor
 from bottle_tasks.sidecars.gitgate.policy import RefDecision, evaluate_push, parse_ref_updates, pipelock_scanner
 from bottle_tasks.sidecars.gitgate.scan import SecretScanner
+from bottle_tasks.sidecars.gitgate.shared import gate_id, mark_pending
 
-STATE_DIR = "git-gate"  # inside each <name>.git: hooks/, queue/, events/
+MIRROR_STATE_DIR = "git-gate"  # inside each <name>.git, shared by every gate: hooks/, pending/
+SPOOL_DIR = "spool"            # inside state_dir, this gate's alone: <name>/queue/, <name>/events/
 HOOKS = ("pre-receive", "post-receive")
+# What a gate's receive-pack tells the hooks it runs (gate_environment).
+PYTHON_ENV = "GIT_GATE_PYTHON"
+CONFIG_ENV = "GIT_GATE_CONFIG"
+PIPELOCK_CONFIG_ENV = "GIT_GATE_PIPELOCK_CONFIG"
 
 
 @dataclass(frozen=True)
 class MirrorPaths:
-    root: Path  # <mirrors_dir>/<name>.git
+    root: Path   # <mirrors_dir>/<name>.git: shared
+    spool: Path  # <state_dir>/spool/<name>: this gate's
 
     @classmethod
     def of(cls, config: GateConfig, repo: GitRepo) -> MirrorPaths:
-        return cls(config.mirrors_dir / f"{repo.name}.git")
+        return cls(config.mirrors_dir / f"{repo.name}.git", config.state_dir / SPOOL_DIR / repo.name)
 
     @property
     def hooks(self) -> Path:
-        return self.root / STATE_DIR / "hooks"
+        return self.root / MIRROR_STATE_DIR / "hooks"
+
+    @property
+    def pending(self) -> Path:
+        return self.root / MIRROR_STATE_DIR / "pending"
 
     @property
     def queue(self) -> Path:
-        return self.root / STATE_DIR / "queue"
+        return self.spool / "queue"
 
     @property
     def events(self) -> Path:
-        return self.root / STATE_DIR / "events"
+        return self.spool / "events"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +103,9 @@ def read_spool(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
     return entries
 
 
-def pending_refs(paths: MirrorPaths) -> set[str]:
-    return {str(entry.get("ref")) for _path, entry in read_spool(paths.queue)}
+def queued_refs(paths: MirrorPaths) -> dict[str, str]:
+    """The refs this gate's queue holds, each with the value last pushed to it."""
+    return {str(entry.get("ref")): str(entry.get("new")) for _path, entry in read_spool(paths.queue)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,30 +152,41 @@ def hook_pre_receive(config: GateConfig, repo: GitRepo, stdin: str, stderr: Text
 def hook_post_receive(config: GateConfig, repo: GitRepo, stdin: str, stderr: TextIO, *,
                       environ: Mapping[str, str] = os.environ) -> int:
     paths = MirrorPaths.of(config, repo)
+    gate = gate_id(config.state_dir)
     for update in parse_ref_updates(stdin):
         rewrite = (not update.created and not update.deleted
                    and (update.ref.startswith("refs/tags/") or not is_ancestor(paths.root, update.old, update.new, environ)))
         write_spool(paths.queue, {**update.as_record(), "force": rewrite, "queued_at": round(time.time(), 3)})
+        if gate:  # after the spool: the forwarder's reconcile_pending relies on this order
+            try:
+                mark_pending(paths.pending, gate, update.ref, update.new)
+            except OSError:
+                pass  # queued all the same; the forwarder's next pass marks it
         stderr.write(f"git-gate: accepted {update.ref}; forwarding it to the upstream\n")
     stderr.flush()
     return 0
 
 
-def hook_main(argv: Sequence[str]) -> int:
+def hook_main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int:
     hook = argv[0]
     parser = argparse.ArgumentParser(prog=f"python -m bottle_tasks.sidecars.gitgate {hook}")
-    parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    parser.add_argument("--config", type=Path, help=f"default ${CONFIG_ENV}, which the gate sets")
     parser.add_argument("--repo", required=True)
-    parser.add_argument("--pipelock-config", type=Path, default=Path(DEFAULT_PIPELOCK_CONFIG))
+    parser.add_argument("--pipelock-config", type=Path,
+                        help=f"default ${PIPELOCK_CONFIG_ENV}, else {DEFAULT_PIPELOCK_CONFIG}")
     args = parser.parse_args(list(argv[1:]))
     try:
-        config = load_config(args.config)
+        config_path = args.config or environ.get(CONFIG_ENV)
+        if not config_path:  # no gate ran this receive-pack: nothing says whose policy applies
+            raise GitGateConfigError(f"{CONFIG_ENV} is not set; git-gate sets it for the pushes it serves")
+        pipelock_config = Path(args.pipelock_config or environ.get(PIPELOCK_CONFIG_ENV) or DEFAULT_PIPELOCK_CONFIG)
+        config = load_config(config_path)
         repo = config.repo(args.repo)
         if repo is None:
-            raise GitGateConfigError(f"{args.config}: repos: no repo named {args.repo!r}")
+            raise GitGateConfigError(f"{config_path}: repos: no repo named {args.repo!r}")
         stdin = sys.stdin.read()
         if hook == "pre-receive":
-            return hook_pre_receive(config, repo, stdin, sys.stderr, pipelock_config=args.pipelock_config)
+            return hook_pre_receive(config, repo, stdin, sys.stderr, pipelock_config=pipelock_config)
         return hook_post_receive(config, repo, stdin, sys.stderr)
     except Exception as exc:  # fail closed, and never with a traceback that could quote content
         sys.stderr.write(f"git-gate: {hook} failed ({type(exc).__name__}: {dlp.redact(str(exc))[:300]}); "
@@ -164,13 +194,18 @@ def hook_main(argv: Sequence[str]) -> int:
         return 1
 
 
-def hook_script(python: str, package_root: Path, config_path: Path, repo: str, hook: str,
-                pipelock_config: Path) -> str:
-    q = shlex.quote
+def hook_script(repo: str, hook: str) -> str:
+    """The same text from every gate that shares the mirror: it names no gate's path."""
     return (
         "#!/bin/sh\n"
-        "# Written by git-gate at every start (bottle_tasks/sidecars/gitgate/hooks.py); edits are lost.\n"
-        f"PYTHONPATH={q(str(package_root))}; export PYTHONPATH\n"
-        f"exec {q(python)} -m bottle_tasks.sidecars.gitgate {hook} --config {q(str(config_path))} "
-        f"--repo {q(repo)} --pipelock-config {q(str(pipelock_config))}\n"
+        "# Written by git-gate at start where it differs (bottle_tasks/sidecars/gitgate/hooks.py); edits are lost.\n"
+        "# Shared by every gate of the agent: the gate serving the push names python and config in the environment.\n"
+        f'exec "${{{PYTHON_ENV}:?git-gate: no gate environment; push refused}}" '
+        f"-m bottle_tasks.sidecars.gitgate {hook} --repo {shlex.quote(repo)}\n"
     )
+
+
+def gate_environment(python: str, package_root: Path, config_path: Path, pipelock_config: Path) -> dict[str, str]:
+    """What the hooks a gate's receive-pack runs need to know of that gate (they inherit it from git)."""
+    return {PYTHON_ENV: python, "PYTHONPATH": str(package_root), CONFIG_ENV: str(config_path),
+            PIPELOCK_CONFIG_ENV: str(pipelock_config)}

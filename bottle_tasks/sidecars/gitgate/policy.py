@@ -121,10 +121,9 @@ def _ref_reasons(policy: PushPolicy, update: RefUpdate, repo_dir: Path,
     reasons: list[str] = []
     is_tag = update.ref.startswith("refs/tags/")
     if update.ref.startswith("refs/heads/"):
-        branch = update.ref[len("refs/heads/"):]
-        if not policy.branch_allowed(branch):
-            allowed = ", ".join(policy.branches) or "none"
-            reasons.append(f"branch not allowed (allowed: {allowed})")
+        refusal = policy.branch_refusal(update.ref[len("refs/heads/"):])
+        if refusal:
+            reasons.append(refusal)
     elif is_tag:
         if not policy.tags:
             reasons.append("tags not allowed")

@@ -91,7 +91,8 @@ class BundleInputs:
     route_secrets: tuple[str, ...] = ()   # token slots' variables (egress fills them)
     git_secrets: tuple[str, ...] = ()     # git token identities' variables (git-gate forwards with them)
     git_config: Path | None = None        # host: git-gate.yaml; None: the agent uses no git
-    git_mirrors: Path | None = None       # host: the mirrors dir, kept by clean
+    git_state: Path | None = None         # host: this bottle's git-gate state (audit log, spools), kept by clean
+    git_mirrors: Path | None = None       # host: the agent's bare mirrors, shared by its bottles, kept by clean
     git_approvals: Path | None = None     # host: the supervise state dir, when git-gate holds pushes for a human
     ssh_keys: tuple[ConfigFile, ...] = ()  # repos' SSH identities, mounted as they are
     supervise_config: Path | None = None  # host: supervise.yaml; None: nothing is supervised
@@ -146,7 +147,7 @@ def dns(p: BundleInputs) -> BundleDaemon:
 
 
 def git_gate(p: BundleInputs) -> BundleDaemon | None:
-    if p.git_config is None or p.git_mirrors is None:
+    if p.git_config is None or p.git_mirrors is None or p.git_state is None:
         return None
     config = ConfigFile(p.git_config, f"{CONFIG_DIR}/git-gate.yaml", "git-gate.yaml.j2")
     return BundleDaemon(
@@ -156,7 +157,7 @@ def git_gate(p: BundleInputs) -> BundleDaemon | None:
         probe=("tcp", f"{p.bundle_ip}:{GIT_GATE_PORT}"),
         guest_ports=(("tcp", GIT_GATE_PORT),),
         files=(config, *p.ssh_keys),
-        state=(StateDir(p.git_mirrors, GIT_DIR),
+        state=(StateDir(p.git_state, GIT_DIR), StateDir(p.git_mirrors, GIT_MIRRORS_DIR),
                *((StateDir(p.git_approvals, SUPERVISE_DIR),) if p.git_approvals else ())),
         secrets=p.git_secrets,
         memory_mib=512,             # git pack-objects and index-pack, per connection

@@ -16,7 +16,7 @@ from bottle_tasks.bundle_plan import (
     DAEMON_TABLE, EGRESS_PORT, SECRETS_FILE, GIT_GATE_PORT, SUPERVISE_PORT, BundleDaemon, BundleInputs, ConfigFile, StateDir,
     bundle_daemons, bundle_limits, shared_files,
 )
-from bottle_tasks.contract import DEFAULT_MAX_PUSH_BYTES, GitRepo, Route, SupervisePolicy, TokenSlot
+from bottle_tasks.contract import DEFAULT_MAX_PUSH_BYTES, GitRepo, Route, SupervisePolicy, TokenSlot, namespace_root
 from bottle_tasks.errors import BottleError
 from bottle_tasks.instances import Bottle, bottle_of
 from bottle_tasks.labels import AGENT_LABEL, INSTANCE_LABEL, STATE_LABEL, SLUG_LABEL, label_args
@@ -375,7 +375,8 @@ def make_plan(spec: AgentSpec, settings: Settings, host_facts: Any = None, insta
         bundle_ip=network.bundle_ip, config_dir=config, pipelock=pipelock, upstream_ca=settings.upstream_ca_certs,
         route_secrets=tuple(sorted({slot.env for slot in spec.token_slots})),
         git_secrets=tuple(sorted({r.identity.token_env for r in spec.git_repos if r.identity.kind == "token"})),
-        git_config=git.config_file if git else None, git_mirrors=git.gate_dir if git else None,
+        git_config=git.config_file if git else None, git_state=git.gate_dir if git else None,
+        git_mirrors=git.mirrors_dir if git else None,
         git_approvals=supervise.state_dir if supervise and git and git.approval_timeout else None,
         ssh_keys=tuple(ConfigFile(Path(source), repo.identity.ssh_key, origin=f"git.repos[{i}].identity.ssh_key")
                        for i, (repo, source) in enumerate(zip(git.repos, git.ssh_key_sources)) if source) if git else (),
@@ -474,7 +475,7 @@ def _mebibytes(size: str) -> int:
 def instance_namespace(agent: str, instance: str) -> str:
     """The branches a bottle pushes to by default: bottle/<agent>/<instance>/*, or bottle/<agent>/* for
     the default bottle (which git-gate keeps out of every instance's bottle/<agent>/<name>/)."""
-    return f"bottle/{agent}/{instance}/*" if instance else f"bottle/{agent}/*"
+    return f"{namespace_root(agent)}{instance}/*" if instance else f"{namespace_root(agent)}*"
 
 
 def _git_plan(spec: AgentSpec, instance: str, state_root: Path, state: Path, config: Path,

@@ -95,10 +95,35 @@ def render_configs(plan: Plan) -> None:
     if plan.git:
         plan.git.gate_dir.mkdir(parents=True, exist_ok=True)
         plan.git.mirrors_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        move_legacy_mirrors(plan)
     if plan.approvals_dir:
         # Created by the host user, so decisions written from the host never meet root-owned dirs.
         Store(plan.approvals_dir).ensure_layout()
     plan.policy_dir.mkdir(mode=0o700, exist_ok=True)   # mounted into the bundle: it must exist
+
+
+def move_legacy_mirrors(plan: Plan) -> None:
+    """Before instances, a bottle's mirrors lived in its own git dir, with the pushes waiting to be
+    forwarded in each mirror's git-gate/queue/. Move both where git-gate looks now, so nothing pushed
+    is lost: the mirror into the agent's shared dir (unless it has one already), the queue into this
+    bottle's spool."""
+    from bottle_tasks.sidecars.gitgate.hooks import MIRROR_STATE_DIR, SPOOL_DIR
+
+    for repo in plan.git.repos:
+        legacy = plan.git.gate_dir / f"{repo.name}.git"
+        if legacy.is_symlink() or not legacy.is_dir():
+            continue
+        queue = legacy / MIRROR_STATE_DIR / "queue"
+        if queue.is_dir() and not queue.is_symlink():
+            spool = plan.git.gate_dir / SPOOL_DIR / repo.name / "queue"
+            spool.mkdir(parents=True, exist_ok=True)
+            for entry in queue.iterdir():
+                if entry.is_file() and not entry.is_symlink():
+                    entry.replace(spool / entry.name)
+        shared = plan.git.mirrors_dir / f"{repo.name}.git"
+        if not shared.exists():
+            legacy.replace(shared)
+            print(f"moved the mirror {legacy} to {shared} (shared by the agent's bottles)")
 
 
 def ensure_audit_dir(plan: Plan) -> None:

@@ -57,8 +57,8 @@ def test_supervising_git_push_holds_every_push_in_git_gate_whatever_the_guest_ho
     assert plan.git.approval_timeout == 45
     git_gate = next(d for d in plan.bundle.daemons if d.name == "git-gate")
     supervise = next(d for d in plan.bundle.daemons if d.name == "supervise")
-    assert [s.target for s in git_gate.state] == [GIT_DIR, SUPERVISE_DIR]
-    assert git_gate.state[1] == supervise.state[0]  # the same host dir doit approve decides in
+    assert [s.target for s in git_gate.state] == [GIT_DIR, GIT_MIRRORS_DIR, SUPERVISE_DIR]
+    assert git_gate.state[2] == supervise.state[0]  # the same host dir doit approve decides in
     targets = [m.target for m in plan.bundle.mounts]
     assert targets.count(SUPERVISE_DIR) == 1, "docker refuses two mounts at one target"
 
@@ -78,7 +78,7 @@ def test_without_a_push_rule_nothing_is_held_and_git_gate_mounts_only_its_mirror
     plan = _plan(tmp_path, GIT + "supervise: {tools: [WebFetch]}\n")
     assert not plan.git.repos[0].push.approve and plan.git.approval_timeout is None
     git_gate = next(d for d in plan.bundle.daemons if d.name == "git-gate")
-    assert [s.target for s in git_gate.state] == [GIT_DIR]
+    assert [s.target for s in git_gate.state] == [GIT_DIR, GIT_MIRRORS_DIR]
     config = parse_config(yaml.safe_load(render("git-gate.yaml.j2", plan)))
     assert config.supervise is None and not config.repos[0].push.approve
 

@@ -336,3 +336,20 @@ def test_all_finds_instances_docker_holds_without_a_state_dir_but_not_another_ch
     run = common.new_run()
     run.docker = Leftovers()
     assert common.instances_of("example", run) == ["", "gone", "one", "two"]
+
+
+def test_a_bottles_old_mirror_and_its_unforwarded_pushes_move_where_git_gate_looks_now(tmp_path):
+    from bottle_tasks.tasks.bottle import move_legacy_mirrors
+
+    agent = tmp_path / "coder.yaml"
+    agent.write_text("command: [claude]\ngit:\n  repos:\n    - name: app\n      url: https://git.example.test/app.git\n")
+    plan = make_plan(load_spec(agent), settings(tmp_path), None, "")
+    legacy = plan.git.gate_dir / "app.git"
+    (legacy / "git-gate" / "queue").mkdir(parents=True)
+    (legacy / "HEAD").write_text("ref: refs/heads/main\n")
+    (legacy / "git-gate" / "queue" / "0001-push.json").write_text(json.dumps({"ref": "refs/heads/bottle/coder/x"}))
+    plan.git.mirrors_dir.mkdir(parents=True)
+    move_legacy_mirrors(plan)
+    assert (plan.git.mirrors_dir / "app.git" / "HEAD").is_file() and not legacy.exists()
+    moved = plan.git.gate_dir / "spool" / "app" / "queue" / "0001-push.json"
+    assert json.loads(moved.read_text())["ref"] == "refs/heads/bottle/coder/x"

@@ -19,7 +19,9 @@ from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
 from bottle_tasks.render import TEMPLATES_DIR, render_files
 from bottle_tasks.sidecars.audit import AUDIT_FILE, AuditFile
 from bottle_tasks.sidecars.supervise_store import Store
-from bottle_tasks.tasks.common import action, backend, current_run, files_under, plans, probe, purge_requested, settings
+from bottle_tasks.tasks.common import (
+    action, backend, current_run, files_under, flag, plans, probe, purge_requested, settings,
+)
 from bottle_tasks.tasks.config import doit_db_of
 from bottle_tasks.tasks.images import pipelock_ok
 
@@ -52,6 +54,8 @@ LEARN_WARNING = ("warning: learn mode (network.unknown_hosts: learn): {slug} may
 
 
 def preflight(plan: Plan) -> None:
+    if flag("all"):
+        raise BottleError("bring up one bottle at a time: agent=<name> [name=<instance>]; all=1 is for clean")
     # One run at a time brings a bottle up; a second start of it waits here, before anything is built,
     # and then finds its stages up to date. Held until the stages are done (start lets go before the
     # agent takes the terminal) or the run ends.

@@ -18,6 +18,8 @@ from bottle_tasks.tasks.common import action, backend, plans, selected_agent
 
 __all__ = ["task_start"]
 
+ALL_REFUSED = "start one bottle at a time: agent=<name> [name=<instance>]; all=1 is for clean"
+
 
 def lock_bottle(plan) -> None:
     """clean waits for a start of the same bottle to finish bringing it up."""
@@ -59,15 +61,27 @@ def task_start():
             "actions": [lambda: TaskFailed("say which agent: doit start agent=<name> (agents are the files in agents/)")],
             "uptodate": [False],
         }
-    for plan in plans():
-        be = backend(plan)
+    chosen = list(plans())
+    if len(chosen) > 1:   # all=1: the bottles' clean actions, one after another; a start takes one bottle
+        return {
+            # The deps order clean (dependents first); a run stops at the first preflight, which refuses all=1.
+            "task_dep": [f"provision:{plan.slug}" for plan in chosen],
+            "actions": [lambda: TaskFailed(ALL_REFUSED)],
+            "uptodate": [False],
+            "clean": [step for plan in chosen for step in clean_steps(plan)],
+        }
+    for plan in chosen:
         return {
             "task_dep": [f"provision:{plan.slug}"],
             "actions": [(run_agent, [plan])],
             "uptodate": [False],
             "verbosity": 2,
             "meta": {HANDS_OVER: True},     # the stages' timings print before the agent takes the terminal
-            # Runs first among the clean actions (dependents first): sweep everything labelled with
-            # the slug, so a resource left by an interrupted run is found too.
-            "clean": [(action(lock_bottle), [plan]), (action(be.remove_all), [plan]), (action(purge_state), [plan])],
+            "clean": clean_steps(plan),
         }
+
+
+def clean_steps(plan) -> list:
+    # Runs first among the clean actions (dependents first): sweep everything labelled with the
+    # slug, so a resource left by an interrupted run is found too.
+    return [(action(lock_bottle), [plan]), (action(backend(plan).remove_all), [plan]), (action(purge_state), [plan])]

@@ -195,6 +195,9 @@ def test_status_lists_the_instances(pair):
 def test_zz_clean_all_leaves_nothing_of_the_agent_behind(pair):
     (one, two), _ = pair
     env = one.env
+    refused = env.doit("start", f"agent={AGENT}", "all=1", check=False)
+    assert refused.returncode != 0 and "all=1 is for clean" in refused.stdout + refused.stderr
+    docker("rm", "-f", UPSTREAM, check=False)       # the test's own container sits on both egress networks
     env.doit("clean", f"agent={AGENT}", "all=1", "purge=1")
     for kind in ("container", "network", "volume"):
         assert _labelled(kind) == [], f"{kind}s of {AGENT} left after clean all=1"

@@ -279,6 +279,7 @@ def purge_state(plan: Plan) -> None:
     shutil.rmtree(plan.state_dir, ignore_errors=True)
     shutil.rmtree(plan.cache_dir, ignore_errors=True)
     drop_claim(plan.cache_root, plan.slug)
-    doit_db_of(plan.cache_root, plan.slug).unlink(missing_ok=True)
+    if flag("all"):     # this run's DB is the agent's own then; a bottle's own DB is never removed under its run
+        doit_db_of(plan.cache_root, plan.slug).unlink(missing_ok=True)
     if plan.git and not instances_on_disk(plan.agent, plan.state_dir.parent):
         shutil.rmtree(plan.git.mirrors_dir, ignore_errors=True)    # the last bottle of the agent took its mirrors

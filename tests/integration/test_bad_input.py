@@ -81,15 +81,26 @@ def test_name_already_in_use(bottle_env):
 
 
 def test_subnet_clash(bottle_env):
+    """A subnet in use: the allocator steps around it and says where the bottle went; a subnet the agent
+    file pins cannot move, so that start fails with the fix and leaves nothing."""
     bottle_env.write_agent("clashing", "routes: []\n")
     plan = bottle_env.plan("clashing")
+    first = ipaddress.ip_network(plan.network.guest_side.subnet).supernet(new_prefix=23)
     squatter = "bottle-test-squatter-net"
     overlapping = str(ipaddress.ip_network(plan.network.guest_side.subnet).subnets(new_prefix=25).__next__())
     docker("network", "create", "--subnet", overlapping, squatter)
     try:
-        out = _failed_start(bottle_env, "clashing")
+        moved = bottle_env.doit("start", "agent=clashing", "command=true")
+        assert f"subnet {first} is in use; bottle 'clashing' uses " in moved.stdout + moved.stderr
+        subnet = docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}",
+                        plan.network.guest_side.name).stdout.strip()
+        assert not ipaddress.ip_network(subnet).overlaps(ipaddress.ip_network(overlapping))
+        bottle_env.doit("clean", "agent=clashing", "purge=1")
+        bottle_env.write_agent("clashing-pinned", f"routes: []\nnetwork: {{subnet: {first}}}\n")
+        out = _failed_start(bottle_env, "clashing-pinned")
         assert f"docker network {squatter!r} already uses {overlapping}" in out, out
-        assert "network.subnet" in out and str(plan.spec_path) in out
-        assert _leftovers("clashing") == []
+        assert "network.subnet" in out and "clashing-pinned.yaml" in out
+        assert _leftovers("clashing-pinned") == []
     finally:
+        bottle_env.doit("clean", "agent=clashing", "purge=1", check=False)
         docker("network", "rm", squatter, check=False)

@@ -27,6 +27,9 @@ from bottle_tasks.labels import FINGERPRINT_LABEL, SLUG_LABEL
 from bottle_tasks.plan import Bridge, Mount, Plan
 
 HEALTH_TIMEOUT = 60.0
+# The bundle image's HEALTHCHECK command (images/bundle/Dockerfile), run by hand while docker has no
+# verdict yet: docker's first check comes one interval after the start.
+HEALTH_COMMAND = ("/opt/bottle/venv/bin/python", "-m", "bottle_tasks.sidecars.health")
 
 
 def digest_of(*parts: object) -> str:
@@ -146,9 +149,17 @@ class DockerBundle(Backend):
         obj = self.docker.inspect("container", container)
         if obj is None or not obj["State"].get("Running"):
             return False
-        if need_healthy and (obj["State"].get("Health") or {}).get("Status") != "healthy":
+        if obj["Config"]["Labels"].get(FINGERPRINT_LABEL) != fingerprint:
             return False
-        return obj["Config"]["Labels"].get(FINGERPRINT_LABEL) == fingerprint
+        return not need_healthy or self.healthy(container, obj)
+
+    def healthy(self, container: str, obj: dict) -> bool:
+        """docker's verdict, or while docker has none yet (its checks are BUNDLE_HEALTH_INTERVAL apart,
+        so that many idle bundles cost little), the same check run now."""
+        status = (obj["State"].get("Health") or {}).get("Status")
+        if status == "starting":
+            return self.docker("exec", container, *HEALTH_COMMAND, check=False).returncode == 0
+        return status == "healthy"
 
     def bundle_ready(self, plan: Plan) -> bool:
         return self.running_with(plan.bundle.name, self.bundle_fingerprint(plan), need_healthy=True)
@@ -195,7 +206,7 @@ class DockerBundle(Backend):
             obj = self.docker.inspect("container", container, fresh=True)
             state = (obj or {}).get("State", {})
             status = (state.get("Health") or {}).get("Status")
-            if status == "healthy":
+            if obj is not None and state.get("Running") and self.healthy(container, obj):
                 return
             if not state.get("Running") or time.monotonic() > deadline:
                 logs = self.docker.query("logs", "--tail", "30", container, check=False)

@@ -174,3 +174,23 @@ def test_resources_bundle_overrides_the_sized_limits_and_a_tiny_one_is_refused(t
     path.write_text("resources: {bundle: {memory: 100m}}\n")
     with pytest.raises(BottleError, match=r"small.yaml: resources.bundle.memory 100m is below 256m"):
         make_plan(load_spec(path), settings(tmp_path))
+
+
+def test_until_docker_has_a_health_verdict_the_same_check_is_run_by_hand():
+    """docker checks every 10 s (many idle bundles cost little); start and the up-to-date probe do not
+    wait for its first verdict, nor trust a bundle docker has found unhealthy."""
+    from bottle_tasks.backends.bundle import HEALTH_COMMAND
+
+    def state(status):
+        return {"State": {"Running": True, "Health": {"Status": status}}, "Config": {"Labels": {}}}
+
+    for exec_code, expected in ((0, True), (1, False)):
+        runner = FakeRunner({("docker", "exec"): (exec_code, "", "")})
+        backend = DockerBackend(Docker(runner))
+        assert backend.healthy("bottle-x-bundle", state("starting")) is expected
+        assert runner.calls[-1] == ["docker", "exec", "bottle-x-bundle", *HEALTH_COMMAND]
+    runner = FakeRunner({("docker", "exec"): (0, "", "")})
+    backend = DockerBackend(Docker(runner))
+    assert backend.healthy("bottle-x-bundle", state("unhealthy")) is False
+    assert backend.healthy("bottle-x-bundle", state("healthy")) is True
+    assert not runner.calls                    # docker's own verdict needs no exec

@@ -353,3 +353,17 @@ def test_a_bottles_old_mirror_and_its_unforwarded_pushes_move_where_git_gate_loo
     assert (plan.git.mirrors_dir / "app.git" / "HEAD").is_file() and not legacy.exists()
     moved = plan.git.gate_dir / "spool" / "app" / "queue" / "0001-push.json"
     assert json.loads(moved.read_text())["ref"] == "refs/heads/bottle/coder/x"
+
+
+def test_all_cleans_every_instance_dependents_first_and_never_starts_them(bottles):
+    from bottle_tasks.tasks import bottle, start
+
+    set_var("agent", "example")
+    set_var("all", "1")
+    chosen = _plans()
+    task = start.task_start()
+    assert task["task_dep"] == [f"provision:{p.slug}" for p in chosen]       # clean runs start's steps first
+    swept = [args[0].slug for _fn, args in task["clean"]]
+    assert swept == [slug for p in chosen for slug in (p.slug,) * 3]
+    with pytest.raises(BottleError, match="all=1 is for clean"):
+        bottle.preflight(chosen[0])

@@ -95,8 +95,8 @@ class Docker:
                     self._objects[key] = obj
         return self._objects
 
-    def image_id(self, ref: str) -> str | None:
-        obj = self.inspect("image", ref)
+    def image_id(self, ref: str, *, fresh: bool = False) -> str | None:
+        obj = self.inspect("image", ref, fresh=fresh)
         return obj["Id"] if obj else None
 
     # -- selections ------------------------------------------------------------------------------

@@ -130,8 +130,9 @@ def build_image(image: ImagePlan, s: Settings) -> None:
     with locks.holding(image_lock(image, s), f"the image build of {image.tag}"):
         key = inputs_key(image, s)
         stamp = inputs_stamp(image)
-        if image_current(image) and stamp.is_file() and stamp.read_text() == key:
+        if image_current(image, fresh=True) and stamp.is_file() and stamp.read_text() == key:
             print(f"{image.tag} is current (built from these inputs already)")
+            current_run().docker.invalidate()    # later probes must see the image another run built
             return
         _build(image, s)
         stamp.write_text(key)
@@ -163,10 +164,11 @@ def build_failure(image: ImagePlan, result: Result, s: Settings) -> BottleError:
     return CommandError(result.argv, result.returncode, output)
 
 
-def image_current(image: ImagePlan) -> bool:
+def image_current(image: ImagePlan, fresh: bool = False) -> bool:
+    """fresh: ask the engine now, not this run's first look (another run may have built it since)."""
     if not image.iid_file.exists():
         return False
-    return current_run().docker.image_id(image.tag) == image.iid_file.read_text().strip()
+    return current_run().docker.image_id(image.tag, fresh=fresh) == image.iid_file.read_text().strip()
 
 
 def image_task(image: ImagePlan, s: Settings, agent: str = "") -> dict:

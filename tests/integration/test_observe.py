@@ -113,11 +113,18 @@ def test_logs_show_a_block_with_its_id_and_fix_and_filter_by_kind(bottle_a):
     check_logs(bottle_a)
 
 
+def _ctrl_c_as_on_a_terminal() -> None:
+    # A command started in the background by a non-interactive shell (nohup .ci/run &) inherits
+    # SIGINT ignored, and Python then never turns it into KeyboardInterrupt; a terminal's Ctrl-C
+    # reaches a process whose SIGINT is at its default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_logs_follow_prints_a_new_block_as_it_happens_and_stops_on_ctrl_c(bottle_a):
     follower = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "logs",
                                  f"agent={bottle_a.agent}", "follow=1", "kind=block", "since=1m"],
                                 cwd=ROOT, env={**bottle_a.env.env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_on_a_terminal)
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(follower.stdout.readline, "")), daemon=True)
     reader.start()

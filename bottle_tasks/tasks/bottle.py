@@ -12,7 +12,7 @@ from doit.tools import config_changed
 from bottle_tasks import locks
 from bottle_tasks.errors import BottleError
 from bottle_tasks.backends.host_subnets import drop_claim
-from bottle_tasks.instances import instances_on_disk, write_record
+from bottle_tasks.instances import check_slug_free, instances_on_disk, write_record
 from bottle_tasks.fence_record import forget_fence, write_fence
 from bottle_tasks.plan import Plan
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
@@ -20,7 +20,7 @@ from bottle_tasks.render import TEMPLATES_DIR, render_files
 from bottle_tasks.sidecars.audit import AUDIT_FILE, AuditFile
 from bottle_tasks.sidecars.supervise_store import Store
 from bottle_tasks.tasks.common import (
-    action, backend, current_run, files_under, flag, plans, probe, purge_requested, settings,
+    action, agent_files, backend, current_run, files_under, flag, plans, probe, purge_requested, settings,
 )
 from bottle_tasks.tasks.config import doit_db_of
 from bottle_tasks.tasks.images import pipelock_ok
@@ -69,6 +69,9 @@ def preflight(plan: Plan) -> None:
         if "\n" in value:
             raise BottleError(f"{plan.spec_path}: env.{key}: the value spans several lines; use one line")
     backend(plan).preflight(plan)
+    # load_plan checked the slug without the lock; two bottles that share it (agent=a name=b-c and
+    # agent=a-b name=c) share this lock too, so the second to get here finds the first one's record.
+    check_slug_free(plan.bottle, plan.state_dir.parent, (p.stem for p in agent_files(settings())))
     ensure_state_dir(plan)
     write_record(plan.state_dir, plan.bottle)     # claims the slug for this agent and instance
 

@@ -417,3 +417,41 @@ def test_a_legacy_queue_the_bundle_planted_as_a_link_never_moves_host_files_into
         move_legacy_mirrors(plan)
         assert (host_dir / "queue" / "token.json").is_file() and (host_dir / "token.json").is_file()
         assert not list((plan.git.gate_dir / "spool").rglob("token.json"))
+
+
+def test_two_bottles_that_share_a_slug_cannot_both_claim_it_when_planned_at_once(tmp_path, monkeypatch):
+    """agent=ab name=cd-ef and agent=ab-cd name=ef are both bottle ab-cd-ef. Started at the same moment, both
+    plan before either has a state dir (load_plan's check passes twice); they then queue on the one
+    bottle lock, and the second must be refused there, not take over the first one's state dir,
+    CA, workspace volume and supervise queue."""
+    from bottle_tasks.tasks import bottle, common
+
+    agents_dir = tmp_path / "agents"
+    agents_dir.mkdir()
+    for name in ("ab", "ab-cd"):
+        (agents_dir / f"{name}.yaml").write_text("command: [claude]\n")
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("BOTTLE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BOTTLE_AGENTS_DIR", str(agents_dir))
+    monkeypatch.setenv("BOTTLE_PIPELOCK_BIN", "/usr/bin/pipelock-test")
+    reset_vars()
+    run = common.new_run()
+    run.docker = NoDocker()
+    first = common.load_plan(agents_dir / "ab.yaml", run.settings, NoDocker(), "cd-ef")
+    second = common.load_plan(agents_dir / "ab-cd.yaml", run.settings, NoDocker(), "ef")
+    assert first.slug == second.slug == "ab-cd-ef"
+
+    class Quiet:
+        def preflight(self, plan):
+            pass
+    monkeypatch.setattr(bottle, "backend", lambda plan: Quiet())
+    monkeypatch.setattr(bottle, "pipelock_ok", lambda plan, s: None)
+    try:
+        bottle.preflight(first)
+        locks.release(bottle.bottle_lock(first))
+        with pytest.raises(BottleError, match="taken by instance 'cd-ef' of agent 'ab'"):
+            bottle.preflight(second)
+        assert read_record(first.state_dir) == Bottle("ab", "cd-ef")
+    finally:
+        locks.release(bottle.bottle_lock(first))
+        new_run()

@@ -461,6 +461,16 @@ def test_a_bottle_pushes_only_in_its_own_namespace_whatever_the_globs(instance, 
         assert _policy(instance, branches).branch_refusal(branch) == refusal
 
 
+
+@pytest.mark.parametrize("branch", ["bottle", "bottle/a", "Bottle/A"])
+def test_a_branch_on_the_way_to_the_namespace_root_is_refused_whatever_the_globs(branch):
+    """git keeps a branch as a file: refs/heads/bottle/a (under branches: ['*']) would be where every
+    instance's bottle/a/<name>/ needs a directory, in the mirror they share and upstream."""
+    for instance in ("x", ""):
+        refusal = _policy(instance).branch_refusal(branch)
+        assert refusal.startswith(f"branch {branch} would hold the place of bottle/a/, where every instance's "
+                                  "branches live"), refusal
+
 def test_without_a_namespace_root_the_globs_alone_decide():
     assert PushPolicy(branches=("*",)).branch_refusal("bottle/a/y/fix") == ""
     assert PushPolicy(branches=("bottle/a/*",)).branch_refusal("main") == "branch not allowed (allowed: bottle/a/*)"

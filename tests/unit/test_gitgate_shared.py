@@ -111,6 +111,16 @@ def pending_markers(shared, made: Gate) -> list[Path]:
     return list((shared.mirror / "git-gate" / "pending" / gate_id(made.config.state_dir)).glob("*.json"))
 
 
+def assert_the_upstream_reaches_the_mirror_through(shared, made: Gate) -> None:
+    """A commit made upstream lands in the mirror with one refresh of made."""
+    other = shared.tmp / "other"
+    git("clone", "--quiet", str(shared.upstream), str(other))
+    later = commit_file(other, "later.txt", "later\n", "upstream moves on")
+    git("push", "--quiet", "origin", "main", cwd=other)
+    assert made.refresh(made.config.repos[0]) is True
+    assert rev(shared.mirror, "refs/heads/main") == later
+
+
 def count_fetches(monkeypatch) -> list[list[str]]:
     """Every `git fetch` the gate runs in this process."""
     fetches: list[list[str]] = []
@@ -175,12 +185,7 @@ def test_another_gates_fetch_leaves_an_unforwarded_push_alone(shared):
     assert wait_for(lambda: rev(shared.upstream, "refs/heads/main") == sha, timeout=15)
     assert wait_for(lambda: not pending_markers(shared, gate_x), timeout=15)
     # forwarded, the ref is the upstream's again: a commit made there reaches the mirror through y
-    other = shared.tmp / "other"
-    git("clone", "--quiet", str(shared.upstream), str(other))
-    later = commit_file(other, "later.txt", "later\n", "upstream moves on")
-    git("push", "--quiet", "origin", "main", cwd=other)
-    assert gate_y.refresh(gate_y.config.repos[0]) is True
-    assert rev(shared.mirror, "refs/heads/main") == later
+    assert_the_upstream_reaches_the_mirror_through(shared, gate_y)
 
 
 def test_shared_hooks_name_no_gate_and_refuse_a_push_no_gate_serves(shared):
@@ -395,6 +400,27 @@ def test_a_gates_pending_dir_planted_as_a_link_never_lets_its_reconcile_delete_w
     with pytest.raises(OSError):
         mark_pending(paths.pending, gate_id(gate_y.config.state_dir), "refs/heads/bottle/a/y/fix", head)
     assert [p.name for p in paths.queue.iterdir()] == [queued.name], "y's queue was changed through the link"
+
+
+
+def test_another_instances_many_unforwarded_refs_never_stop_this_gates_fetch(shared):
+    """One push of x's guest may create a thousand long branches in its own namespace; until x has
+    forwarded them all, every gate's fetch must leave them alone. As arguments (^<ref> each) they
+    passed the system's limit, and y's fetch (its guest's fetches, its background refresh) failed."""
+    gate_y = shared.gate("y", "y")
+    assert gate_y.refresh(gate_y.config.repos[0]) is True
+    head = rev(shared.mirror, "refs/heads/main")
+    stem = "refs/heads/bottle/a/x/" + "/".join(["p" * 240] * 8) + "/"  # long, as a push may make them
+    count = os.sysconf("SC_ARG_MAX") // len(stem) + 100
+    refs = [f"{stem}{i:06d}" for i in range(count)]
+    git("update-ref", "--stdin", cwd=shared.mirror, env=None,
+        input_text="".join(f"create {ref} {head}\n" for ref in refs))
+    markers = shared.mirror / "git-gate" / "pending" / "0123456789abcdef"  # gate x's: accepted, not forwarded
+    markers.mkdir(parents=True)
+    for index, ref in enumerate(refs):
+        (markers / f"{index}.json").write_text(json.dumps({"ref": ref, "new": head}))
+    assert_the_upstream_reaches_the_mirror_through(shared, gate_y)
+    assert rev(shared.mirror, refs[-1]) == head
 
 
 @pytest.mark.xfail(strict=True, reason="open: the hooks and config of the shared mirror are every bundle's to "

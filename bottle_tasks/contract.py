@@ -152,7 +152,11 @@ class PushPolicy:
 
     def branch_refusal(self, branch: str) -> str:
         """Why this bottle may not push to branch, "" when it may. Another instance's namespace is
-        refused whatever the globs say (``*`` matches it too)."""
+        refused whatever the globs say (``*`` matches it too), and so is a branch on the way to the root
+        (``bottle``, ``bottle/<agent>``): git keeps it as a file where every namespace needs a directory."""
+        root = self.namespace_root
+        if root and root.casefold().startswith(branch.casefold() + "/"):
+            return f"branch {branch} would hold the place of {root}, where every instance's branches live"
         owner = self.namespace_owner(branch)
         if owner is not None and owner != self.instance:
             whose = f"instance {owner}'s" if owner else "the default instance's"

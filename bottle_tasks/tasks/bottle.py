@@ -12,7 +12,7 @@ from doit.tools import config_changed
 from bottle_tasks import locks
 from bottle_tasks.errors import BottleError
 from bottle_tasks.backends.host_subnets import drop_claim
-from bottle_tasks.instances import instances_on_disk, write_record
+from bottle_tasks.instances import check_slug_free, instances_on_disk, write_record
 from bottle_tasks.fence_record import forget_fence, write_fence
 from bottle_tasks.plan import Plan
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
@@ -20,7 +20,7 @@ from bottle_tasks.render import TEMPLATES_DIR, render_files
 from bottle_tasks.sidecars.audit import AUDIT_FILE, AuditFile
 from bottle_tasks.sidecars.supervise_store import Store
 from bottle_tasks.tasks.common import (
-    action, backend, current_run, files_under, flag, plans, probe, purge_requested, settings,
+    action, agent_files, backend, current_run, files_under, flag, plans, probe, purge_requested, settings,
 )
 from bottle_tasks.tasks.config import doit_db_of
 from bottle_tasks.tasks.images import pipelock_ok
@@ -69,6 +69,9 @@ def preflight(plan: Plan) -> None:
         if "\n" in value:
             raise BottleError(f"{plan.spec_path}: env.{key}: the value spans several lines; use one line")
     backend(plan).preflight(plan)
+    # load_plan checked the slug without the lock; two bottles that share it (agent=a name=b-c and
+    # agent=a-b name=c) share this lock too, so the second to get here finds the first one's record.
+    check_slug_free(plan.bottle, plan.state_dir.parent, (p.stem for p in agent_files(settings())))
     ensure_state_dir(plan)
     write_record(plan.state_dir, plan.bottle)     # claims the slug for this agent and instance
 
@@ -110,24 +113,84 @@ def move_legacy_mirrors(plan: Plan) -> None:
     """Before instances, a bottle's mirrors lived in its own git dir, with the pushes waiting to be
     forwarded in each mirror's git-gate/queue/. Move both where git-gate looks now, so nothing pushed
     is lost: the mirror into the agent's shared dir (unless it has one already), the queue into this
-    bottle's spool."""
+    bottle's spool. The bundle writes the git dir: every dir below it is opened by descriptor with no
+    link followed, so a planted link can neither pick the host files moved nor where they land."""
     from bottle_tasks.sidecars.gitgate.hooks import MIRROR_STATE_DIR, SPOOL_DIR
 
-    for repo in plan.git.repos:
-        legacy = plan.git.gate_dir / f"{repo.name}.git"
-        if legacy.is_symlink() or not legacy.is_dir():
-            continue
-        queue = legacy / MIRROR_STATE_DIR / "queue"
-        if queue.is_dir() and not queue.is_symlink():
-            spool = plan.git.gate_dir / SPOOL_DIR / repo.name / "queue"
-            spool.mkdir(parents=True, exist_ok=True)
-            for entry in queue.iterdir():
-                if entry.is_file() and not entry.is_symlink():
-                    entry.replace(spool / entry.name)
-        shared = plan.git.mirrors_dir / f"{repo.name}.git"
-        if not shared.exists():
-            legacy.replace(shared)
-            print(f"moved the mirror {legacy} to {shared} (shared by the agent's bottles)")
+    gate_fd = _open_dir_here(plan.git.gate_dir)
+    try:
+        for repo in plan.git.repos:
+            legacy = f"{repo.name}.git"
+            queue_fd = _open_dirs(gate_fd, plan.git.gate_dir, (legacy, MIRROR_STATE_DIR, "queue"), missing_ok=True)
+            if queue_fd is not None:
+                try:
+                    spool_fd = _open_dirs(gate_fd, plan.git.gate_dir, (SPOOL_DIR, repo.name, "queue"), create=True)
+                    try:
+                        for entry in list(os.scandir(queue_fd)):
+                            if entry.is_file(follow_symlinks=False):
+                                os.rename(entry.name, entry.name, src_dir_fd=queue_fd, dst_dir_fd=spool_fd)
+                    finally:
+                        os.close(spool_fd)
+                finally:
+                    os.close(queue_fd)
+            legacy_fd = _open_dirs(gate_fd, plan.git.gate_dir, (legacy,), missing_ok=True)
+            if legacy_fd is None:
+                continue
+            os.close(legacy_fd)
+            shared = plan.git.mirrors_dir / legacy
+            mirrors_fd = _open_dir_here(plan.git.mirrors_dir)
+            try:
+                try:
+                    os.lstat(legacy, dir_fd=mirrors_fd)     # anything there, a link too: the agent has one
+                    continue
+                except FileNotFoundError:
+                    pass
+                os.rename(legacy, legacy, src_dir_fd=gate_fd, dst_dir_fd=mirrors_fd)
+            finally:
+                os.close(mirrors_fd)
+            print(f"moved the mirror {plan.git.gate_dir / legacy} to {shared} (shared by the agent's bottles)")
+    finally:
+        os.close(gate_fd)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir_here(path: Path) -> int:
+    """A dir the host made (the bottle's git dir, the agent's mirrors dir), opened with no link followed."""
+    try:
+        return os.open(path, _DIR_FLAGS)
+    except OSError as exc:
+        raise BottleError(f"{path}: not a plain directory ({exc.strerror}); remove it, then start again") from None
+
+
+def _open_dirs(root_fd: int, root: Path, parts: tuple[str, ...], *, create: bool = False,
+               missing_ok: bool = False) -> int | None:
+    """root/parts..., each dir opened below the last with no link followed (created when create);
+    None when one is missing and missing_ok, or (missing_ok) is a link or no dir: nothing to move."""
+    fd = os.dup(root_fd)
+    try:
+        for index, part in enumerate(parts):
+            if create:
+                try:
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if missing_ok:
+                    return None
+                where = root.joinpath(*parts[:index + 1])
+                raise BottleError(f"{where}: not a plain directory ({exc.strerror}); git-gate's dirs hold no links: "
+                                  "remove it, then start again") from None
+            os.close(fd)
+            fd = child
+        result, fd = fd, -1
+        return result
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def ensure_audit_dir(plan: Plan) -> None:

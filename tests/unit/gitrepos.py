@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 
-def git(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env)
+def git(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None,
+        input_text: str | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env, input=input_text)
     if check and result.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

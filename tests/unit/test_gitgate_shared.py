@@ -7,6 +7,7 @@ Real git, a local bare "upstream" repo, gates on 127.0.0.1; every path is a temp
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -27,10 +28,12 @@ from bottle_tasks.sidecars.daemon import Backoff
 from bottle_tasks.sidecars.gitgate import daemon as gate_daemon
 from bottle_tasks.sidecars.gitgate.config import load_config
 from bottle_tasks.sidecars.gitgate.daemon import Gate
-from bottle_tasks.sidecars.gitgate.hooks import CONFIG_ENV, hook_script
+from bottle_tasks.sidecars.gitgate.hooks import CONFIG_ENV, MirrorPaths, hook_script, queued_refs, write_spool
 from bottle_tasks.sidecars.gitgate.policy import RefUpdate, evaluate_push
 from bottle_tasks.sidecars.gitgate.scan import SecretScanner
-from bottle_tasks.sidecars.gitgate.shared import LOCKS_DIR, MirrorLockError, gate_id, hold_mirror
+from bottle_tasks.sidecars.gitgate.shared import (
+    LOCKS_DIR, MirrorLockError, gate_id, hold_mirror, mark_pending, reconcile_pending,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = Backoff(initial_s=0.05, cap_s=0.2)
@@ -108,6 +111,16 @@ def pending_markers(shared, made: Gate) -> list[Path]:
     return list((shared.mirror / "git-gate" / "pending" / gate_id(made.config.state_dir)).glob("*.json"))
 
 
+def assert_the_upstream_reaches_the_mirror_through(shared, made: Gate) -> None:
+    """A commit made upstream lands in the mirror with one refresh of made."""
+    other = shared.tmp / "other"
+    git("clone", "--quiet", str(shared.upstream), str(other))
+    later = commit_file(other, "later.txt", "later\n", "upstream moves on")
+    git("push", "--quiet", "origin", "main", cwd=other)
+    assert made.refresh(made.config.repos[0]) is True
+    assert rev(shared.mirror, "refs/heads/main") == later
+
+
 def count_fetches(monkeypatch) -> list[list[str]]:
     """Every `git fetch` the gate runs in this process."""
     fetches: list[list[str]] = []
@@ -172,12 +185,7 @@ def test_another_gates_fetch_leaves_an_unforwarded_push_alone(shared):
     assert wait_for(lambda: rev(shared.upstream, "refs/heads/main") == sha, timeout=15)
     assert wait_for(lambda: not pending_markers(shared, gate_x), timeout=15)
     # forwarded, the ref is the upstream's again: a commit made there reaches the mirror through y
-    other = shared.tmp / "other"
-    git("clone", "--quiet", str(shared.upstream), str(other))
-    later = commit_file(other, "later.txt", "later\n", "upstream moves on")
-    git("push", "--quiet", "origin", "main", cwd=other)
-    assert gate_y.refresh(gate_y.config.repos[0]) is True
-    assert rev(shared.mirror, "refs/heads/main") == later
+    assert_the_upstream_reaches_the_mirror_through(shared, gate_y)
 
 
 def test_shared_hooks_name_no_gate_and_refuse_a_push_no_gate_serves(shared):
@@ -374,6 +382,79 @@ def test_a_start_with_the_lock_planted_as_a_link_fails_with_the_path(shared):
     assert not (shared.tmp / "victim").exists()
 
 
+
+def test_a_gates_pending_dir_planted_as_a_link_never_lets_its_reconcile_delete_what_it_points_at(shared):
+    """Every bundle of the agent writes the shared mirror, and mounts its own state at the same path:
+    a sibling that plants pending/<y's gate> as a link to y's queue must not make y's forwarder delete
+    the pushes y accepted and has not forwarded yet (nor write its markers there)."""
+    gate_y = shared.gate("y", "y")
+    paths = MirrorPaths.of(gate_y.config, gate_y.config.repos[0])
+    head = rev(shared.mirror, "refs/heads/main")
+    queued = write_spool(paths.queue, {"ref": "refs/heads/bottle/a/y/fix", "old": ZERO, "new": head, "force": False})
+    pending_y = paths.pending / gate_id(gate_y.config.state_dir)
+    pending_y.mkdir(parents=True, exist_ok=True)
+    pending_y.rmdir()
+    pending_y.symlink_to(paths.queue)
+    with pytest.raises(OSError):
+        reconcile_pending(paths.pending, gate_id(gate_y.config.state_dir), functools.partial(queued_refs, paths))
+    with pytest.raises(OSError):
+        mark_pending(paths.pending, gate_id(gate_y.config.state_dir), "refs/heads/bottle/a/y/fix", head)
+    assert [p.name for p in paths.queue.iterdir()] == [queued.name], "y's queue was changed through the link"
+
+
+
+def test_another_instances_many_unforwarded_refs_never_stop_this_gates_fetch(shared):
+    """One push of x's guest may create a thousand long branches in its own namespace; until x has
+    forwarded them all, every gate's fetch must leave them alone. As arguments (^<ref> each) they
+    passed the system's limit, and y's fetch (its guest's fetches, its background refresh) failed."""
+    gate_y = shared.gate("y", "y")
+    assert gate_y.refresh(gate_y.config.repos[0]) is True
+    head = rev(shared.mirror, "refs/heads/main")
+    stem = "refs/heads/bottle/a/x/" + "/".join(["p" * 240] * 8) + "/"  # long, as a push may make them
+    count = os.sysconf("SC_ARG_MAX") // len(stem) + 100
+    refs = [f"{stem}{i:06d}" for i in range(count)]
+    git("update-ref", "--stdin", cwd=shared.mirror, env=None,
+        input_text="".join(f"create {ref} {head}\n" for ref in refs))
+    markers = shared.mirror / "git-gate" / "pending" / "0123456789abcdef"  # gate x's: accepted, not forwarded
+    markers.mkdir(parents=True)
+    for index, ref in enumerate(refs):
+        (markers / f"{index}.json").write_text(json.dumps({"ref": ref, "new": head}))
+    assert_the_upstream_reaches_the_mirror_through(shared, gate_y)
+    assert rev(shared.mirror, refs[-1]) == head
+
+
+@pytest.mark.xfail(strict=True, reason="open: the hooks and config of the shared mirror are every bundle's to "
+                                      "write, and every gate runs them (review finding; fix needs a redesign)")
+def test_a_sibling_bundle_that_rewrites_the_shared_hook_runs_nothing_in_another_gate(shared):
+    """A compromised bundle of instance x rewrites <mirror>/git-gate/hooks/pre-receive; the next push
+    through y's gate must not run x's script in y's bundle (with y's environment, y's config, y's
+    spools and supervise store; the hook's uid can read y's gate's tokens from /proc)."""
+    shared.gate("x", "x")
+    gate_y = shared.gate("y", "y", start=True)
+    ran = shared.tmp / "ran-in-y"
+    hook = shared.mirror / "git-gate" / "hooks" / "pre-receive"
+    hook.write_text(f'#!/bin/sh\necho "$GIT_GATE_CONFIG" > {ran}\nexit 0\n')
+    hook.chmod(0o755)
+    guest = shared.guest(gate_y, "y")
+    commit_file(guest, "y.txt", "y\n", "work of y")
+    git("push", "origin", "HEAD:refs/heads/bottle/a/y/fix", cwd=guest, check=False)
+    assert not ran.exists(), f"x's hook ran in y's gate with {ran.read_text().strip()}"
+
+
+@pytest.mark.xfail(strict=True, reason="open: bottle/<agent>/<name> of the default instance is a file where "
+                                      "instance <name>'s namespace needs a directory (review finding)")
+def test_the_default_instance_cannot_squat_another_instances_namespace(shared):
+    """The default instance owns bottle/a/<name> (no further /); git keeps refs as paths, so its
+    bottle/a/y blocks every bottle/a/y/... of instance y, in the mirror and upstream, for good."""
+    gate_d, gate_y = shared.gate("d", "", start=True), shared.gate("y", "y", start=True)
+    squatter = shared.guest(gate_d, "d")
+    commit_file(squatter, "d.txt", "d\n", "default's")
+    git("push", "origin", "HEAD:refs/heads/bottle/a/y", cwd=squatter, check=False)
+    guest = shared.guest(gate_y, "y")
+    commit_file(guest, "y.txt", "y\n", "work of y")
+    pushed = git("push", "origin", "HEAD:refs/heads/bottle/a/y/fix", cwd=guest, check=False)
+    assert pushed.returncode == 0, pushed.stderr
+
 # ---------------------------------------------------------------------------------------------
 # attack: pushing into another instance's branch namespace, whatever the globs allow
 
@@ -405,6 +486,16 @@ def test_a_bottle_pushes_only_in_its_own_namespace_whatever_the_globs(instance, 
     for branches in (("*",), ("bottle/a/*", "*"), (branch,)):  # even an agent file that names the branch outright
         assert _policy(instance, branches).branch_refusal(branch) == refusal
 
+
+
+@pytest.mark.parametrize("branch", ["bottle", "bottle/a", "Bottle/A"])
+def test_a_branch_on_the_way_to_the_namespace_root_is_refused_whatever_the_globs(branch):
+    """git keeps a branch as a file: refs/heads/bottle/a (under branches: ['*']) would be where every
+    instance's bottle/a/<name>/ needs a directory, in the mirror they share and upstream."""
+    for instance in ("x", ""):
+        refusal = _policy(instance).branch_refusal(branch)
+        assert refusal.startswith(f"branch {branch} would hold the place of bottle/a/, where every instance's "
+                                  "branches live"), refusal
 
 def test_without_a_namespace_root_the_globs_alone_decide():
     assert PushPolicy(branches=("*",)).branch_refusal("bottle/a/y/fix") == ""

@@ -367,3 +367,91 @@ def test_all_cleans_every_instance_dependents_first_and_never_starts_them(bottle
     assert swept == [slug for p in chosen for slug in (p.slug,) * 3]
     with pytest.raises(BottleError, match="all=1 is for clean"):
         bottle.preflight(chosen[0])
+
+
+def _legacy_plan(tmp_path: Path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    agent = tmp_path / "coder.yaml"
+    agent.write_text("command: [claude]\ngit:\n  repos:\n    - name: app\n      url: https://git.example.test/app.git\n")
+    plan = make_plan(load_spec(agent), settings(tmp_path), None, "")
+    (plan.git.gate_dir / "app.git" / "git-gate").mkdir(parents=True)
+    plan.git.mirrors_dir.mkdir(parents=True)
+    return plan
+
+
+def test_a_spool_dir_the_bundle_planted_as_a_link_never_steers_the_legacy_move_onto_host_files(tmp_path):
+    """The bundle writes the bottle's git dir: a link at spool/app/queue (relative, so it needs no host
+    path) must not make the host move the bundle's 'queued push' over ~/.ssh/authorized_keys."""
+    from bottle_tasks.tasks.bottle import move_legacy_mirrors
+
+    plan = _legacy_plan(tmp_path)
+    victim = tmp_path / "dot-ssh"
+    victim.mkdir()
+    (victim / "authorized_keys").write_text("ssh-ed25519 OWNER\n")
+    queue = plan.git.gate_dir / "app.git" / "git-gate" / "queue"
+    queue.mkdir()
+    (queue / "authorized_keys").write_text("ssh-ed25519 ATTACKER\n")
+    spool_repo = plan.git.gate_dir / "spool" / "app"
+    spool_repo.mkdir(parents=True)
+    os.symlink(os.path.relpath(victim, spool_repo), spool_repo / "queue")
+    with pytest.raises(BottleError, match=r"spool/app/queue: not a plain directory .*remove it"):
+        move_legacy_mirrors(plan)
+    assert (victim / "authorized_keys").read_text() == "ssh-ed25519 OWNER\n"
+
+
+def test_a_legacy_queue_the_bundle_planted_as_a_link_never_moves_host_files_into_its_spool(tmp_path):
+    """A link at app.git/git-gate (or its queue) must not make the host move the files of some host
+    dir into the spool, which the bundle reads."""
+    from bottle_tasks.tasks.bottle import move_legacy_mirrors
+
+    for linked in ("git-gate", "git-gate/queue"):
+        plan = _legacy_plan(tmp_path / linked.replace("/", "-"))
+        host_dir = plan.state_dir.parent.parent / "host-secrets"
+        (host_dir / "queue").mkdir(parents=True)
+        (host_dir / "queue" / "token.json").write_text("{}")
+        (host_dir / "token.json").write_text("{}")
+        planted = plan.git.gate_dir / "app.git" / linked
+        if planted.is_dir():
+            planted.rmdir()
+        os.symlink(host_dir, planted)
+        move_legacy_mirrors(plan)
+        assert (host_dir / "queue" / "token.json").is_file() and (host_dir / "token.json").is_file()
+        assert not list((plan.git.gate_dir / "spool").rglob("token.json"))
+
+
+def test_two_bottles_that_share_a_slug_cannot_both_claim_it_when_planned_at_once(tmp_path, monkeypatch):
+    """agent=ab name=cd-ef and agent=ab-cd name=ef are both bottle ab-cd-ef. Started at the same moment, both
+    plan before either has a state dir (load_plan's check passes twice); they then queue on the one
+    bottle lock, and the second must be refused there, not take over the first one's state dir,
+    CA, workspace volume and supervise queue."""
+    from bottle_tasks.tasks import bottle, common
+
+    agents_dir = tmp_path / "agents"
+    agents_dir.mkdir()
+    for name in ("ab", "ab-cd"):
+        (agents_dir / f"{name}.yaml").write_text("command: [claude]\n")
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("BOTTLE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BOTTLE_AGENTS_DIR", str(agents_dir))
+    monkeypatch.setenv("BOTTLE_PIPELOCK_BIN", "/usr/bin/pipelock-test")
+    reset_vars()
+    run = common.new_run()
+    run.docker = NoDocker()
+    first = common.load_plan(agents_dir / "ab.yaml", run.settings, NoDocker(), "cd-ef")
+    second = common.load_plan(agents_dir / "ab-cd.yaml", run.settings, NoDocker(), "ef")
+    assert first.slug == second.slug == "ab-cd-ef"
+
+    class Quiet:
+        def preflight(self, plan):
+            pass
+    monkeypatch.setattr(bottle, "backend", lambda plan: Quiet())
+    monkeypatch.setattr(bottle, "pipelock_ok", lambda plan, s: None)
+    try:
+        bottle.preflight(first)
+        locks.release(bottle.bottle_lock(first))
+        with pytest.raises(BottleError, match="taken by instance 'cd-ef' of agent 'ab'"):
+            bottle.preflight(second)
+        assert read_record(first.state_dir) == Bottle("ab", "cd-ef")
+    finally:
+        locks.release(bottle.bottle_lock(first))
+        new_run()

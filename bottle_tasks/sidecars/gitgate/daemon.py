@@ -266,9 +266,12 @@ class Gate:
         paths = MirrorPaths.of(self.config, repo)
         env = self.upstream_env(repo)
         keep = sorted(ref for ref in self.held_refs(paths, env) if ref.startswith(("refs/heads/", "refs/tags/")))
-        result = run_git(["fetch", "--quiet", "--no-write-fetch-head", "--no-auto-gc", "--", repo.url,
-                          "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*", *(f"^{ref}" for ref in keep)],
-                         cwd=paths.root, env=env, timeout=timeout)
+        # The refs left alone go on stdin: one push of another instance can hold more of them than
+        # the system takes as arguments, and a fetch that cannot start fails every gate of the agent.
+        result = run_git(["fetch", "--quiet", "--no-write-fetch-head", "--no-auto-gc", "--stdin", "--", repo.url,
+                          "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+                         cwd=paths.root, env=env, input="".join(f"^{ref}\n" for ref in keep).encode(),
+                         timeout=timeout)
         if result.returncode != 0:
             return False, git_error_line(result.stderr)
         self.fix_head(repo, paths, env, timeout)

@@ -150,20 +150,42 @@ def gate_id(state_dir: Path) -> str:
 # refs accepted and not yet forwarded, by any gate
 
 
-def _marker(pending: Path, gate: str, ref: str) -> Path:
-    return pending / gate / (hashlib.sha256(ref.encode()).hexdigest()[:40] + ".json")
+def _marker_name(ref: str) -> str:
+    return hashlib.sha256(ref.encode()).hexdigest()[:40] + ".json"
+
+
+def _gate_dir(pending: Path, gate: str, *, create: bool) -> int | None:
+    """pending/<gate>, opened with no link followed (None when absent and not create). Every bundle of
+    the agent writes the mirror and mounts its own state at the same path: a link planted here by
+    another would steer this gate's deletes and writes into this gate's own spools."""
+    if create:
+        (pending / gate).mkdir(parents=True, exist_ok=True)  # a link there: the open below refuses it
+    try:
+        return os.open(pending / gate, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
 
 
 def mark_pending(pending: Path, gate: str, ref: str, new: str) -> None:
     """ref, pushed to new through this gate, waits to be forwarded: no gate's fetch may undo it."""
-    marker = _marker(pending, gate, ref)
-    text = json.dumps({"ref": ref, "new": new}) + "\n"
+    name = _marker_name(ref)
+    text = (json.dumps({"ref": ref, "new": new}) + "\n").encode()
+    dir_fd = _gate_dir(pending, gate, create=True)
     try:
-        if marker.read_text() == text:
-            return
-    except (OSError, UnicodeDecodeError):
-        pass
-    atomic_write(marker, text)
+        try:
+            with os.fdopen(open_regular(name, os.O_RDONLY, dir_fd=dir_fd), "rb") as handle:
+                if handle.read(MAX_MARKER_BYTES) == text:
+                    return
+        except OSError:
+            pass
+        temp = f".{name}.{secrets.token_hex(6)}.tmp"
+        with os.fdopen(open_regular(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd), "wb") as handle:
+            handle.write(text)
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def reconcile_pending(pending: Path, gate: str, queued: Callable[[], Mapping[str, str]]) -> None:
@@ -171,14 +193,18 @@ def reconcile_pending(pending: Path, gate: str, queued: Callable[[], Mapping[str
     Stale markers go first, then every queued ref is marked from a second read of the queue: a hook
     that queues meanwhile (it marks after it queues) is marked by it or by this."""
     before = queued()
-    try:
-        names = os.listdir(pending / gate)
-    except FileNotFoundError:
-        names = []
-    wanted = {_marker(pending, gate, ref).name for ref in before}
-    for name in names:
-        if name.endswith(".json") and name not in wanted:
-            (pending / gate / name).unlink(missing_ok=True)
+    dir_fd = _gate_dir(pending, gate, create=False)
+    if dir_fd is not None:
+        try:
+            wanted = {_marker_name(ref) for ref in before}
+            for name in os.listdir(dir_fd):
+                if name.endswith(".json") and name not in wanted:
+                    try:
+                        os.unlink(name, dir_fd=dir_fd)
+                    except FileNotFoundError:
+                        pass
+        finally:
+            os.close(dir_fd)
     for ref, new in queued().items():
         mark_pending(pending, gate, ref, new)
 

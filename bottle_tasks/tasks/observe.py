@@ -234,6 +234,22 @@ def blocks_since(state_dir: Path, since: datetime) -> int | None:
         return None
 
 
+def first_health_verdict(docker: "Docker", container: "Container") -> "Container":
+    """A bundle or fence holder docker has not checked yet (its checks are seconds apart) gets its
+    check run now, as start does: one exec, only in the container's first seconds."""
+    from dataclasses import replace
+
+    from bottle_tasks.backends.bundle import HEALTH_COMMAND
+    from bottle_tasks.backends.docker import FENCE_MARK
+
+    checks = {"bundle": HEALTH_COMMAND, "fence": ("test", "-e", FENCE_MARK)}
+    mark = "(health: starting)"
+    if container.role not in checks or container.state != "running" or mark not in container.status:
+        return container
+    healthy = docker("exec", container.name, *checks[container.role], check=False).returncode == 0
+    return replace(container, status=container.status.replace(mark, "(healthy)")) if healthy else container
+
+
 def gather_status(s: "Settings", docker: "Docker", only: str | None, now: datetime,
                   smolvm=None, instance: str | None = None) -> list["BottleFacts"]:
     """Every bottle's facts: its containers (one docker ps for all), its machine (one smolvm call, only
@@ -246,7 +262,7 @@ def gather_status(s: "Settings", docker: "Docker", only: str | None, now: dateti
     by_slug: dict[str, list] = {}
     for container in parse_ps(listed.stdout):
         if container.slug:
-            by_slug.setdefault(container.slug, []).append(container)
+            by_slug.setdefault(container.slug, []).append(first_health_verdict(docker, container))
     state_dirs = {slug: Path(next((c.state_dir for c in found if c.state_dir), s.state_dir / slug))
                   for slug, found in by_slug.items()}
     for state_dir in bottle_state_dirs(s.state_dir):

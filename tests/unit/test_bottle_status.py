@@ -401,3 +401,23 @@ def test_a_host_directory_workspace_is_recorded_as_a_path(tmp_path):
 @pytest.mark.parametrize("document", [None, [], {"epoch": "x"}, {"proved_at": "yesterday"}])
 def test_a_fence_record_that_is_not_one_is_ignored(document):
     assert FenceRecord.parse(document) is None
+
+
+def test_a_bundle_docker_has_not_checked_yet_gets_the_check_run_once():
+    from bottle_tasks.backends.bundle import HEALTH_COMMAND
+    from bottle_tasks.bottle_status import Container
+    from bottle_tasks.docker_cli import Docker
+    from bottle_tasks.labels import ROLE_LABEL
+    from bottle_tasks.tasks.observe import first_health_verdict
+    from tests.unit.fakes import FakeRunner
+
+    starting = Container("bottle-x-bundle", "running", "Up 3 seconds (health: starting)", {ROLE_LABEL: "bundle"})
+    for code, word in ((0, "(healthy)"), (1, "(health: starting)")):
+        runner = FakeRunner({("docker", "exec"): (code, "", "")})
+        assert word in first_health_verdict(Docker(runner), starting).status
+        assert runner.calls == [["docker", "exec", "bottle-x-bundle", *HEALTH_COMMAND]]
+    runner = FakeRunner()
+    for other in (Container("bottle-x-guest", "running", "Up 3 seconds (health: starting)", {ROLE_LABEL: "guest"}),
+                  Container("bottle-x-bundle", "running", "Up 3 hours (healthy)", {ROLE_LABEL: "bundle"})):
+        assert first_health_verdict(Docker(runner), other) == other
+    assert runner.calls == []

@@ -160,6 +160,9 @@ def agent_task(doc: str, fn: Callable[..., object], *args: object, **task: objec
     if selected_agent() is None:
         return {"doc": doc, "actions": [lambda: TaskFailed("say which agent: agent=<name>")], "uptodate": [False],
                 **task}
+    if flag("all"):   # these act on one bottle's queue, overlay or stream: never pick one silently
+        return {"doc": doc, "actions": [lambda: TaskFailed("say which bottle: agent=<name> [name=<instance>]; "
+                                                          "all=1 is for clean")], "uptodate": [False], **task}
     for plan in plans():
         return {"doc": doc, "actions": [(action(fn), [plan, *args])], "uptodate": [False], "verbosity": 2, **task}
     return None  # not reached: plans() yields the chosen bottle's plan or exits

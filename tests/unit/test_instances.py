@@ -455,3 +455,16 @@ def test_two_bottles_that_share_a_slug_cannot_both_claim_it_when_planned_at_once
     finally:
         locks.release(bottle.bottle_lock(first))
         new_run()
+
+
+def test_commands_for_one_bottle_refuse_all_rather_than_pick_one(bottles):
+    from doit.exceptions import TaskFailed
+
+    from bottle_tasks.tasks import supervise
+
+    set_var("agent", "example")
+    set_var("all", "1")
+    _plans()
+    task = supervise.task_approve()
+    result = task["actions"][0]()
+    assert isinstance(result, TaskFailed) and "all=1 is for clean" in str(result)

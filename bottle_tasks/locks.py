@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 import sys
 import time
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bottle_tasks.errors import BottleError
+from bottle_tasks.sidecars.files import open_regular
 
 _held: dict[Path, int] = {}     # the locks this process holds until release() or exit
 
@@ -29,15 +29,13 @@ def lock_path(cache_dir: Path, name: str) -> Path:
 def _open(path: Path) -> int:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return open_regular(path, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise BottleError(f"{path} is a symbolic link; remove it (locks are plain files)") from None
+        if exc.errno == errno.EINVAL:
+            raise BottleError(f"{path} is not a regular file; remove it (locks are plain files)") from None
         raise BottleError(f"cannot open the lock {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise BottleError(f"{path} is not a regular file; remove it (locks are plain files)")
-    return fd
 
 
 def _holder(fd: int) -> str:

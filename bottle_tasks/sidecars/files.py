@@ -78,6 +78,12 @@ def open_regular(path: str | Path, flags: int, mode: int = 0o600, *, dir_fd: int
     return fd
 
 
+def open_directory(path: str | Path, *, dir_fd: int | None = None) -> int:
+    """os.open of a directory that follows no link (OSError otherwise), for walking a dir the bundle
+    can write by descriptor. dir_fd: path is relative to that open directory."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
 def tighten_mode(path: str | Path, mode: int) -> None:
     """chmod path to mode when it is ours and looser; someone else's (an older root-owned file) stays,
     and so does a link's target (the bundle can plant links in the dirs it shares with the host)."""

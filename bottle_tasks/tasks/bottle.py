@@ -18,6 +18,7 @@ from bottle_tasks.plan import Plan
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
 from bottle_tasks.render import TEMPLATES_DIR, render_files
 from bottle_tasks.sidecars.audit import AUDIT_FILE, AuditFile
+from bottle_tasks.sidecars.files import open_directory
 from bottle_tasks.sidecars.supervise_store import Store
 from bottle_tasks.tasks.common import (
     action, agent_files, backend, current_run, files_under, flag, plans, probe, purge_requested, settings,
@@ -153,13 +154,10 @@ def move_legacy_mirrors(plan: Plan) -> None:
         os.close(gate_fd)
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
 def _open_dir_here(path: Path) -> int:
     """A dir the host made (the bottle's git dir, the agent's mirrors dir), opened with no link followed."""
     try:
-        return os.open(path, _DIR_FLAGS)
+        return open_directory(path)
     except OSError as exc:
         raise BottleError(f"{path}: not a plain directory ({exc.strerror}); remove it, then start again") from None
 
@@ -177,7 +175,7 @@ def _open_dirs(root_fd: int, root: Path, parts: tuple[str, ...], *, create: bool
                 except FileExistsError:
                     pass
             try:
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                child = open_directory(part, dir_fd=fd)
             except OSError as exc:
                 if missing_ok:
                     return None

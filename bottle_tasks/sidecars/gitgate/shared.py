@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from bottle_tasks.sidecars.files import atomic_write, open_regular
+from bottle_tasks.sidecars.files import atomic_write, open_directory, open_regular
 
 LOCKS_DIR = ".locks"          # inside mirrors_dir
 GATE_ID_FILE = "gate-id"      # inside state_dir
@@ -90,7 +90,7 @@ def hold_mirror(mirrors_dir: Path, name: str, timeout: float) -> Iterator[HeldMi
     except FileExistsError:
         pass  # a link or file there: the open below says so
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        dir_fd = open_directory(directory)
     except OSError as exc:
         raise _refused(directory, exc) from None
     try:
@@ -161,7 +161,7 @@ def _gate_dir(pending: Path, gate: str, *, create: bool) -> int | None:
     if create:
         (pending / gate).mkdir(parents=True, exist_ok=True)  # a link there: the open below refuses it
     try:
-        return os.open(pending / gate, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return open_directory(pending / gate)
     except FileNotFoundError:
         if create:
             raise

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from bottle_tasks.backends.smolmachines import machine_epoch
 from bottle_tasks.fence_record import FenceRecord
+from bottle_tasks.instances import Bottle
 from bottle_tasks.labels import ROLE_LABEL, SLUG_LABEL, STATE_LABEL
 from bottle_tasks.supervise_cli import printable, short_duration
 
@@ -202,7 +203,7 @@ class BottleFacts:
 
     @property
     def selector(self) -> str:
-        return f"agent={self.agent or self.slug}" + (f" name={self.instance}" if self.instance else "")
+        return Bottle(self.agent or self.slug, self.instance).selector
 
     def role(self, role: str) -> Container | None:
         return next((c for c in self.containers if c.role == role), None)

@@ -41,7 +41,7 @@ class Bottle:
         return f"instance {self.instance!r} of agent {self.agent!r}" if self.instance else f"agent {self.agent!r}'s bottle"
 
 
-def bottle_of(agent: str, instance: str | None, spec_path: Path | None = None) -> Bottle:
+def bottle_of(agent: str, instance: str | None) -> Bottle:
     """The bottle for agent and name= (validated like agent names; the slug must stay short enough)."""
     instance = instance or ""
     if instance and not AGENT_NAME.match(instance):

@@ -8,7 +8,7 @@ import functools
 import ipaddress
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NoReturn
 
 from doit import get_var
 from doit.exceptions import TaskFailed
@@ -126,7 +126,7 @@ def load_plan(path: Path, s: Settings, docker: Docker | None = None, instance: s
     host-wide subnet lock: gather, plan, and claim the subnet chosen, so a start planning at the same
     moment steps around it (backends/host_subnets.py)."""
     spec = load_spec(path, cache_dir=s.cache_dir)
-    bottle = instances.bottle_of(spec.name, instance, path)
+    bottle = instances.bottle_of(spec.name, instance)
     instances.check_slug_free(bottle, s.state_dir, (p.stem for p in agent_files(s)))
     kind = backend_class(backend_name(spec, s))
     with locks.holding(locks.lock_path(s.cache_dir, "subnets"), "subnet allocation"):
@@ -141,7 +141,7 @@ def load_plan(path: Path, s: Settings, docker: Docker | None = None, instance: s
     return plan
 
 
-def _exit(message: str) -> None:
+def _exit(message: str) -> NoReturn:
     print(f"claude-bottle: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -151,7 +151,6 @@ def _plan_or_exit(run: Run, find: Callable[[], Path], instance: str = "") -> Pla
         return run.plan(find(), instance)
     except BottleError as exc:
         _exit(str(exc))
-        raise   # not reached
 
 
 def agent_task(doc: str, fn: Callable[..., object], *args: object, **task: object) -> dict | None:

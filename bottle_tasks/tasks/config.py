@@ -7,6 +7,7 @@ from typing import Mapping
 
 from doit import get_var
 
+from bottle_tasks.instances import Bottle
 from bottle_tasks.reporter import BottleReporter
 from bottle_tasks.settings import Settings
 
@@ -29,7 +30,7 @@ def dep_file(cache_dir: Path, cmdline_vars: Mapping[str, str]) -> str:
     elif (cmdline_vars.get("all") or "").lower() in ("1", "yes", "true"):
         name = f"{agent}.all"
     else:
-        name = f"{agent}-{cmdline_vars['name']}" if cmdline_vars.get("name") else agent
+        name = Bottle(agent, cmdline_vars.get("name") or "").slug
     # The names are only a file name here; a bad one (with a slash) is refused when the plan loads.
     path = doit_db_of(cache_dir, name)
     path.parent.mkdir(parents=True, exist_ok=True)

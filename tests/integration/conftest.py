@@ -264,14 +264,18 @@ def host_listener():
 
 GIT_TOKEN = "ghp_" + secrets.token_hex(18)      # a fake upstream credential, GitHub-token shaped
 AGENT_GIT = "probe-git"
-# A repo behind git-gate (the upstream container serves it) and a supervised `git push`.
-GIT_AND_SUPERVISE = """
+# A repo behind git-gate (the upstream container serves it); its last line is the repo's, so a
+# test can add keys to it (push:).
+GIT_REPO = """
 git:
   user: {name: Probe Agent, email: probe@bottle.test}
   repos:
     - name: app
       url: https://git.test/git/app.git
       identity: {token_env: BOTTLE_TEST_GIT_TOKEN}
+"""
+# ... and a supervised `git push`.
+GIT_AND_SUPERVISE = GIT_REPO + """\
 supervise:
   tools: ["Bash(git push:*)"]
   timeout: 15

@@ -20,7 +20,7 @@ from bottle_tasks.labels import LABEL
 from bottle_tasks.plan import mirrors_dir_of
 from bottle_tasks.settings import ROOT
 from tests.integration.conftest import (
-    GIT_TOKEN, UPSTREAM_NAMES, Bottle, Env, _seed_upstream, docker, start_upstream,
+    GIT_REPO, GIT_TOKEN, UPSTREAM_NAMES, Bottle, Env, _seed_upstream, docker, start_upstream,
 )
 from tests.integration.probes import Probe, run_probes
 from tests.integration.test_isolation import assert_only_the_front_door
@@ -36,12 +36,7 @@ routes:
   - host: api.anthropic.com
     private_network: true
     token: {env: ANTHROPIC_API_KEY, header: x-api-key}
-git:
-  user: {name: Probe Agent, email: probe@bottle.test}
-  repos:
-    - name: app
-      url: https://git.test/git/app.git
-      identity: {token_env: BOTTLE_TEST_GIT_TOKEN}
+""" + GIT_REPO + """\
       push:
         branches: ["bottle/probe-inst/*"]    # wide on purpose: git-gate still keeps each instance to its own
 """

@@ -154,8 +154,8 @@ class DockerBundle(Backend):
         return not need_healthy or self.healthy(container, obj)
 
     def healthy(self, container: str, obj: dict) -> bool:
-        """docker's verdict, or while docker has none yet (its checks are BUNDLE_HEALTH_INTERVAL apart,
-        so that many idle bundles cost little), the same check run now."""
+        """docker's verdict, or while docker has none yet (the image's HEALTHCHECK runs every 10 s, so
+        that many idle bundles cost little), the same check (HEALTH_COMMAND) run now."""
         status = (obj["State"].get("Health") or {}).get("Status")
         if status == "starting":
             return self.docker("exec", container, *HEALTH_COMMAND, check=False).returncode == 0

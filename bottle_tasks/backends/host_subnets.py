@@ -3,8 +3,8 @@ routes, and the claims of bottles being planned right now.
 
 Two starts that plan at the same moment would both see the same free subnet; a claim closes that
 window. load_plan reads the claims, plans and writes its own claim under one host-wide lock, so the
-next planner steps around it. A claim counts until its bottle's networks exist (they are in docker's
-list then) or CLAIM_TTL passes, so a plan that never got as far as its networks frees its subnet.
+next planner steps around it. A claim lapses after CLAIM_TTL: by then its bottle's networks exist (and
+docker's list holds their subnets), or the plan never got that far and its subnet is free again.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from bottle_tasks.sidecars.audit import AUDIT_FILE, AuditFile
 from bottle_tasks.sidecars.files import open_directory
 from bottle_tasks.sidecars.supervise_store import Store
 from bottle_tasks.tasks.common import (
-    action, agent_files, backend, current_run, files_under, flag, plans, probe, purge_requested, settings,
+    ONE_BOTTLE, action, agent_files, backend, current_run, files_under, flag, plans, probe, purge_requested, settings,
 )
 from bottle_tasks.tasks.config import doit_db_of
 from bottle_tasks.tasks.images import pipelock_ok
@@ -56,11 +56,11 @@ LEARN_WARNING = ("warning: learn mode (network.unknown_hosts: learn): {slug} may
 
 def preflight(plan: Plan) -> None:
     if flag("all"):
-        raise BottleError("bring up one bottle at a time: agent=<name> [name=<instance>]; all=1 is for clean")
+        raise BottleError(ONE_BOTTLE)
     # One run at a time brings a bottle up; a second start of it waits here, before anything is built,
     # and then finds its stages up to date. Held until the stages are done (start lets go before the
     # agent takes the terminal) or the run ends.
-    locks.acquire(bottle_lock(plan), f"bottle {plan.slug} (another doit start or clean of it)")
+    hold_bottle(plan)
     print(agent_line(plan))
     if plan.unknown_hosts == "learn":
         print(LEARN_WARNING.format(slug=plan.slug, selector=plan.selector))
@@ -79,6 +79,11 @@ def preflight(plan: Plan) -> None:
 
 def bottle_lock(plan: Plan) -> Path:
     return locks.lock_path(plan.cache_root, f"bottle-{plan.slug}")
+
+
+def hold_bottle(plan: Plan) -> None:
+    """The bottle's lock, for this run (start and clean take it; a second one waits, saying so)."""
+    locks.acquire(bottle_lock(plan), f"bottle {plan.slug} (another doit start or clean of it)")
 
 
 def task_preflight():

@@ -76,6 +76,10 @@ def selected_agent() -> str | None:
     return get_var("agent", None) or None
 
 
+# What a command that acts on one bottle says to all=1.
+ONE_BOTTLE = "say which bottle: agent=<name> [name=<instance>]; all=1 is for clean"
+
+
 def selected_instance() -> str:
     """name=: the instance of the agent ("" for its default bottle)."""
     return get_var("name", None) or ""
@@ -160,8 +164,7 @@ def agent_task(doc: str, fn: Callable[..., object], *args: object, **task: objec
         return {"doc": doc, "actions": [lambda: TaskFailed("say which agent: agent=<name>")], "uptodate": [False],
                 **task}
     if flag("all"):   # these act on one bottle's queue, overlay or stream: never pick one silently
-        return {"doc": doc, "actions": [lambda: TaskFailed("say which bottle: agent=<name> [name=<instance>]; "
-                                                          "all=1 is for clean")], "uptodate": [False], **task}
+        return {"doc": doc, "actions": [lambda: TaskFailed(ONE_BOTTLE)], "uptodate": [False], **task}
     for plan in plans():
         return {"doc": doc, "actions": [(action(fn), [plan, *args])], "uptodate": [False], "verbosity": 2, **task}
     return None  # not reached: plans() yields the chosen bottle's plan or exits

@@ -13,17 +13,10 @@ from doit.exceptions import TaskFailed
 from bottle_tasks.plan import agent_command
 from bottle_tasks.reporter import HANDS_OVER
 from bottle_tasks import locks
-from bottle_tasks.tasks.bottle import bottle_lock, purge_state
-from bottle_tasks.tasks.common import action, backend, plans, selected_agent
+from bottle_tasks.tasks.bottle import bottle_lock, hold_bottle, purge_state
+from bottle_tasks.tasks.common import ONE_BOTTLE, action, backend, plans, selected_agent
 
 __all__ = ["task_start"]
-
-ALL_REFUSED = "start one bottle at a time: agent=<name> [name=<instance>]; all=1 is for clean"
-
-
-def lock_bottle(plan) -> None:
-    """clean waits for a start of the same bottle to finish bringing it up."""
-    locks.acquire(bottle_lock(plan), f"bottle {plan.slug} (another doit start or clean of it)")
 
 
 def flush_doit_state() -> None:
@@ -66,7 +59,7 @@ def task_start():
         return {
             # The deps order clean (dependents first); a run stops at the first preflight, which refuses all=1.
             "task_dep": [f"provision:{plan.slug}" for plan in chosen],
-            "actions": [lambda: TaskFailed(ALL_REFUSED)],
+            "actions": [lambda: TaskFailed(ONE_BOTTLE)],
             "uptodate": [False],
             "clean": [step for plan in chosen for step in clean_steps(plan)],
         }
@@ -84,4 +77,4 @@ def task_start():
 def clean_steps(plan) -> list:
     # Runs first among the clean actions (dependents first): sweep everything labelled with the
     # slug, so a resource left by an interrupted run is found too.
-    return [(action(lock_bottle), [plan]), (action(backend(plan).remove_all), [plan]), (action(purge_state), [plan])]
+    return [(action(hold_bottle), [plan]), (action(backend(plan).remove_all), [plan]), (action(purge_state), [plan])]

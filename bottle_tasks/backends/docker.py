@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from bottle_tasks.backends.base import Guest
 from bottle_tasks.backends.host_subnets import HostSubnets, subnets_in_use
 from bottle_tasks.backends.bundle import DockerBundle, content_digest, digest_of, mount_args
-from bottle_tasks.docker_cli import Docker
+from bottle_tasks.docker_cli import Docker, labels_of
 from bottle_tasks.errors import BottleError
 from bottle_tasks.labels import FINGERPRINT_LABEL
 from bottle_tasks.plan import GUEST_USER, GUEST_WORKSPACE, Bridge, NetworkPlan, Plan
@@ -179,12 +179,25 @@ class DockerBackend(DockerBundle):
             self.docker("rm", "-f", name)
         if not self.holder_ready(plan):
             self.start_holder(plan)
+        if plan.guest.workspace_volume:
+            self.ensure_workspace_volume(plan)
         try:
             self.docker(*self.guest_create_argv(plan))
             self.docker("start", name)
         except BaseException:
             self.docker("rm", "-f", name, check=False)
             raise
+
+    def ensure_workspace_volume(self, plan: Plan) -> None:
+        """The workspace volume, labelled with the bottle, so clean and leak checks find it by label
+        (docker would make it unlabelled on first mount). One made before volumes were labelled holds
+        the bottle's work and is used as it is; one labelled for another bottle is refused."""
+        name = plan.guest.workspace_volume
+        found = self.docker.inspect("volume", name)
+        if found is None:
+            self.docker("volume", "create", *plan.label_args("workspace"), name)
+        elif labels_of(found):
+            self.docker.ensure_owned("volume", name, plan.slug, plan.state_dir)
 
     def remove_guest(self, plan: Plan) -> None:
         self.docker.remove_containers([plan.guest.name, self.netns_holder(plan)])

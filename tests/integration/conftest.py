@@ -132,8 +132,9 @@ def _remove_leftovers_of_earlier_runs(base: Path) -> None:
     resources labelled with a state dir under pytest's temp root, i.e. made by these tests, go."""
     root = str(base.parent)
     listings = {"container": (["ps", "-a"], "{{.Names}}", ["rm", "-f"]),
-                "network": (["network", "ls"], "{{.Name}}", ["network", "rm"])}
-    for ls, name_format, remove in listings.values():      # containers first: networks need them gone
+                "network": (["network", "ls"], "{{.Name}}", ["network", "rm"]),
+                "volume": (["volume", "ls"], "{{.Name}}", ["volume", "rm", "-f"])}
+    for ls, name_format, remove in listings.values():      # containers first: networks and volumes need them gone
         out = docker(*ls, "--filter", f"label={LABEL}.state", "--format",
                      name_format + ' {{.Label "' + LABEL + '.state"}}').stdout
         for line in out.splitlines():

@@ -32,7 +32,8 @@ def _runner(extra=None):
         return 1, "", "Error: No such container"
 
     runner.answers = {("docker", "image", "inspect"): (0, json.dumps([{"Id": "sha256:i"}]), ""),
-                      ("docker", "container", "inspect"): container, ("docker", "inspect"): (0, "[]", ""), **(extra or {})}
+                      ("docker", "container", "inspect"): container, ("docker", "inspect"): (0, "[]", ""),
+                      ("docker", "volume", "inspect"): (1, "", "Error: No such volume"), **(extra or {})}
     return runner
 
 
@@ -194,3 +195,24 @@ def test_until_docker_has_a_health_verdict_the_same_check_is_run_by_hand():
     assert backend.healthy("bottle-x-bundle", state("unhealthy")) is False
     assert backend.healthy("bottle-x-bundle", state("healthy")) is True
     assert not runner.calls                    # docker's own verdict needs no exec
+
+
+def test_the_workspace_volume_is_made_with_the_bottles_labels_and_a_foreign_one_is_refused(plan):  # noqa: F811
+    """docker would make the volume unlabelled on first mount, and clean, `clean all=1` and leak checks
+    select by label; an unlabelled one from before holds work and is kept; another bottle's is refused."""
+    name = plan.guest.workspace_volume
+    runner = FakeRunner({("docker", "volume", "inspect"): (1, "", "Error: No such volume")})
+    DockerBackend(Docker(runner)).ensure_workspace_volume(plan)
+    create = runner.commands("docker", "volume", "create")
+    assert len(create) == 1 and create[0][-1] == name
+    assert f"{SLUG_LABEL}={plan.slug}" in create[0] and f"{STATE_LABEL}={plan.state_dir}" in create[0]
+
+    legacy = FakeRunner({("docker", "volume", "inspect"): (0, json.dumps([{"Name": name, "Labels": None}]), "")})
+    DockerBackend(Docker(legacy)).ensure_workspace_volume(plan)
+    assert not legacy.commands("docker", "volume", "create")
+
+    foreign = {"Name": name, "Labels": {SLUG_LABEL: plan.slug, STATE_LABEL: "/elsewhere/state/" + plan.slug}}
+    other = FakeRunner({("docker", "volume", "inspect"): (0, json.dumps([foreign]), "")})
+    with pytest.raises(BottleError, match=f"docker volume {name!r}"):
+        DockerBackend(Docker(other)).ensure_workspace_volume(plan)
+    assert not other.commands("docker", "volume", "create")

@@ -159,10 +159,10 @@ class GitPlan:
     repos: tuple[GitRepo, ...]          # as git-gate sees them: default branches filled, ssh keys at their bundle path
     ssh_key_sources: tuple[str, ...]    # per repo: the host key file ("" for none)
     config_file: Path                    # rendered git-gate.yaml
-    gate_dir: Path                       # host: this bottle's git-gate state (audit log, spools); kept by clean
-    mirrors_dir: Path                    # host: the bare mirrors, shared by the agent's bottles; kept by clean
+    gate_dir: Path                       # host: this bottle's git-gate state (its repos, audit log, spools); kept by clean
+    mirrors_dir: Path                    # host: the objects fetched from the upstreams, shared by the agent's bottles; kept by clean
     url: str                             # http://<bundle-ip>:8081 as the guest sees it
-    max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES   # receive.maxInputSize of every mirror
+    max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES   # receive.maxInputSize of every repo
     approval_timeout: int | None = None  # seconds a push held for a human waits (supervise.timeout); None: none is held
 
 
@@ -322,8 +322,8 @@ def hook_matcher(patterns: tuple[str, ...]) -> str:
 
 
 def mirrors_dir_of(state_root: Path, agent: str) -> Path:
-    """The bare mirrors every bottle of one agent shares: one fetch serves them all. Under a dot name,
-    which no bottle's slug can be."""
+    """The fetched objects every bottle of one agent shares: one download serves them all. Under a dot
+    name, which no bottle's slug can be."""
     return state_root / ".mirrors" / agent
 
 

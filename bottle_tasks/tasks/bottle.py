@@ -18,7 +18,6 @@ from bottle_tasks.plan import Plan
 from bottle_tasks.provision import SUPERVISE_HOOK_SOURCE, provision
 from bottle_tasks.render import TEMPLATES_DIR, render_files
 from bottle_tasks.sidecars.audit import AUDIT_FILE, AuditFile
-from bottle_tasks.sidecars.files import open_directory
 from bottle_tasks.sidecars.supervise_store import Store
 from bottle_tasks.tasks.common import (
     ONE_BOTTLE, action, agent_files, backend, current_run, files_under, flag, plans, probe, purge_requested, settings,
@@ -108,92 +107,10 @@ def render_configs(plan: Plan) -> None:
     if plan.git:
         plan.git.gate_dir.mkdir(parents=True, exist_ok=True)
         plan.git.mirrors_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        move_legacy_mirrors(plan)
     if plan.approvals_dir:
         # Created by the host user, so decisions written from the host never meet root-owned dirs.
         Store(plan.approvals_dir).ensure_layout()
     plan.policy_dir.mkdir(mode=0o700, exist_ok=True)   # mounted into the bundle: it must exist
-
-
-def move_legacy_mirrors(plan: Plan) -> None:
-    """Before instances, a bottle's mirrors lived in its own git dir, with the pushes waiting to be
-    forwarded in each mirror's git-gate/queue/. Move both where git-gate looks now, so nothing pushed
-    is lost: the mirror into the agent's shared dir (unless it has one already), the queue into this
-    bottle's spool. The bundle writes the git dir: every dir below it is opened by descriptor with no
-    link followed, so a planted link can neither pick the host files moved nor where they land."""
-    from bottle_tasks.sidecars.gitgate.hooks import MIRROR_STATE_DIR, SPOOL_DIR
-
-    gate_fd = _open_dir_here(plan.git.gate_dir)
-    try:
-        for repo in plan.git.repos:
-            legacy = f"{repo.name}.git"
-            queue_fd = _open_dirs(gate_fd, plan.git.gate_dir, (legacy, MIRROR_STATE_DIR, "queue"), missing_ok=True)
-            if queue_fd is not None:
-                try:
-                    spool_fd = _open_dirs(gate_fd, plan.git.gate_dir, (SPOOL_DIR, repo.name, "queue"), create=True)
-                    try:
-                        for entry in list(os.scandir(queue_fd)):
-                            if entry.is_file(follow_symlinks=False):
-                                os.rename(entry.name, entry.name, src_dir_fd=queue_fd, dst_dir_fd=spool_fd)
-                    finally:
-                        os.close(spool_fd)
-                finally:
-                    os.close(queue_fd)
-            legacy_fd = _open_dirs(gate_fd, plan.git.gate_dir, (legacy,), missing_ok=True)
-            if legacy_fd is None:
-                continue
-            os.close(legacy_fd)
-            shared = plan.git.mirrors_dir / legacy
-            mirrors_fd = _open_dir_here(plan.git.mirrors_dir)
-            try:
-                try:
-                    os.lstat(legacy, dir_fd=mirrors_fd)     # anything there, a link too: the agent has one
-                    continue
-                except FileNotFoundError:
-                    pass
-                os.rename(legacy, legacy, src_dir_fd=gate_fd, dst_dir_fd=mirrors_fd)
-            finally:
-                os.close(mirrors_fd)
-            print(f"moved the mirror {plan.git.gate_dir / legacy} to {shared} (shared by the agent's bottles)")
-    finally:
-        os.close(gate_fd)
-
-
-def _open_dir_here(path: Path) -> int:
-    """A dir the host made (the bottle's git dir, the agent's mirrors dir), opened with no link followed."""
-    try:
-        return open_directory(path)
-    except OSError as exc:
-        raise BottleError(f"{path}: not a plain directory ({exc.strerror}); remove it, then start again") from None
-
-
-def _open_dirs(root_fd: int, root: Path, parts: tuple[str, ...], *, create: bool = False,
-               missing_ok: bool = False) -> int | None:
-    """root/parts..., each dir opened below the last with no link followed (created when create);
-    None when one is missing and missing_ok, or (missing_ok) is a link or no dir: nothing to move."""
-    fd = os.dup(root_fd)
-    try:
-        for index, part in enumerate(parts):
-            if create:
-                try:
-                    os.mkdir(part, 0o777, dir_fd=fd)
-                except FileExistsError:
-                    pass
-            try:
-                child = open_directory(part, dir_fd=fd)
-            except OSError as exc:
-                if missing_ok:
-                    return None
-                where = root.joinpath(*parts[:index + 1])
-                raise BottleError(f"{where}: not a plain directory ({exc.strerror}); git-gate's dirs hold no links: "
-                                  "remove it, then start again") from None
-            os.close(fd)
-            fd = child
-        result, fd = fd, -1
-        return result
-    finally:
-        if fd >= 0:
-            os.close(fd)
 
 
 def ensure_audit_dir(plan: Plan) -> None:

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import pytest
 
+from bottle_tasks.bundle_plan import GIT_MIRRORS_DIR
 from bottle_tasks.sidecars.supervise_store import Store, SuperviseError
 from tests.integration.conftest import AGENT_GIT as AGENT, GIT_TOKEN, Bottle, docker
 from tests.integration.test_tokens import _files_containing
@@ -171,10 +172,13 @@ def test_push_while_upstream_is_down_is_forwarded_when_it_is_back(bottle_git):
 
 
 def test_mirror_and_pushed_commits_survive_clean(bottle_git):
-    mirror = bottle_git.plan.git.mirrors_dir / "app.git"
+    """clean keeps the gate's repo (its state dir) and the agent's shared objects it borrows."""
+    repo, objects = bottle_git.plan.git.gate_dir / "app.git", bottle_git.plan.git.mirrors_dir
     bottle_git.env.doit("clean", f"agent={AGENT}")
-    assert mirror.is_dir()
-    refs = docker("run", "--rm", "-v", f"{mirror}:/m:ro", "--entrypoint", "git", "claude-bottle-test/upstream:latest",
-                  "--git-dir", "/m", "for-each-ref", "--format=%(refname)").stdout
-    assert f"refs/heads/bottle/{AGENT}/feature" in refs
+    assert repo.is_dir() and (objects / "app.objects").is_dir()
+    branch = f"refs/heads/bottle/{AGENT}/feature"
+    shown = docker("run", "--rm", "-v", f"{repo}:/m:ro", "-v", f"{objects}:{GIT_MIRRORS_DIR}:ro", "--entrypoint", "git",
+                   "claude-bottle-test/upstream:latest", "--git-dir", "/m", "log", "-1", "--format=%H %T", branch,
+                   "--").stdout.split()
+    assert len(shown) == 2, f"{branch} or its objects did not survive clean"
     bottle_git.env.doit("start", f"agent={AGENT}", "command=true")   # later tests find the bottle up again

@@ -17,6 +17,7 @@ import pytest
 from bottle_tasks import locks
 from bottle_tasks.bundle_plan import EGRESS_PORT
 from bottle_tasks.labels import LABEL
+from bottle_tasks.bundle_plan import GIT_MIRRORS_DIR
 from bottle_tasks.plan import mirrors_dir_of
 from bottle_tasks.settings import ROOT
 from tests.integration.conftest import (
@@ -151,11 +152,15 @@ def test_pushes_land_in_each_instances_namespace_and_a_cross_push_is_refused(pai
     assert "instance two's namespace" in proc.stderr and f"bottle/{AGENT}/one/*" in proc.stderr, proc.stderr
     time.sleep(2)
     assert not _upstream_branch(stolen)
-    # The mirror is one, shared: both namespaces are in it; each bottle's audit holds only its own pushes.
-    mirror = mirrors_dir_of(one.env.settings().state_dir, AGENT) / "app.git"
-    refs = subprocess.run(["git", "--git-dir", str(mirror), "for-each-ref", "--format=%(refname)"],
-                          capture_output=True, text=True).stdout
-    assert f"refs/heads/bottle/{AGENT}/one/feature" in refs and f"refs/heads/bottle/{AGENT}/two/feature" in refs
+    # Each gate has its own repo, holding its own push; both borrow the agent's one objects dir.
+    # Each bottle's audit holds only its own pushes.
+    assert (mirrors_dir_of(one.env.settings().state_dir, AGENT) / "app.objects").is_dir()
+    for bottle in (one, two):
+        repo = bottle.plan.git.gate_dir / "app.git"
+        assert (repo / "objects" / "info" / "alternates").read_text() == f"{GIT_MIRRORS_DIR}/app.objects\n"
+        refs = subprocess.run(["git", "-c", "safe.directory=*", "--git-dir", str(repo), "for-each-ref",
+                               "--format=%(refname)"], capture_output=True, text=True).stdout
+        assert f"refs/heads/bottle/{AGENT}/{bottle.plan.instance}/feature" in refs, refs
     for bottle, other in ((one, "two"), (two, "one")):
         audit = (bottle.plan.git.gate_dir / "audit.jsonl").read_text()
         assert f"bottle/{AGENT}/{bottle.plan.instance}/feature" in audit

@@ -211,7 +211,8 @@ def upstream_repo(world, name="app") -> Path:
 
 
 def mirror(world, name="app") -> Path:
-    return world["mirrors"] / f"{name}.git"
+    """The gate's own repo (its refs, config and hooks); only fetched objects are in the mirrors dir."""
+    return world["state"] / f"{name}.git"
 
 
 def json_lines(text: str) -> list[dict]:
@@ -229,7 +230,7 @@ def new_branch(guest: Path, branch: str, start: str = "origin/main") -> None:
 
 
 def queue(world, name="app") -> Path:
-    """The gate's forward queue for the repo: in its own state dir, not in the (shared) mirror."""
+    """The gate's forward queue for the repo: in its own state dir."""
     return world["state"] / "spool" / name / "queue"
 
 
@@ -546,7 +547,7 @@ def test_pre_receive_hook_prints_one_line_per_reason_and_spools_an_event(plain_r
         "version": 1, "listen": "127.0.0.1:0", "mirrors_dir": str(tmp_path / "m"), "state_dir": str(tmp_path / "s"),
         "repos": [{"name": "r", "url": "https://git.example.invalid/r.git", "push": {"branches": ["bottle/*"]}}]})
     repo = config.repos[0]
-    mirror_dir = tmp_path / "m" / "r.git"
+    mirror_dir = tmp_path / "s" / "r.git"
     git("clone", "--quiet", "--bare", str(plain_repo), str(mirror_dir))
     head = rev(mirror_dir, "refs/heads/main")
     stderr = io.StringIO()
@@ -770,7 +771,7 @@ def held_mirror(plain_repo, tmp_path):
         "supervise": {"state_dir": str(tmp_path / "supervise"), "timeout_seconds": 30},
         "repos": [{"name": "r", "url": "https://git.example.invalid/r.git",
                    "push": {"branches": ["bottle/*"], "approve": True}}]})
-    mirror_dir = tmp_path / "m" / "r.git"
+    mirror_dir = tmp_path / "s" / "r.git"
     git("clone", "--quiet", "--bare", str(plain_repo), str(mirror_dir))
     git("checkout", "--quiet", "-b", "bottle/x", cwd=plain_repo)
     sha = commit_file(plain_repo, "feature.txt", "a\nb\nc\n", "feature work")

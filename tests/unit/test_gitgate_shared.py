@@ -1,13 +1,14 @@
 """Several git-gates (one per bottle of an agent, each in its own bundle) sharing one mirrors dir: each
-forwards and audits only what came through it, one fetch serves them all behind an flock, a planted
-link never steers that lock, and each bottle pushes only inside its own instance's branch namespace.
+has its own repo (refs, config, hooks) and forwards and audits only what came through it; they share
+only the objects fetched from the upstream, one download serving all behind an flock; nothing a
+sibling bundle writes in the shared dir runs or counts as a ref in another gate; a planted link never
+steers the lock; and each bottle pushes only inside its own instance's branch namespace.
 
 Real git, a local bare "upstream" repo, gates on 127.0.0.1; every path is a temp path.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -28,12 +29,10 @@ from bottle_tasks.sidecars.daemon import Backoff
 from bottle_tasks.sidecars.gitgate import daemon as gate_daemon
 from bottle_tasks.sidecars.gitgate.config import load_config
 from bottle_tasks.sidecars.gitgate.daemon import Gate
-from bottle_tasks.sidecars.gitgate.hooks import CONFIG_ENV, MirrorPaths, hook_script, queued_refs, write_spool
+from bottle_tasks.sidecars.gitgate.hooks import CONFIG_ENV, MirrorPaths, hook_script, write_spool
 from bottle_tasks.sidecars.gitgate.policy import RefUpdate, evaluate_push
 from bottle_tasks.sidecars.gitgate.scan import SecretScanner
-from bottle_tasks.sidecars.gitgate.shared import (
-    LOCKS_DIR, MirrorLockError, gate_id, hold_mirror, mark_pending, reconcile_pending,
-)
+from bottle_tasks.sidecars.gitgate.shared import LOCKS_DIR, MirrorLockError, hold_mirror
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAST = Backoff(initial_s=0.05, cap_s=0.2)
@@ -97,7 +96,7 @@ def shared(tmp_path, monkeypatch):
         git("clone", "--quiet", url(made), str(work))
         return work
 
-    yield types.SimpleNamespace(tmp=tmp_path, upstream=upstream, mirrors=mirrors, mirror=mirrors / "app.git",
+    yield types.SimpleNamespace(tmp=tmp_path, upstream=upstream, mirrors=mirrors, objects=mirrors / "app.objects",
                                 config_file=config_file, gate=gate, url=url, guest=guest, env=env)
     for made in started:
         made.stop()
@@ -107,18 +106,29 @@ def audit(made: Gate) -> list[dict]:
     return records(made.config.audit_log)
 
 
-def pending_markers(shared, made: Gate) -> list[Path]:
-    return list((shared.mirror / "git-gate" / "pending" / gate_id(made.config.state_dir)).glob("*.json"))
+def repo_of(made: Gate) -> Path:
+    """The gate's own repo of app: its refs, config and hooks."""
+    return MirrorPaths.of(made.config, made.config.repos[0]).root
 
 
-def assert_the_upstream_reaches_the_mirror_through(shared, made: Gate) -> None:
-    """A commit made upstream lands in the mirror with one refresh of made."""
-    other = shared.tmp / "other"
+def object_files(objects: Path) -> list[Path]:
+    """The loose objects and packs in an objects dir."""
+    return [p for p in objects.rglob("*") if p.is_file() and p.parent.name != "info"]
+
+
+def upstream_moves_on(shared, name: str = "later.txt") -> str:
+    other = shared.tmp / f"other-{name}"
     git("clone", "--quiet", str(shared.upstream), str(other))
-    later = commit_file(other, "later.txt", "later\n", "upstream moves on")
+    later = commit_file(other, name, "later\n", "upstream moves on")
     git("push", "--quiet", "origin", "main", cwd=other)
+    return later
+
+
+def assert_the_upstream_reaches_the_repo_of(shared, made: Gate) -> None:
+    """A commit made upstream lands in made's repo with one refresh of made."""
+    later = upstream_moves_on(shared)
     assert made.refresh(made.config.repos[0]) is True
-    assert rev(shared.mirror, "refs/heads/main") == later
+    assert rev(repo_of(made), "refs/heads/main") == later
 
 
 def count_fetches(monkeypatch) -> list[list[str]]:
@@ -135,7 +145,7 @@ def count_fetches(monkeypatch) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# each gate its own spools: forwarded and audited by the gate the push came through, only
+# each gate its own repo and spools: forwarded and audited by the gate the push came through, only
 
 
 def test_a_push_through_one_gate_is_forwarded_and_audited_by_that_gate_alone(shared):
@@ -150,20 +160,23 @@ def test_a_push_through_one_gate_is_forwarded_and_audited_by_that_gate_alone(sha
     assert wait_for(lambda: rev(shared.upstream, ref) == sha, timeout=15, what="the forward by gate x")
     assert wait_for(lambda: [r for r in audit(gate_x) if r["event"] == "forward" and r["accepted"]], timeout=15)
     assert [r["refs"][0]["ref"] for r in audit(gate_x) if r["event"] == "push"] == [ref]
+    # what x's guest pushed is in x's own objects, never in the dir every bundle of the agent writes
+    assert git("cat-file", "-e", sha, cwd=repo_of(gate_x)).returncode == 0
+    assert not [p for p in object_files(shared.objects) if sha[2:] in p.name]
 
     gate_y.forwarder.forward_pending()  # a pass of y's own: its queue and events are its own, and empty
     assert audit(gate_y) == []
     for kind in ("queue", "events"):
         assert not list((gate_y.config.state_dir / "spool" / "app" / kind).iterdir())
     assert not [line for line in gate_y.audit.out.getvalue().splitlines() if '"event": "push"' in line]
-    # one mirror serves both bottles: y's guest sees x's branch at once
-    assert f"{sha}\t{ref}" in git("ls-remote", shared.url(gate_y), cwd=shared.tmp).stdout
-    assert wait_for(lambda: not pending_markers(shared, gate_x), timeout=15, what="x's marker gone once forwarded")
+    # forwarded, it is the upstream's: y's guest sees x's branch through y's own fetch
+    assert wait_for(lambda: f"{sha}\t{ref}" in git("ls-remote", shared.url(gate_y), cwd=shared.tmp).stdout,
+                    timeout=15, what="x's forwarded branch through y")
 
 
-def test_another_gates_fetch_leaves_an_unforwarded_push_alone(shared):
-    """A fetch forces the upstream's refs into the shared mirror; gate y's must not undo a push gate x
-    accepted and could not forward yet (its queue is x's alone: x marks the ref in the mirror)."""
+def test_an_unforwarded_push_is_in_its_gates_repo_alone_and_its_fetch_leaves_it(shared):
+    """x accepted a push to main the upstream refuses for now: x's refresh must not undo it (it is
+    queued), and y, whose refs are its own, serves the upstream's main until x forwards it."""
     gate_x, gate_y = shared.gate("x", "x", start=True), shared.gate("y", "y", start=True)
     before = rev(shared.upstream, "refs/heads/main")
     refuse = shared.upstream / "hooks" / "pre-receive"
@@ -174,38 +187,43 @@ def test_another_gates_fetch_leaves_an_unforwarded_push_alone(shared):
     pushed = git("push", "origin", "HEAD:refs/heads/main", cwd=guest, check=False)
     assert pushed.returncode == 0, pushed.stderr
     assert wait_for(lambda: [r for r in audit(gate_x) if r["event"] == "forward" and not r["accepted"]], timeout=15)
-    assert pending_markers(shared, gate_x)
 
+    assert gate_x.refresh(gate_x.config.repos[0]) is True
+    assert rev(repo_of(gate_x), "refs/heads/main") == sha, "x's fetch undid its own unforwarded push"
     assert gate_y.refresh(gate_y.config.repos[0]) is True
-    assert rev(shared.mirror, "refs/heads/main") == sha, "y's fetch undid x's unforwarded push"
+    assert rev(repo_of(gate_y), "refs/heads/main") == before
     assert rev(shared.upstream, "refs/heads/main") == before
 
     refuse.unlink()
     gate_x.forwarder.retry_now()
     assert wait_for(lambda: rev(shared.upstream, "refs/heads/main") == sha, timeout=15)
-    assert wait_for(lambda: not pending_markers(shared, gate_x), timeout=15)
-    # forwarded, the ref is the upstream's again: a commit made there reaches the mirror through y
-    assert_the_upstream_reaches_the_mirror_through(shared, gate_y)
+    assert wait_for(lambda: not list(MirrorPaths.of(gate_x.config, gate_x.config.repos[0]).queue.iterdir()),
+                    timeout=15, what="x's queue drained")
+    # forwarded, the ref is the upstream's again: a commit made there reaches x and y
+    assert_the_upstream_reaches_the_repo_of(shared, gate_x)
+    assert gate_y.refresh(gate_y.config.repos[0]) is True
+    assert rev(repo_of(gate_y), "refs/heads/main") == rev(shared.upstream, "refs/heads/main")
 
 
-def test_shared_hooks_name_no_gate_and_refuse_a_push_no_gate_serves(shared):
+def test_each_gate_has_its_own_repo_and_hooks_and_the_shared_dir_only_objects(shared):
     gate_x, gate_y = shared.gate("x", "x"), shared.gate("y", "y")
-    for hook in ("pre-receive", "post-receive"):
-        text = (shared.mirror / "git-gate" / "hooks" / hook).read_text()
-        assert text == hook_script("app", hook)  # y rewrote what x wrote, to the letter
-        for own in (gate_x.config_path, gate_y.config_path, gate_x.config.state_dir, gate_y.config.state_dir):
-            assert str(own) not in text
-    hooks_path = git("config", "core.hooksPath", cwd=shared.mirror).stdout.strip()
-    assert hooks_path == str(shared.mirror / "git-gate" / "hooks")
-    assert "receive.maxinputsize" not in git("config", "--list", cwd=shared.mirror).stdout  # per gate, in its env
-    # a push into the mirror that no gate serves (no gate environment) is refused by the hook
+    for made in (gate_x, gate_y):
+        root = repo_of(made)
+        assert root.parent == made.config.state_dir
+        for hook in ("pre-receive", "post-receive"):
+            assert (root / "git-gate" / "hooks" / hook).read_text() == hook_script("app", hook)
+        assert git("config", "core.hooksPath", cwd=root).stdout.strip() == str(root / "git-gate" / "hooks")
+        assert (root / "objects" / "info" / "alternates").read_text() == f"{shared.objects}\n"
+    assert sorted(p.name for p in shared.mirrors.iterdir()) == [LOCKS_DIR, "app.objects"]
+    assert not [p for p in shared.mirrors.rglob("*") if p.name in ("config", "HEAD", "hooks", "refs")]
+    # a push into a gate's repo that no gate serves (no gate environment) is refused by the hook
     work = shared.tmp / "direct"
     git("clone", "--quiet", str(shared.upstream), str(work))
     commit_file(work, "d.txt", "d\n", "direct")
-    direct = git("push", str(shared.mirror), "HEAD:refs/heads/bottle/a/x/direct", cwd=work, check=False)
+    direct = git("push", str(repo_of(gate_x)), "HEAD:refs/heads/bottle/a/x/direct", cwd=work, check=False)
     assert direct.returncode != 0
     assert "no gate environment; push refused" in direct.stderr
-    assert rev(shared.mirror, "refs/heads/bottle/a/x/direct") is None
+    assert rev(repo_of(gate_x), "refs/heads/bottle/a/x/direct") is None
 
 
 def test_a_guest_header_cannot_name_another_gates_config(shared):
@@ -220,11 +238,11 @@ def test_a_guest_header_cannot_name_another_gates_config(shared):
     assert forged.returncode != 0
     assert ("git-gate: rejected refs/heads/bottle/a/y/fix: branch bottle/a/y/fix is instance y's namespace; "
             "this bottle (instance x) pushes to bottle/a/x/*") in forged.stderr, forged.stderr
-    assert rev(shared.mirror, "refs/heads/bottle/a/y/fix") is None
+    assert rev(repo_of(gate_x), "refs/heads/bottle/a/y/fix") is None
 
 
 # ---------------------------------------------------------------------------------------------
-# one fetch serves all, behind the mirror's lock
+# one download serves all, behind the objects' lock
 
 
 CHILD = """
@@ -233,54 +251,63 @@ from pathlib import Path
 from bottle_tasks.sidecars.gitgate import daemon
 from bottle_tasks.sidecars.gitgate.config import load_config
 
-config_path, counter, go, min_interval = sys.argv[1:5]
+config_path, log, go = sys.argv[1:4]
 real = daemon.run_git
 
-def counting(args, **kwargs):
-    if args[0] == "fetch":
-        with open(counter, "a") as out:
-            out.write(f"{os.getpid()}\\n")
-        time.sleep(0.5)  # a slow upstream: the other gate comes while this one fetches
-    return real(args, **kwargs)
+def logging(args, **kwargs):
+    if args[0] != "fetch":
+        return real(args, **kwargs)
+    started = time.time()
+    time.sleep(0.5)  # a slow upstream: the other gate comes while this one fetches
+    result = real(args, **kwargs)
+    with open(log, "a") as out:
+        out.write(json.dumps([os.getpid(), started, time.time()]) + "\\n")
+    return result
 
-daemon.run_git = counting
+daemon.run_git = logging
 config = load_config(config_path)
 gate = daemon.Gate(config, Path(config_path), out=sys.stderr)
 while not os.path.exists(go):
     time.sleep(0.01)
-gate.setup()  # both create the mirror at once, too
-print(json.dumps({"ok": gate.refresh(config.repos[0], min_interval=float(min_interval))}))
+gate.setup()  # both create the shared objects dir at once, too
+print(json.dumps({"ok": gate.refresh(config.repos[0])}))
 """
 
 
-def _refresh_in_two_processes(shared, min_interval: float) -> tuple[list[bool], list[str]]:
-    counter, go = shared.tmp / f"fetches-{min_interval}", shared.tmp / f"go-{min_interval}"
+def test_two_gates_refreshing_at_once_download_once_one_after_the_other(shared):
+    log, go = shared.tmp / "fetches", shared.tmp / "go"
+    names = ("x", "y")
     children = [subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(shared.config_file(name, name)), str(counter), str(go), str(min_interval)],
+        [sys.executable, "-c", CHILD, str(shared.config_file(name, name)), str(log), str(go)],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for name in (f"x{min_interval:g}", f"y{min_interval:g}")]
+        stderr=subprocess.PIPE, text=True) for name in names]
     time.sleep(0.3)
     go.write_text("")
-    outcomes = []
     for child in children:
         out, err = child.communicate(timeout=60)
         assert child.returncode == 0, err
-        outcomes.append(json.loads(out.splitlines()[-1])["ok"])
-    return outcomes, counter.read_text().splitlines() if counter.exists() else []
+        assert json.loads(out.splitlines()[-1])["ok"] is True, err
+    (first_start, first_end), (second_start, _) = sorted((start, end) for _pid, start, end in
+                                                         map(json.loads, log.read_text().splitlines()))
+    assert second_start >= first_end - 0.01, "two fetches ran at once: the lock did not hold"
+    head = rev(shared.upstream, "refs/heads/main")
+    for name in names:
+        root = shared.tmp / name / "state" / "app.git"
+        assert rev(root, "refs/heads/main") == head
+        assert object_files(root / "objects") == [], f"{name} downloaded the objects into its own repo"
+    assert object_files(shared.objects), "the upstream's objects are not in the shared dir"
 
 
-def test_two_gates_refreshing_at_once_fetch_once(shared):
-    outcomes, fetches = _refresh_in_two_processes(shared, min_interval=60)
-    assert outcomes == [True, True]
-    assert len(fetches) == 1, fetches
-    assert rev(shared.mirror, "refs/heads/main") == rev(shared.upstream, "refs/heads/main")
-
-
-def test_without_an_interval_each_gate_fetches(shared):
-    """The counter of the test above counts: with min_interval 0 both gates fetch (one after the other)."""
-    outcomes, fetches = _refresh_in_two_processes(shared, min_interval=0)
-    assert outcomes == [True, True]
-    assert len(set(fetches)) == 2, fetches
+def test_a_second_gates_refresh_downloads_nothing_the_first_fetched(shared):
+    gate_x, gate_y = shared.gate("x", "x"), shared.gate("y", "y")
+    assert gate_x.refresh(gate_x.config.repos[0]) and gate_y.refresh(gate_y.config.repos[0])
+    later = upstream_moves_on(shared)
+    assert gate_x.refresh(gate_x.config.repos[0]) is True
+    present = sorted(object_files(shared.objects))
+    assert gate_y.refresh(gate_y.config.repos[0]) is True
+    assert rev(repo_of(gate_y), "refs/heads/main") == later
+    assert sorted(object_files(shared.objects)) == present, "y's refresh downloaded again what x had fetched"
+    assert object_files(repo_of(gate_y) / "objects") == []
 
 
 def test_threads_of_one_gate_share_a_fetch(shared, monkeypatch):
@@ -308,8 +335,123 @@ def test_a_held_lock_bounds_the_wait_of_a_guest_refresh(shared, monkeypatch):
     assert made.refresh(made.config.repos[0]) is True  # released: the next refresh fetches
 
 
+def test_a_refresh_that_cannot_run_git_fails_and_the_next_one_fetches(shared, monkeypatch):
+    """An OSError under a refresh (git gone, a dir removed) fails that refresh; it must not end the
+    background thread, which would leave the gate's repo stale for good."""
+    made = shared.gate("x", "x")
+    real = gate_daemon.run_git
+
+    def broken(args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "git")
+    monkeypatch.setattr(gate_daemon, "run_git", broken)
+    assert made.refresh(made.config.repos[0]) is False
+    assert "No such file or directory" in made.audit.out.getvalue()
+    monkeypatch.setattr(gate_daemon, "run_git", real)
+    assert_the_upstream_reaches_the_repo_of(shared, made)
+
+
 # ---------------------------------------------------------------------------------------------
-# attack: links and FIFOs planted where the lock and the stamp live
+# attack: a sibling bundle writes the shared dir
+
+
+def test_nothing_a_sibling_bundle_writes_in_the_shared_dir_runs_in_another_gate(shared, monkeypatch):
+    """A compromised bundle of instance x writes what it likes in the mirrors dir: hooks where the
+    gates kept them before, the dir itself made a repo with hooks and config, an alternate of the
+    shared objects. A push, a fetch and a clone through y must run none of it, and no git of y's
+    may open the mirrors dir as a repo (git runs for-each-ref in the repo around an alternate)."""
+    trace = shared.tmp / "trace"
+    real_cgi_env = Gate.cgi_env
+    monkeypatch.setattr(Gate, "cgi_env", lambda self: {**real_cgi_env(self), "GIT_TRACE": str(trace)})
+    shared.gate("x", "x")
+    gate_y = shared.gate("y", "y", start=True)
+    ran = shared.tmp / "ran-in-y"
+    evil = f'#!/bin/sh\necho "$0 $GIT_GATE_CONFIG" >> {ran}\nexit 0\n'
+    git("init", "--quiet", "--bare", str(shared.mirrors))  # the mirrors dir, a repo of x's making
+    legacy_hooks = shared.mirrors / "app.git" / "git-gate" / "hooks"
+    legacy_hooks.mkdir(parents=True)
+    for hooks in (shared.mirrors / "hooks", legacy_hooks):
+        for hook in ("pre-receive", "post-receive", "reference-transaction", "post-update"):
+            (hooks / hook).write_text(evil)
+            (hooks / hook).chmod(0o755)
+    git("config", "core.hooksPath", str(shared.mirrors / "hooks"), cwd=shared.mirrors)
+    git("config", "core.fsmonitor", str(shared.mirrors / "hooks" / "post-update"), cwd=shared.mirrors)
+    elsewhere = shared.tmp / "x-objects"
+    (elsewhere / "info").mkdir(parents=True)
+    (shared.objects / "info" / "alternates").write_text(f"{elsewhere}\n")
+
+    real = gate_daemon.run_git
+
+    def traced(args, **kwargs):
+        kwargs["env"] = {**(kwargs.get("env") or {}), "GIT_TRACE": str(trace)}
+        return real(args, **kwargs)
+    monkeypatch.setattr(gate_daemon, "run_git", traced)
+    upstream_moves_on(shared)
+    assert gate_y.refresh(gate_y.config.repos[0]) is True
+    guest = shared.guest(gate_y, "y")
+    commit_file(guest, "y.txt", "y\n", "work of y")
+    pushed = git("push", "origin", "HEAD:refs/heads/bottle/a/y/fix", cwd=guest, check=False)
+    assert pushed.returncode == 0, pushed.stderr
+    assert not ran.exists(), f"x's script ran in y's gate: {ran.read_text().strip()}"
+    lines = trace.read_text().splitlines()
+    assert [line for line in lines if "receive-pack" in line], "the trace saw no push"
+    opened = [line for line in lines if f"--git-dir={shared.mirrors}" in line]
+    assert opened == [], opened
+
+
+def test_a_shared_objects_dir_planted_as_a_link_is_refused_at_start(shared):
+    elsewhere = shared.tmp / "elsewhere"
+    elsewhere.mkdir()
+    shared.mirrors.mkdir()
+    shared.objects.symlink_to(elsewhere)
+    path = shared.config_file("y", "y")
+    made = Gate(load_config(path), path, environ=shared.env, out=io.StringIO())
+    with pytest.raises(OSError, match="app.objects: not a plain directory"):
+        made.setup()
+    assert not (elsewhere / "pack").exists() or list((elsewhere / "pack").iterdir()) == []
+
+
+def test_a_mirrors_dir_of_the_last_layout_gives_its_objects_and_loses_its_hooks(shared):
+    """Before per-gate repos the mirrors dir held a whole repo, app.git, whose objects include a push
+    a gate had queued and not forwarded: the objects move to app.objects (the push is forwarded),
+    the rest (config and hooks every bundle could write) goes, unread."""
+    legacy = shared.mirrors / "app.git"
+    git("clone", "--quiet", "--bare", str(shared.upstream), str(legacy))
+    work = shared.tmp / "work"
+    git("clone", "--quiet", str(shared.upstream), str(work))
+    sha = commit_file(work, "q.txt", "q\n", "queued before the change")
+    git("push", "--quiet", str(legacy), "HEAD:refs/heads/bottle/a/y/queued", cwd=work)
+    path = shared.config_file("y", "y")
+    queue = shared.tmp / "y" / "state" / "spool" / "app" / "queue"
+    write_spool(queue, {"ref": "refs/heads/bottle/a/y/queued", "old": ZERO, "new": sha, "force": False})
+    made = Gate(load_config(path), path, environ=shared.env, out=io.StringIO(), backoff=FAST)
+    made.setup()
+    assert not legacy.exists()
+    assert git("cat-file", "-e", sha, cwd=repo_of(made)).returncode == 0
+    made.forwarder.forward_pending()
+    assert rev(shared.upstream, "refs/heads/bottle/a/y/queued") == sha
+
+
+def test_a_repo_of_the_first_layout_keeps_its_queue(shared):
+    """The first layout kept the gate's repo where it is now, <state_dir>/app.git, with the queue
+    inside it (git-gate/queue): the entries move into the spool and are forwarded."""
+    root = shared.tmp / "y" / "state" / "app.git"
+    git("clone", "--quiet", "--bare", str(shared.upstream), str(root))
+    work = shared.tmp / "work"
+    git("clone", "--quiet", str(shared.upstream), str(work))
+    sha = commit_file(work, "q.txt", "q\n", "queued long ago")
+    git("push", "--quiet", str(root), "HEAD:refs/heads/bottle/a/y/old", cwd=work)
+    write_spool(root / "git-gate" / "queue", {"ref": "refs/heads/bottle/a/y/old", "old": ZERO, "new": sha,
+                                              "force": False})
+    path = shared.config_file("y", "y")
+    made = Gate(load_config(path), path, environ=shared.env, out=io.StringIO(), backoff=FAST)
+    made.setup()
+    assert list((root / "git-gate" / "queue").iterdir()) == []
+    made.forwarder.forward_pending()
+    assert rev(shared.upstream, "refs/heads/bottle/a/y/old") == sha
+
+
+# ---------------------------------------------------------------------------------------------
+# attack: links and FIFOs planted where the lock lives
 
 
 def _plant_link(path: Path, target: Path) -> None:
@@ -357,20 +499,6 @@ def test_a_fifo_at_the_lock_does_not_hang_the_gate(shared):
     assert time.monotonic() - started < 5
 
 
-def test_a_stamp_planted_as_a_link_neither_skips_a_fetch_nor_is_touched(shared, monkeypatch):
-    made = shared.gate("x", "x")
-    fetches = count_fetches(monkeypatch)
-    fresh = shared.tmp / "fresh"
-    fresh.write_text("")
-    ten_seconds_ago = int(time.time()) - 10
-    os.utime(fresh, (ten_seconds_ago, ten_seconds_ago))  # "fetched just now", if it were followed
-    _plant_link(shared.mirrors / LOCKS_DIR / "app.fetched", fresh)
-    assert made.refresh(made.config.repos[0], min_interval=60) is False  # fetched, but the stamp is refused
-    assert len(fetches) == 1, "a stamp behind a link was trusted"
-    assert "app.fetched: not a plain directory or file" in made.audit.out.getvalue()
-    assert fresh.stat().st_mtime == ten_seconds_ago, "the stamp was written through the link"
-
-
 def test_a_start_with_the_lock_planted_as_a_link_fails_with_the_path(shared):
     locks = shared.mirrors / LOCKS_DIR
     locks.mkdir(parents=True)
@@ -382,63 +510,23 @@ def test_a_start_with_the_lock_planted_as_a_link_fails_with_the_path(shared):
     assert not (shared.tmp / "victim").exists()
 
 
-
-def test_a_gates_pending_dir_planted_as_a_link_never_lets_its_reconcile_delete_what_it_points_at(shared):
-    """Every bundle of the agent writes the shared mirror, and mounts its own state at the same path:
-    a sibling that plants pending/<y's gate> as a link to y's queue must not make y's forwarder delete
-    the pushes y accepted and has not forwarded yet (nor write its markers there)."""
-    gate_y = shared.gate("y", "y")
-    paths = MirrorPaths.of(gate_y.config, gate_y.config.repos[0])
-    head = rev(shared.mirror, "refs/heads/main")
-    queued = write_spool(paths.queue, {"ref": "refs/heads/bottle/a/y/fix", "old": ZERO, "new": head, "force": False})
-    pending_y = paths.pending / gate_id(gate_y.config.state_dir)
-    pending_y.mkdir(parents=True, exist_ok=True)
-    pending_y.rmdir()
-    pending_y.symlink_to(paths.queue)
-    with pytest.raises(OSError):
-        reconcile_pending(paths.pending, gate_id(gate_y.config.state_dir), functools.partial(queued_refs, paths))
-    with pytest.raises(OSError):
-        mark_pending(paths.pending, gate_id(gate_y.config.state_dir), "refs/heads/bottle/a/y/fix", head)
-    assert [p.name for p in paths.queue.iterdir()] == [queued.name], "y's queue was changed through the link"
-
-
-
-def test_another_instances_many_unforwarded_refs_never_stop_this_gates_fetch(shared):
-    """One push of x's guest may create a thousand long branches in its own namespace; until x has
-    forwarded them all, every gate's fetch must leave them alone. As arguments (^<ref> each) they
-    passed the system's limit, and y's fetch (its guest's fetches, its background refresh) failed."""
+def test_many_unforwarded_refs_never_stop_the_gates_fetch(shared):
+    """One push of the guest may create a thousand long branches in its namespace; until the gate has
+    forwarded them all, its fetch must leave them alone. As arguments (^<ref> each) they passed the
+    system's limit, and the fetch (the guest's fetches, the background refresh) failed."""
     gate_y = shared.gate("y", "y")
     assert gate_y.refresh(gate_y.config.repos[0]) is True
-    head = rev(shared.mirror, "refs/heads/main")
-    stem = "refs/heads/bottle/a/x/" + "/".join(["p" * 240] * 8) + "/"  # long, as a push may make them
+    root = repo_of(gate_y)
+    head = rev(root, "refs/heads/main")
+    stem = "refs/heads/bottle/a/y/" + "/".join(["p" * 240] * 8) + "/"  # long, as a push may make them
     count = os.sysconf("SC_ARG_MAX") // len(stem) + 100
     refs = [f"{stem}{i:06d}" for i in range(count)]
-    git("update-ref", "--stdin", cwd=shared.mirror, env=None,
-        input_text="".join(f"create {ref} {head}\n" for ref in refs))
-    markers = shared.mirror / "git-gate" / "pending" / "0123456789abcdef"  # gate x's: accepted, not forwarded
-    markers.mkdir(parents=True)
-    for index, ref in enumerate(refs):
-        (markers / f"{index}.json").write_text(json.dumps({"ref": ref, "new": head}))
-    assert_the_upstream_reaches_the_mirror_through(shared, gate_y)
-    assert rev(shared.mirror, refs[-1]) == head
-
-
-@pytest.mark.xfail(strict=True, reason="open: the hooks and config of the shared mirror are every bundle's to "
-                                      "write, and every gate runs them (review finding; fix needs a redesign)")
-def test_a_sibling_bundle_that_rewrites_the_shared_hook_runs_nothing_in_another_gate(shared):
-    """A compromised bundle of instance x rewrites <mirror>/git-gate/hooks/pre-receive; the next push
-    through y's gate must not run x's script in y's bundle (with y's environment, y's config, y's
-    spools and supervise store; the hook's uid can read y's gate's tokens from /proc)."""
-    shared.gate("x", "x")
-    gate_y = shared.gate("y", "y", start=True)
-    ran = shared.tmp / "ran-in-y"
-    hook = shared.mirror / "git-gate" / "hooks" / "pre-receive"
-    hook.write_text(f'#!/bin/sh\necho "$GIT_GATE_CONFIG" > {ran}\nexit 0\n')
-    hook.chmod(0o755)
-    guest = shared.guest(gate_y, "y")
-    commit_file(guest, "y.txt", "y\n", "work of y")
-    git("push", "origin", "HEAD:refs/heads/bottle/a/y/fix", cwd=guest, check=False)
-    assert not ran.exists(), f"x's hook ran in y's gate with {ran.read_text().strip()}"
+    git("update-ref", "--stdin", cwd=root, env=None, input_text="".join(f"create {ref} {head}\n" for ref in refs))
+    queue = MirrorPaths.of(gate_y.config, gate_y.config.repos[0]).queue
+    for ref in refs:  # accepted, not forwarded
+        write_spool(queue, {"ref": ref, "old": ZERO, "new": head, "force": False})
+    assert_the_upstream_reaches_the_repo_of(shared, gate_y)
+    assert rev(root, refs[-1]) == head
 
 
 @pytest.mark.xfail(strict=True, reason="open: bottle/<agent>/<name> of the default instance is a file where "
@@ -450,10 +538,13 @@ def test_the_default_instance_cannot_squat_another_instances_namespace(shared):
     squatter = shared.guest(gate_d, "d")
     commit_file(squatter, "d.txt", "d\n", "default's")
     git("push", "origin", "HEAD:refs/heads/bottle/a/y", cwd=squatter, check=False)
+    wait_for(lambda: rev(shared.upstream, "refs/heads/bottle/a/y"), timeout=15, what="the default's forward")
     guest = shared.guest(gate_y, "y")
     commit_file(guest, "y.txt", "y\n", "work of y")
     pushed = git("push", "origin", "HEAD:refs/heads/bottle/a/y/fix", cwd=guest, check=False)
     assert pushed.returncode == 0, pushed.stderr
+    assert wait_for(lambda: rev(shared.upstream, "refs/heads/bottle/a/y/fix"), timeout=15,
+                    what="y's push forwarded"), audit(gate_y)
 
 # ---------------------------------------------------------------------------------------------
 # attack: pushing into another instance's branch namespace, whatever the globs allow

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -338,21 +337,20 @@ def test_all_finds_instances_docker_holds_without_a_state_dir_but_not_another_ch
     assert common.instances_of("example", run) == ["", "gone", "one", "two"]
 
 
-def test_a_bottles_old_mirror_and_its_unforwarded_pushes_move_where_git_gate_looks_now(tmp_path):
-    from bottle_tasks.tasks.bottle import move_legacy_mirrors
+def test_the_host_leaves_a_bottles_git_dir_to_its_gate(tmp_path):
+    """A bottle's git dir is its bundle's to write: render_configs makes it and the agent's mirrors
+    dir, and moves nothing in them (a repo of the first layout stays where its gate uses it)."""
+    from bottle_tasks.tasks.bottle import render_configs
 
     agent = tmp_path / "coder.yaml"
     agent.write_text("command: [claude]\ngit:\n  repos:\n    - name: app\n      url: https://git.example.test/app.git\n")
     plan = make_plan(load_spec(agent), settings(tmp_path), None, "")
     legacy = plan.git.gate_dir / "app.git"
     (legacy / "git-gate" / "queue").mkdir(parents=True)
-    (legacy / "HEAD").write_text("ref: refs/heads/main\n")
     (legacy / "git-gate" / "queue" / "0001-push.json").write_text(json.dumps({"ref": "refs/heads/bottle/coder/x"}))
-    plan.git.mirrors_dir.mkdir(parents=True)
-    move_legacy_mirrors(plan)
-    assert (plan.git.mirrors_dir / "app.git" / "HEAD").is_file() and not legacy.exists()
-    moved = plan.git.gate_dir / "spool" / "app" / "queue" / "0001-push.json"
-    assert json.loads(moved.read_text())["ref"] == "refs/heads/bottle/coder/x"
+    render_configs(plan)
+    assert (legacy / "git-gate" / "queue" / "0001-push.json").is_file()
+    assert plan.git.mirrors_dir.is_dir() and list(plan.git.mirrors_dir.iterdir()) == []
 
 
 def test_all_cleans_every_instance_dependents_first_and_never_starts_them(bottles):
@@ -367,56 +365,6 @@ def test_all_cleans_every_instance_dependents_first_and_never_starts_them(bottle
     assert swept == [slug for p in chosen for slug in (p.slug,) * 3]
     with pytest.raises(BottleError, match="all=1 is for clean"):
         bottle.preflight(chosen[0])
-
-
-def _legacy_plan(tmp_path: Path):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    agent = tmp_path / "coder.yaml"
-    agent.write_text("command: [claude]\ngit:\n  repos:\n    - name: app\n      url: https://git.example.test/app.git\n")
-    plan = make_plan(load_spec(agent), settings(tmp_path), None, "")
-    (plan.git.gate_dir / "app.git" / "git-gate").mkdir(parents=True)
-    plan.git.mirrors_dir.mkdir(parents=True)
-    return plan
-
-
-def test_a_spool_dir_the_bundle_planted_as_a_link_never_steers_the_legacy_move_onto_host_files(tmp_path):
-    """The bundle writes the bottle's git dir: a link at spool/app/queue (relative, so it needs no host
-    path) must not make the host move the bundle's 'queued push' over ~/.ssh/authorized_keys."""
-    from bottle_tasks.tasks.bottle import move_legacy_mirrors
-
-    plan = _legacy_plan(tmp_path)
-    victim = tmp_path / "dot-ssh"
-    victim.mkdir()
-    (victim / "authorized_keys").write_text("ssh-ed25519 OWNER\n")
-    queue = plan.git.gate_dir / "app.git" / "git-gate" / "queue"
-    queue.mkdir()
-    (queue / "authorized_keys").write_text("ssh-ed25519 ATTACKER\n")
-    spool_repo = plan.git.gate_dir / "spool" / "app"
-    spool_repo.mkdir(parents=True)
-    os.symlink(os.path.relpath(victim, spool_repo), spool_repo / "queue")
-    with pytest.raises(BottleError, match=r"spool/app/queue: not a plain directory .*remove it"):
-        move_legacy_mirrors(plan)
-    assert (victim / "authorized_keys").read_text() == "ssh-ed25519 OWNER\n"
-
-
-def test_a_legacy_queue_the_bundle_planted_as_a_link_never_moves_host_files_into_its_spool(tmp_path):
-    """A link at app.git/git-gate (or its queue) must not make the host move the files of some host
-    dir into the spool, which the bundle reads."""
-    from bottle_tasks.tasks.bottle import move_legacy_mirrors
-
-    for linked in ("git-gate", "git-gate/queue"):
-        plan = _legacy_plan(tmp_path / linked.replace("/", "-"))
-        host_dir = plan.state_dir.parent.parent / "host-secrets"
-        (host_dir / "queue").mkdir(parents=True)
-        (host_dir / "queue" / "token.json").write_text("{}")
-        (host_dir / "token.json").write_text("{}")
-        planted = plan.git.gate_dir / "app.git" / linked
-        if planted.is_dir():
-            planted.rmdir()
-        os.symlink(host_dir, planted)
-        move_legacy_mirrors(plan)
-        assert (host_dir / "queue" / "token.json").is_file() and (host_dir / "token.json").is_file()
-        assert not list((plan.git.gate_dir / "spool").rglob("token.json"))
 
 
 def test_two_bottles_that_share_a_slug_cannot_both_claim_it_when_planned_at_once(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """git-gate.yaml (shape in docs/bundle-contract.md, "git-gate") parsed into contract.GitRepo.
 
-``mirrors_dir`` holds the bare mirrors, shared by every gate (bundle) of an agent's bottles;
+``mirrors_dir`` holds the objects fetched from the upstreams, shared by every gate (bundle) of an agent's bottles;
 ``state_dir`` is this gate's own: audit log, hook spools, git files, known_hosts. The two must not
 overlap. Every error names the file and the key, so a bad render is obvious from the bundle log.
 """
@@ -49,12 +49,12 @@ class GateConfig:
     listen_host: str
     listen_port: int
     refresh_seconds: float
-    mirrors_dir: Path       # the bare mirrors <name>.git, shared by every gate of the agent
+    mirrors_dir: Path       # the fetched objects <name>.objects, shared by every gate of the agent
     state_dir: Path         # this gate's own: spools, git files, known_hosts, (by default) the audit log
     audit_log: Path
     pipelock_scan_url: str
     repos: tuple[GitRepo, ...]
-    max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES  # receive.maxInputSize of every mirror
+    max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES  # receive.maxInputSize of every repo
     supervise: SuperviseLink | None = None        # None: no push waits for a human
 
     def repo(self, name: str) -> GitRepo | None:

@@ -1,17 +1,16 @@
-"""The git-gate daemon: bare mirrors, their refresh from the upstream, and the wiring of the smart
+"""The git-gate daemon: the gate's repos, their refresh from the upstream, and the wiring of the smart
 HTTP server (``smart_http``), the hooks (``hooks``), the forwarder (``forwarder``) and the audit log.
 
-- Each repo in git-gate.yaml has a bare mirror ``<mirrors_dir>/<name>.git`` (created when absent).
-  The mirrors dir may be shared by several gates (one per bottle of the agent, each in its own
-  bundle); what the gates write there is the same from each of them (``shared``): the mirror's
-  config and hook scripts, (re)written at start when they differ, under the mirror's lock.
-- A guest ``info/refs`` first refreshes the mirror from the upstream (at most every 2 s per repo); a
-  background thread also refreshes every ``refresh_seconds``. A refresh takes the mirror's lock, and
-  fetches only when no gate has fetched it within the interval. It never prunes, and leaves alone
-  the refs any gate has accepted and not forwarded yet.
-- Everything else is this gate's own, in ``state_dir``: spools, audit log, git files, known_hosts.
+- Each repo in git-gate.yaml has a bare repo ``<state_dir>/<name>.git`` of this gate's own (created
+  when absent): its refs, config and hooks, and the objects its guest pushed. The objects fetched
+  from the upstream go to ``<mirrors_dir>/<name>.objects``, shared by the gates of the agent's bottles
+  (``shared``), which each gate's repo borrows as an alternate: one download serves every gate.
+- A guest ``info/refs`` first refreshes the repo from the upstream (at most every 2 s per repo); a
+  background thread also refreshes every ``refresh_seconds``. A refresh takes the objects' lock, so
+  gates fetch one at a time and a later one finds the objects there. It never prunes, and leaves
+  alone the refs this gate has accepted and not forwarded yet.
 - A push's pack is at most ``max_push_bytes`` (``receive.maxInputSize``, set in the environment of
-  this gate's receive-pack, not in the shared mirror); its request body at most that plus BODY_SLACK_BYTES.
+  this gate's receive-pack); its request body at most that plus BODY_SLACK_BYTES.
 
 Credentials: a token identity reaches git only through the environment of the git child (a tiny
 GIT_ASKPASS script prints ``$GIT_GATE_USERNAME`` / ``$GIT_GATE_PASSWORD``); it is never on an argv,
@@ -23,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import ssl
 import sys
 import threading
@@ -36,7 +36,7 @@ from bottle_tasks.contract import GitRepo
 from bottle_tasks.sidecars import gitgate as gitgate_package
 from bottle_tasks.sidecars.configfile import PIPELOCK_TOKEN_ENV
 from bottle_tasks.sidecars.daemon import Backoff, install_stop_handlers, wait_for_stop_signal
-from bottle_tasks.sidecars.files import atomic_write
+from bottle_tasks.sidecars.files import atomic_write, open_directory
 from bottle_tasks.sidecars.gitgate.audit import AuditLog
 from bottle_tasks.sidecars.gitgate.config import (
     DEFAULT_CONFIG, DEFAULT_PIPELOCK_CONFIG, DEFAULT_UPSTREAM_CA, GateConfig, GitGateConfigError, load_config,
@@ -44,16 +44,16 @@ from bottle_tasks.sidecars.gitgate.config import (
 from bottle_tasks.sidecars.gitgate.forwarder import FORWARD_BACKOFF, Forwarder
 from bottle_tasks.sidecars.gitgate.git import BACKGROUND_GIT_TIMEOUT_S, git_error_line, run_git
 from bottle_tasks.sidecars.gitgate.hooks import HOOKS, MirrorPaths, gate_environment, hook_script, queued_refs
-from bottle_tasks.sidecars.gitgate.shared import MirrorLockError, ensure_gate_id, hold_mirror, marked_refs
+from bottle_tasks.sidecars.gitgate.shared import hold_mirror
 from bottle_tasks.sidecars.gitgate.smart_http import BODY_SLACK_BYTES, GitCgiServer, HttpLimits
 from bottle_tasks.sidecars.scrub import SecretScrubber
 
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-GUEST_REFRESH_INTERVAL_S = 2.0  # a guest info/refs refreshes the mirror at most this often
+GUEST_REFRESH_INTERVAL_S = 2.0  # a guest info/refs refreshes the repo at most this often
 GUEST_REFRESH_TIMEOUT_S = 30.0  # ... and waits at most this long for the upstream (and another gate's fetch)
 SETUP_LOCK_TIMEOUT_S = BACKGROUND_GIT_TIMEOUT_S + 60  # a start waits at most this long for another gate's fetch
 GATE_FILES_DIR = ".git-gate"  # inside state_dir: askpass, gitconfig, ca-bundle.pem
-# The mirror's config, the same from every gate (per-gate settings go in the receive-pack environment).
+# A repo's config (per-push settings go in the receive-pack environment).
 MIRROR_CONFIG = (("http.receivepack", "true"), ("receive.fsckObjects", "true"),
                  ("receive.denyNonFastForwards", "false"), ("uploadpack.allowFilter", "true"))
 PACKAGE_ROOT = Path(bottle_tasks.__file__).resolve().parent.parent  # on the hooks' PYTHONPATH
@@ -69,8 +69,24 @@ esac
 
 GITCONFIG = """# git-gate's global git config (GIT_CONFIG_GLOBAL for every git it runs).
 [safe]
-\t# The mirrors live on a host volume owned by the host user; the bundle runs as root.
+\t# The repos live on a host volume owned by the host user; the bundle runs as root.
 \tdirectory = *
+[core]
+\t# The shared objects dir is every bundle of the agent's to write: take objects from it, nothing else.
+\t# No refs of an alternate (git runs for-each-ref in the repo around one named .../objects), and
+\t# no commit graph, multi-pack index or bitmap, which git would believe without reading the objects.
+\talternateRefsCommand = true
+\tcommitGraph = false
+\tmultiPackIndex = false
+[pack]
+\tuseBitmaps = false
+[fetch]
+\twriteCommitGraph = false
+[gc]
+\t# A gc with the shared objects dir as its own would prune what other gates' refs need.
+\tauto = 0
+[maintenance]
+\tauto = false
 [protocol "ext"]
 \tallow = never
 [credential]
@@ -106,8 +122,44 @@ def write_ca_bundle(upstream_ca: Path, destination: Path) -> Path | None:
     return atomic_write(destination, base.rstrip("\n") + "\n" + extra.strip("\n") + "\n")
 
 
+def ensure_shared_objects(mirrors_dir: Path, name: str) -> Path:
+    """<mirrors_dir>/<name>.objects, a plain dir with the layout git needs (under the objects' lock).
+    A mirrors dir from before per-gate repos had a whole repo, <name>.git: its objects move here
+    (what it held unforwarded is among them), the rest of it, config and hooks, is removed unread."""
+    objects = mirrors_dir / f"{name}.objects"
+    legacy = mirrors_dir / f"{name}.git"
+    if not os.path.lexists(objects) and (legacy / "objects").is_dir() and not (legacy / "objects").is_symlink():
+        os.rename(legacy / "objects", objects)
+    if os.path.lexists(legacy):
+        if legacy.is_dir() and not legacy.is_symlink():
+            shutil.rmtree(legacy, ignore_errors=True)
+        else:
+            legacy.unlink(missing_ok=True)
+    for part in ("", "pack", "info"):
+        (objects / part).mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(open_directory(objects))
+    except OSError as exc:
+        raise OSError(exc.errno, f"{objects}: not a plain directory ({exc.strerror}); git-gate follows no link "
+                                 "here: remove it") from None
+    return objects
+
+
+def move_legacy_queue(paths: MirrorPaths) -> None:
+    """Before the spools, a repo kept its pushes waiting to be forwarded in git-gate/queue/: move them
+    into this gate's spool, so nothing pushed is lost."""
+    try:
+        names = os.listdir(paths.legacy_queue)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in names:
+        source = paths.legacy_queue / name
+        if name.endswith(".json") and source.is_file() and not source.is_symlink():
+            os.replace(source, paths.queue / name)
+
+
 class Gate:
-    """Mirrors, refresh, forwarding, audit and the HTTP server for one git-gate.yaml."""
+    """This gate's repos, refresh, forwarding, audit and the HTTP server for one git-gate.yaml."""
 
     def __init__(self, config: GateConfig, config_path: Path, *, environ: Mapping[str, str] = os.environ,
                  out: TextIO = sys.stdout, python: str = sys.executable,
@@ -158,7 +210,7 @@ class Gate:
 
     def cgi_env(self) -> dict[str, str]:
         """What http-backend, receive-pack and the hooks run with: a whitelist, no token variables, and
-        what is this gate's (its hooks' config, its push size limit) rather than the shared mirror's."""
+        what the hooks need to know of this gate (its config, its push size limit)."""
         keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONDONTWRITEBYTECODE", "GIT_CONFIG_NOSYSTEM",
                 PIPELOCK_TOKEN_ENV)
         env = {k: self.environ[k] for k in keep if k in self.environ}
@@ -189,57 +241,53 @@ class Gate:
     # -- setup --------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """This gate's files, then each mirror: created when absent, its config and hooks written
-        where they differ (under the mirror's lock: another gate may be doing the same)."""
+        """This gate's files, then each repo: its spools, the shared objects dir, and its own repo,
+        created when absent, with its config, hooks and alternate written where they differ."""
         atomic_write(self.gitconfig, GITCONFIG)
         atomic_write(self.askpass, ASKPASS_SCRIPT, mode=0o755)
         self.ca_bundle = write_ca_bundle(self.upstream_ca, self.files_dir / "ca-bundle.pem")
         self.config.audit_log.parent.mkdir(parents=True, exist_ok=True)
-        self.forwarder.gate = ensure_gate_id(self.config.state_dir)
         env = self.base_env()
         for repo in self.config.repos:
             paths = MirrorPaths.of(self.config, repo)
             paths.queue.mkdir(parents=True, exist_ok=True)
             paths.events.mkdir(parents=True, exist_ok=True)
-            if self.mirror_changes(repo, paths, env):
-                with hold_mirror(self.config.mirrors_dir, repo.name, SETUP_LOCK_TIMEOUT_S):
-                    self.write_mirror(repo, paths, env)
+            with hold_mirror(self.config.mirrors_dir, repo.name, SETUP_LOCK_TIMEOUT_S):
+                ensure_shared_objects(self.config.mirrors_dir, repo.name)
+            self.ensure_repo(repo, paths, env)
+            move_legacy_queue(paths)
 
-    def mirror_changes(self, repo: GitRepo, paths: MirrorPaths, env: Mapping[str, str]) -> bool:
-        """Whether the mirror is absent, or its config or hooks are not what every gate writes."""
-        if not (paths.root / "HEAD").is_file():
-            return True
-        for hook in HOOKS:
-            try:
-                if (paths.hooks / hook).read_text() != hook_script(repo.name, hook):
-                    return True
-            except (OSError, UnicodeDecodeError):
-                return True
-        return any(run_git(["config", "--get", key], cwd=paths.root, env=env).stdout.decode().strip() != value
-                   for key, value in self.mirror_config(paths))
-
-    def write_mirror(self, repo: GitRepo, paths: MirrorPaths, env: Mapping[str, str]) -> None:
+    def ensure_repo(self, repo: GitRepo, paths: MirrorPaths, env: Mapping[str, str]) -> None:
         if not (paths.root / "HEAD").is_file():
             result = run_git(["init", "--bare", "--quiet", str(paths.root)], env=env, timeout=60)
             if result.returncode != 0:
                 raise OSError(f"git init --bare {paths.root} failed: {git_error_line(result.stderr)}")
         for hook in HOOKS:
+            try:
+                if (paths.hooks / hook).read_text() == hook_script(repo.name, hook):
+                    continue
+            except (OSError, UnicodeDecodeError):
+                pass
             atomic_write(paths.hooks / hook, hook_script(repo.name, hook), mode=0o755)
-        for key, value in self.mirror_config(paths):
+        alternates = paths.root / "objects" / "info" / "alternates"
+        if not alternates.is_file() or alternates.read_text() != f"{paths.objects}\n":
+            atomic_write(alternates, f"{paths.objects}\n")
+        for key, value in self.repo_config(paths):
+            if run_git(["config", "--get", key], cwd=paths.root, env=env).stdout.decode().strip() == value:
+                continue
             result = run_git(["config", key, value], cwd=paths.root, env=env, timeout=60)
             if result.returncode != 0:
                 raise OSError(f"git config {key} in {paths.root} failed: {git_error_line(result.stderr)}")
 
     @staticmethod
-    def mirror_config(paths: MirrorPaths) -> tuple[tuple[str, str], ...]:
-        # The hooks' path in the bundle: every bundle mounts the mirrors at the same place.
+    def repo_config(paths: MirrorPaths) -> tuple[tuple[str, str], ...]:
         return (*MIRROR_CONFIG, ("core.hooksPath", str(paths.hooks)))
 
     # -- refresh ------------------------------------------------------------------------------
 
     def refresh(self, repo: GitRepo, *, min_interval: float = 0.0, timeout: float = BACKGROUND_GIT_TIMEOUT_S) -> bool:
-        """Bring the upstream's branches and tags into the mirror, unless this or another gate has
-        within min_interval; waits at most about timeout for the other gates and the upstream."""
+        """Bring the upstream's branches and tags into this gate's repo, unless it did within
+        min_interval; waits at most about timeout for the other gates' fetches and the upstream."""
         state = self.repo_state[repo.name]
         with state.lock:
             if time.monotonic() - state.last_refresh < min_interval:
@@ -247,14 +295,10 @@ class Gate:
             state.last_refresh = time.monotonic()
             deadline = state.last_refresh + timeout
             try:
-                with hold_mirror(self.config.mirrors_dir, repo.name, timeout) as held:
-                    if held.fetched_within(min_interval):
-                        ok, reason = True, ""  # another gate's fetch serves this one too
-                    else:
-                        ok, reason = self.fetch(repo, max(1.0, deadline - time.monotonic()))
-                        if ok:
-                            held.stamp()
-            except MirrorLockError as exc:
+                # One gate fetches at a time: the next finds the objects there and only lists the refs.
+                with hold_mirror(self.config.mirrors_dir, repo.name, timeout):
+                    ok, reason = self.fetch(repo, max(1.0, deadline - time.monotonic()))
+            except OSError as exc:  # the lock refused, git missing, a dir gone: this refresh fails, the next tries
                 ok, reason = False, str(exc)
             if not ok or state.last_ok is not True:
                 self.audit.emit({"event": "refresh", "repo": repo.name, "accepted": ok, "reason": reason}, audit=False)
@@ -262,32 +306,26 @@ class Gate:
             return ok
 
     def fetch(self, repo: GitRepo, timeout: float) -> tuple[bool, str]:
-        """The fetch itself (no prune), leaving alone every ref a gate has accepted and not forwarded."""
+        """The fetch itself (no prune), into the shared objects, leaving alone every ref this gate has
+        accepted and not forwarded."""
         paths = MirrorPaths.of(self.config, repo)
         env = self.upstream_env(repo)
-        keep = sorted(ref for ref in self.held_refs(paths, env) if ref.startswith(("refs/heads/", "refs/tags/")))
-        # The refs left alone go on stdin: one push of another instance can hold more of them than
-        # the system takes as arguments, and a fetch that cannot start fails every gate of the agent.
+        keep = sorted(ref for ref in queued_refs(paths) if ref.startswith(("refs/heads/", "refs/tags/")))
+        # New objects go to the shared dir; this repo's own (what its guest pushed) stay readable.
+        fetch_env = {**env, "GIT_OBJECT_DIRECTORY": str(paths.objects),
+                     "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(paths.root / "objects")}
+        # The refs left alone go on stdin: a guest's push can hold more of them than the system takes as arguments.
         result = run_git(["fetch", "--quiet", "--no-write-fetch-head", "--no-auto-gc", "--stdin", "--", repo.url,
                           "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-                         cwd=paths.root, env=env, input="".join(f"^{ref}\n" for ref in keep).encode(),
+                         cwd=paths.root, env=fetch_env, input="".join(f"^{ref}\n" for ref in keep).encode(),
                          timeout=timeout)
         if result.returncode != 0:
             return False, git_error_line(result.stderr)
         self.fix_head(repo, paths, env, timeout)
         return True, ""
 
-    @staticmethod
-    def held_refs(paths: MirrorPaths, env: Mapping[str, str]) -> set[str]:
-        """This gate's queued refs, and those another gate has marked at the value the mirror has."""
-        held = set(queued_refs(paths))
-        listing = run_git(["for-each-ref", "--format=%(refname) %(objectname)", "refs/heads", "refs/tags"],
-                          cwd=paths.root, env=env).stdout.decode("utf-8", "replace")
-        current = dict(line.rsplit(" ", 1) for line in listing.splitlines() if " " in line)
-        return held | marked_refs(paths.pending, current)
-
     def fix_head(self, repo: GitRepo, paths: MirrorPaths, env: Mapping[str, str], timeout: float) -> None:
-        """Point the mirror's HEAD at the upstream's default branch when its current target does not exist."""
+        """Point the repo's HEAD at the upstream's default branch when its current target does not exist."""
         head = run_git(["symbolic-ref", "--quiet", "HEAD"], cwd=paths.root, env=env).stdout.decode().strip()
         if head and run_git(["rev-parse", "--verify", "--quiet", head], cwd=paths.root, env=env).returncode == 0:
             return
@@ -304,7 +342,7 @@ class Gate:
             for repo in self.config.repos:
                 if self._stop.is_set():
                     return
-                # Half a period: a fetch by any gate of the agent that recent serves this pass too.
+                # Half a period: a guest's refresh that recent serves this pass too.
                 self.refresh(repo, min_interval=self.config.refresh_seconds / 2)
             self._stop.wait(self.config.refresh_seconds)
 
@@ -328,7 +366,7 @@ class Gate:
     def start(self) -> GitCgiServer:
         self.setup()
         server = GitCgiServer(
-            (self.config.listen_host, self.config.listen_port), self.config.mirrors_dir,
+            (self.config.listen_host, self.config.listen_port), self.config.state_dir,
             [repo.name for repo in self.config.repos], self.cgi_env(),
             before=self.before_advertisement, after=self.after_rpc,
             log=lambda record: self.audit.emit(record, audit=False),

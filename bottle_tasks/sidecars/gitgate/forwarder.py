@@ -4,13 +4,11 @@ The post-receive hook queues each accepted ref update (``<state_dir>/spool/<name
 file each: this gate's alone, so a gate forwards only the pushes that came through it). The forwarder
 pushes them with the repo's identity, per ref in order, and retries a failed one with backoff; a new
 push (``retry_now``) retries every failed one at once. Every attempt is one audit record (``event:
-forward``). Each pass also makes this gate's pending markers in the shared mirror match its queue
-(``shared.reconcile_pending``): a forwarded ref is free for every gate's fetch again.
+forward``). A ref in the queue is left alone by the gate's fetch until it is forwarded.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -21,8 +19,7 @@ from bottle_tasks.sidecars.daemon import Backoff
 from bottle_tasks.sidecars.gitgate.audit import AuditLog
 from bottle_tasks.sidecars.gitgate.config import GateConfig
 from bottle_tasks.sidecars.gitgate.git import git_error_line, is_zero, run_git
-from bottle_tasks.sidecars.gitgate.hooks import MirrorPaths, queued_refs, read_spool
-from bottle_tasks.sidecars.gitgate.shared import reconcile_pending
+from bottle_tasks.sidecars.gitgate.hooks import MirrorPaths, read_spool
 
 FORWARD_BACKOFF = Backoff(initial_s=0.5, cap_s=30.0)
 IDLE_PASS_S = 5.0  # a pass at least this often: picks up entries a hook queued without a request ending here
@@ -43,7 +40,6 @@ class Forwarder:
         self.audit = audit
         self.upstream_env = upstream_env
         self.backoff = backoff
-        self.gate = ""  # shared.ensure_gate_id, set by the daemon's setup; "" marks nothing
         self.retries: dict[tuple[str, str], _RefRetry] = {}
         self._wake = threading.Event()
         self._retry_now = threading.Event()
@@ -99,12 +95,6 @@ class Forwarder:
                     done.add(ref)
                 if self._stop.is_set():
                     return 0.0
-            if self.gate:
-                try:
-                    reconcile_pending(paths.pending, self.gate, functools.partial(queued_refs, paths))
-                except OSError as exc:  # the next pass tries again; forwarding goes on
-                    self.audit.emit({"event": "error", "repo": repo.name,
-                                     "reason": f"pending markers in {paths.pending}: {exc}"}, audit=False)
         return wait
 
     def run(self) -> None:

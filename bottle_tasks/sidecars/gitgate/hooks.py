@@ -1,18 +1,17 @@
-"""The mirror's receive hooks and the spool directories they hand work to the daemon through.
+"""The gate repo's receive hooks and the spool directories they hand work to the daemon through.
 
-git runs ``<name>.git/git-gate/hooks/{pre,post}-receive`` (written by a gate at start where they differ), which
+git runs ``<name>.git/git-gate/hooks/{pre,post}-receive`` (written by the gate at start where they differ), which
 run ``python -m bottle_tasks.sidecars.gitgate pre-receive|post-receive --repo <name>``:
 
 - pre-receive applies the push policy (``policy``); a push it accepts for a repo with ``push.approve``
   then waits for a human (``approval``); it prints one ``git-gate: rejected <ref>: <reason>`` line per
   reason and spools the push record in ``events/``;
-- post-receive spools every accepted ref update in ``queue/`` for the forwarder, and marks the ref
-  pending in the shared mirror (``shared``), so no gate's fetch undoes it before it is forwarded.
+- post-receive spools every accepted ref update in ``queue/`` for the forwarder.
 
-The mirror is shared by every gate of the agent, so the hook scripts in it name no gate: they are
-the same text whoever writes them. The gate whose receive-pack runs a hook names its own python,
-config and pipelock config in that receive-pack's environment (``gate_environment``: set by the
-gate's CGI environment, which the guest cannot add to). Without them a hook refuses the push.
+Each gate has its own repos (``<state_dir>/<name>.git``: refs, config, hooks); only their objects are
+shared with the agent's other gates (``shared``). The hook scripts name no path: the gate's
+receive-pack names its python, config and pipelock config in its environment (``gate_environment``:
+set by the gate's CGI environment, which the guest cannot add to). Without them a hook refuses the push.
 From the config the hook takes this gate's policy and its spools, ``<state_dir>/spool/<name>/``.
 
 The hooks cannot reach the daemon's stdout (git relays hook output to the client), hence the spools:
@@ -42,9 +41,8 @@ from bottle_tasks.sidecars.gitgate.approval import Verdict, hold_push
 from bottle_tasks.sidecars.gitgate.git import is_ancestor
 from bottle_tasks.sidecars.gitgate.policy import RefDecision, evaluate_push, parse_ref_updates, pipelock_scanner
 from bottle_tasks.sidecars.gitgate.scan import SecretScanner
-from bottle_tasks.sidecars.gitgate.shared import gate_id, mark_pending
 
-MIRROR_STATE_DIR = "git-gate"  # inside each <name>.git, shared by every gate: hooks/, pending/
+MIRROR_STATE_DIR = "git-gate"  # inside each <name>.git: hooks/ (and, before spools, queue/)
 SPOOL_DIR = "spool"            # inside state_dir, this gate's alone: <name>/queue/, <name>/events/
 HOOKS = ("pre-receive", "post-receive")
 # What a gate's receive-pack tells the hooks it runs (gate_environment).
@@ -55,20 +53,23 @@ PIPELOCK_CONFIG_ENV = "GIT_GATE_PIPELOCK_CONFIG"
 
 @dataclass(frozen=True)
 class MirrorPaths:
-    root: Path   # <mirrors_dir>/<name>.git: shared
-    spool: Path  # <state_dir>/spool/<name>: this gate's
+    root: Path     # <state_dir>/<name>.git: this gate's repo (refs, config, hooks, the objects its guest pushed)
+    objects: Path  # <mirrors_dir>/<name>.objects: the objects fetched from the upstream, shared by the agent's gates
+    spool: Path    # <state_dir>/spool/<name>: this gate's
 
     @classmethod
     def of(cls, config: GateConfig, repo: GitRepo) -> MirrorPaths:
-        return cls(config.mirrors_dir / f"{repo.name}.git", config.state_dir / SPOOL_DIR / repo.name)
+        return cls(config.state_dir / f"{repo.name}.git", config.mirrors_dir / f"{repo.name}.objects",
+                   config.state_dir / SPOOL_DIR / repo.name)
 
     @property
     def hooks(self) -> Path:
         return self.root / MIRROR_STATE_DIR / "hooks"
 
     @property
-    def pending(self) -> Path:
-        return self.root / MIRROR_STATE_DIR / "pending"
+    def legacy_queue(self) -> Path:
+        """Where a mirror kept its queue before the spools."""
+        return self.root / MIRROR_STATE_DIR / "queue"
 
     @property
     def queue(self) -> Path:
@@ -152,16 +153,10 @@ def hook_pre_receive(config: GateConfig, repo: GitRepo, stdin: str, stderr: Text
 def hook_post_receive(config: GateConfig, repo: GitRepo, stdin: str, stderr: TextIO, *,
                       environ: Mapping[str, str] = os.environ) -> int:
     paths = MirrorPaths.of(config, repo)
-    gate = gate_id(config.state_dir)
     for update in parse_ref_updates(stdin):
         rewrite = (not update.created and not update.deleted
                    and (update.ref.startswith("refs/tags/") or not is_ancestor(paths.root, update.old, update.new, environ)))
         write_spool(paths.queue, {**update.as_record(), "force": rewrite, "queued_at": round(time.time(), 3)})
-        if gate:  # after the spool: the forwarder's reconcile_pending relies on this order
-            try:
-                mark_pending(paths.pending, gate, update.ref, update.new)
-            except OSError:
-                pass  # queued all the same; the forwarder's next pass marks it
         stderr.write(f"git-gate: accepted {update.ref}; forwarding it to the upstream\n")
     stderr.flush()
     return 0
@@ -195,11 +190,11 @@ def hook_main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> i
 
 
 def hook_script(repo: str, hook: str) -> str:
-    """The same text from every gate that shares the mirror: it names no gate's path."""
+    """The hook's text: it names no path, the gate serving the push names python and config."""
     return (
         "#!/bin/sh\n"
         "# Written by git-gate at start where it differs (bottle_tasks/sidecars/gitgate/hooks.py); edits are lost.\n"
-        "# Shared by every gate of the agent: the gate serving the push names python and config in the environment.\n"
+        "# The gate serving the push names python and config in the environment.\n"
         f'exec "${{{PYTHON_ENV}:?git-gate: no gate environment; push refused}}" '
         f"-m bottle_tasks.sidecars.gitgate {hook} --repo {shlex.quote(repo)}\n"
     )
